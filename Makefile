@@ -1,0 +1,24 @@
+# MasKD for Detectron2. `make test` sets everything up on a bare machine, then lints and tests.
+PY := .venv/bin/python
+SRC := projects tests tools configs train_net.py
+
+.PHONY: setup lint format test benchmark
+
+setup:
+	@bash tools/setup_env.sh
+
+lint: setup
+	@$(PY) -m black -l 100 --check --quiet $(wildcard $(SRC)) || \
+		(echo "black: run 'make format'" && exit 1)
+	@$(PY) -m isort --check-only --quiet $(wildcard $(SRC)) || \
+		(echo "isort: run 'make format'" && exit 1)
+
+format: setup
+	$(PY) -m isort --quiet $(wildcard $(SRC))
+	$(PY) -m black -l 100 --quiet $(wildcard $(SRC))
+
+test: lint
+	$(PY) -m pytest -q tests
+
+benchmark: setup
+	$(PY) tools/benchmark_losses.py

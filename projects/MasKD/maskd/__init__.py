@@ -1,0 +1,1 @@
+"""MasKD: Masked Distillation with Receptive Tokens (ICLR 2023) for Detectron2."""

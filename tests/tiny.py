@@ -1,0 +1,73 @@
+"""Tiny detectron2 models and inputs for CPU tests (small ResNet + FPN, 64-128 px images)."""
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.model_zoo import get_config_file
+from detectron2.structures import Boxes, Instances
+
+NUM_CLASSES = 3
+
+
+def tiny_rcnn_cfg(depth=18, fpn_channels=32):
+    """A yacs config of a tiny Faster R-CNN R-FPN on CPU (no weights)."""
+    cfg = get_cfg()
+    cfg.merge_from_file(get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
+    shrink_cfg(cfg, depth=depth, fpn_channels=fpn_channels)
+    return cfg
+
+
+def shrink_cfg(cfg, depth=18, fpn_channels=32):
+    """Make a detectron2 FPN config tiny, in place: small ResNet, thin FPN, few samples."""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 32 if depth >= 50 else 64
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 8 if depth >= 50 else 64
+    cfg.MODEL.FPN.OUT_CHANNELS = fpn_channels
+    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 32
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 64
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 32
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
+    cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES + 1
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 16
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 128
+    return cfg
+
+
+def tiny_batch(n=2, size=64, seed=0, with_masks=False, with_sem_seg=False, empty=()):
+    """Batched inputs as detectron2's DatasetMapper produces them.
+
+    Args:
+        empty: indices of images that get no annotation at all.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i in range(n):
+        image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+        inst = Instances((size, size))
+        k = 0 if i in empty else 2
+        xy = torch.rand(k, 2, generator=g) * size * 0.5
+        wh = 8 + torch.rand(k, 2, generator=g) * size * 0.4
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size - 1)], dim=1)
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.randint(0, NUM_CLASSES, (k,), generator=g)
+        if with_masks:
+            from detectron2.structures import BitMasks
+
+            masks = torch.zeros(k, size, size, dtype=torch.bool)
+            for j, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+                masks[j, y0:y1, x0:x1] = True
+            inst.gt_masks = BitMasks(masks)
+        item = {"image": image, "instances": inst, "height": size, "width": size}
+        if with_sem_seg:
+            sem = torch.full((size, size), NUM_CLASSES, dtype=torch.long)
+            for (x0, y0, x1, y1), c in zip(boxes.round().long().tolist(), inst.gt_classes):
+                sem[y0:y1, x0:x1] = c
+            item["sem_seg"] = sem
+        batch.append(item)
+    return batch
