@@ -1,0 +1,160 @@
+"""The MasKD losses as pure functions: masked distillation and Dice diversity.
+
+Both are computed in float32 (float64 for float64 inputs), also under autocast, and neither
+materialises an (N, T, C, H, W) tensor.
+"""
+
+from typing import Optional
+
+import torch
+
+__all__ = ["masked_distillation_loss", "dice_diversity_loss", "masked_aggregate"]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+class _ChannelMeanSquaredDiff(torch.autograd.Function):
+    """``mean_c (a - b)^2`` of (N, C, HW) inputs -> (N, HW), with an analytic backward.
+
+    Saves only references to its inputs: the difference is recomputed in backward rather than
+    kept alive between the passes, so the loss holds no feature-sized buffer of its own.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return (a - b).square_().mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, b = ctx.saved_tensors
+        scale = grad_out.unsqueeze(1) * (2.0 / a.shape[1])  # (N, 1, HW)
+        grad_a = (a - b).mul_(scale)
+        grad_b = -grad_a if ctx.needs_input_grad[1] else None
+        return (grad_a if ctx.needs_input_grad[0] else None), grad_b
+
+
+def masked_distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    masks: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Masked feature distillation loss of one feature level.
+
+    With ``D = student - teacher`` the per-token, per-channel loss is
+
+        L[n, t, c] = sum_hw M[n, t, hw]^2 * D[n, c, hw]^2 / sum_hw M[n, t, hw]
+
+    (the mask multiplies both features, so it enters squared). The result is
+    ``mean_n(sum_t weights[n, t] * mean_c L[n, t, c])`` or, without weights, the mean of L over
+    n, t and c. Since only ``mean_c L`` is needed and L is linear in ``D^2``,
+    ``mean_c L[n, t] = sum_hw M[n, t, hw]^2 * mean_c D^2[n, hw] / sum_hw M[n, t, hw]``:
+    one (N, HW) reduction of the squared difference and an (N, T, HW) product, never an
+    (N, T, C, H, W) tensor.
+
+    Args:
+        student: (N, C, H, W) student features (already aligned to the teacher's channels).
+        teacher: (N, C, H, W) teacher features.
+        masks: (N, T, H, W) soft masks in [0, 1].
+        weights: (N, T) per-image token weights, or None.
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 inputs). Zero, but still connected to
+        the inputs' autograd graph, when N == 0.
+    """
+    if student.shape != teacher.shape or student.dim() != 4:
+        raise ValueError(
+            f"student and teacher features must have the same (N, C, H, W) shape, "
+            f"got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    n, c, h, w = student.shape
+    if masks.dim() != 4 or masks.shape[0] != n or masks.shape[2:] != student.shape[2:]:
+        raise ValueError(
+            f"masks must have shape (N, T, H, W) = ({n}, T, {h}, {w}), got {tuple(masks.shape)}"
+        )
+    t = masks.shape[1]
+    if weights is not None and weights.shape != (n, t):
+        raise ValueError(f"weights must have shape (N, T) = ({n}, {t}), got {tuple(weights.shape)}")
+
+    dtype = _compute_dtype(student, teacher, masks)
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        sq = _ChannelMeanSquaredDiff.apply(
+            student.to(dtype).reshape(n, c, h * w), teacher.to(dtype).reshape(n, c, h * w)
+        ).unsqueeze(
+            1
+        )  # (N, 1, HW): mean_c D^2
+        m = masks.to(dtype).reshape(n, t, h * w)  # (N, T, HW)
+        numer = (m.square() * sq).sum(dim=2)  # (N, T)
+        denom = m.sum(dim=2).clamp_min(torch.finfo(dtype).tiny)  # (N, T)
+        per_token = numer / denom  # (N, T): mean_c L[n, t, c]
+        if weights is not None:
+            return (per_token * weights.to(dtype)).sum() / max(n, 1)
+        return per_token.sum() / max(n * t, 1)
+
+
+def dice_diversity_loss(masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Dice similarity between the masks of different tokens, to keep the masks diverse.
+
+    For one image with masks flattened to ``m_t`` (HW,), ``dice(i, j) = 2 <m_i, m_j> /
+    (|m_i|^2 + |m_j|^2 + eps)``; the loss is the mean over images and ordered pairs i != j,
+    computed from the (N, T, T) Gram matrix.
+
+    Args:
+        masks: (N, T, H, W) soft masks.
+        eps: added to the denominator.
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 inputs). With a single token (T = 1)
+        there is no pair, and the loss is 0 by definition; it is 0 too for N == 0. In both
+        cases it stays connected to the autograd graph of ``masks``.
+    """
+    if masks.dim() != 4:
+        raise ValueError(f"masks must have shape (N, T, H, W), got {tuple(masks.shape)}")
+    n, t = masks.shape[:2]
+    dtype = _compute_dtype(masks)
+    with torch.autocast(device_type=masks.device.type, enabled=False):
+        m = masks.to(dtype).flatten(2)  # (N, T, HW)
+        if n == 0 or t < 2:
+            return m.sum() * 0.0
+        gram = torch.bmm(m, m.transpose(1, 2))  # (N, T, T)
+        sq_norm = torch.diagonal(gram, dim1=1, dim2=2)  # (N, T)
+        dice = 2.0 * gram / (sq_norm.unsqueeze(2) + sq_norm.unsqueeze(1) + eps)  # (N, T, T)
+        off_diag = ~torch.eye(t, dtype=torch.bool, device=masks.device)
+        return dice[:, off_diag].sum() / (n * t * (t - 1))
+
+
+def masked_aggregate(
+    features: torch.Tensor, masks: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The masked aggregate of stage 1, ``sum_t w_t * (M_t * x)``.
+
+    Computed as ``x * (sum_t w_t M_t)``: no (N, T, C, H, W) intermediate.
+
+    Args:
+        features: (N, C, H, W) features x.
+        masks: (N, T, H, W) soft masks.
+        weights: (N, T) token weights, or None for the plain sum over tokens.
+
+    Returns:
+        (N, C, H, W) tensor in the dtype of ``features``.
+    """
+    if (
+        masks.dim() != 4
+        or masks.shape[0] != features.shape[0]
+        or masks.shape[2:] != features.shape[2:]
+    ):
+        raise ValueError(
+            f"masks of shape {tuple(masks.shape)} do not fit features of shape "
+            f"{tuple(features.shape)}: expected (N, T, H, W) with the features' N, H, W"
+        )
+    if weights is not None:
+        combined = torch.einsum("nthw,nt->nhw", masks, weights.to(masks.dtype))
+    else:
+        combined = masks.sum(dim=1)
+    return features * combined.unsqueeze(1).to(features.dtype)  # (N, C, H, W)
