@@ -226,3 +226,15 @@ def test_float32_reductions_under_autocast():
     torch.testing.assert_close(
         dice.double(), naive_dice_diversity_loss(masks.double()), rtol=1e-5, atol=0
     )
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 5), (4, 1), (2, 2), (7, 9)])
+def test_weights_equal_the_convolutional_head(hw):
+    torch.manual_seed(0)
+    rt = ReceptiveTokens(channels=6, num_tokens=3, weighted=True).double()
+    x = torch.randn(2, 6, *hw, dtype=torch.float64)
+    with torch.no_grad():
+        for p in rt.weight_head.parameters():
+            p.normal_()  # non-zero biases too
+    reference = rt.weight_head(x).flatten(1).softmax(1)  # the literal Conv3x3-pool-Conv1x1
+    _assert_close(rt.weights(x), reference)

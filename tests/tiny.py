@@ -8,12 +8,56 @@ from detectron2.structures import Boxes, Instances
 NUM_CLASSES = 3
 
 
-def tiny_rcnn_cfg(depth=18, fpn_channels=32):
-    """A yacs config of a tiny Faster R-CNN R-FPN on CPU (no weights)."""
+ZOO_CONFIGS = {
+    "rcnn": "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml",
+    "mask_rcnn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
+    "cascade": "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml",
+    "retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.yaml",
+    "panoptic": "COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml",
+    "semantic": "Misc/semantic_R_50_FPN_1x.yaml",
+}
+# What each kind's batches need besides boxes.
+NEEDS = {
+    "rcnn": {},
+    "mask_rcnn": {"with_masks": True},
+    "cascade": {"with_masks": True},
+    "retinanet": {},
+    "panoptic": {"with_masks": True, "with_sem_seg": True},
+    "semantic": {"with_sem_seg": True},
+    "fcos": {},
+}
+
+
+def tiny_cfg(kind="rcnn", depth=18, fpn_channels=32):
+    """A yacs config of a tiny detectron2 model of the given kind on CPU (no weights)."""
     cfg = get_cfg()
-    cfg.merge_from_file(get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
+    cfg.merge_from_file(get_config_file(ZOO_CONFIGS[kind]))
     shrink_cfg(cfg, depth=depth, fpn_channels=fpn_channels)
     return cfg
+
+
+def tiny_rcnn_cfg(depth=18, fpn_channels=32):
+    """A yacs config of a tiny Faster R-CNN R-FPN on CPU (no weights)."""
+    return tiny_cfg("rcnn", depth, fpn_channels)
+
+
+def tiny_fcos(depth=18, fpn_channels=32, norm="FrozenBN"):
+    """A LazyConfig model node of a tiny FCOS R-FPN (detectron2's FCOS is LazyConfig only)."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.model_zoo import get_config
+
+    model = get_config("COCO-Detection/fcos_R_50_FPN_1x.py").model
+    model.backbone.bottom_up.stages.depth = depth
+    del model.backbone.bottom_up.stages.stride_in_1x1  # BasicBlock has no such option
+    model.backbone.bottom_up.stages.norm = norm
+    model.backbone.bottom_up.stem.norm = norm
+    model.backbone.out_channels = fpn_channels
+    model.backbone.top_block.in_channels = fpn_channels
+    model.head.input_shape = [ShapeSpec(channels=fpn_channels)] * 5
+    model.head.conv_dims = [fpn_channels] * 2
+    model.head.norm = ""  # GroupNorm(32) cannot normalise the 1x1 P7 of a 64 px image
+    model.num_classes = NUM_CLASSES
+    return model
 
 
 def shrink_cfg(cfg, depth=18, fpn_channels=32):
@@ -31,9 +75,11 @@ def shrink_cfg(cfg, depth=18, fpn_channels=32):
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 16
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 1
     cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES + 1
-    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 16
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
     cfg.INPUT.MIN_SIZE_TEST = 64
     cfg.INPUT.MAX_SIZE_TEST = 128
     return cfg

@@ -11,13 +11,14 @@ and, with ``weighted=True``, a small head predicts per-image token weights w of 
 
 import logging
 import math
+from typing import Dict
 
 import torch
 from torch import nn
 
 from .losses import masked_aggregate
 
-__all__ = ["ReceptiveTokens"]
+__all__ = ["ReceptiveTokens", "build_level_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +111,37 @@ class ReceptiveTokens(nn.Module):
 
         Returns:
             (N, T) token weights, softmax over T (float32 or float64).
+
+        The head is Conv3x3 -> global average pool -> Conv1x1. Nothing non-linear lies between
+        the 3x3 conv and the pool, so the pooled output equals the 3x3 kernel applied to nine
+        shifted means of x (each the total sum less a border row and/or column, the zero
+        padding being outside): an exact (N, C, 3, 3) computation instead of a (C x C x 3 x 3)
+        convolution over every pixel.
         """
         if self.weight_head is None:
             raise RuntimeError("ReceptiveTokens(weighted=False) has no mask-weight head")
         self._check(x)
-        logits = self.weight_head(x).flatten(1)  # (N, T)
-        return logits.to(_compute_dtype(logits.dtype)).softmax(dim=1)
+        conv3, _, conv1 = self.weight_head
+        n, c, h, w = x.shape
+        dtype = _compute_dtype(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(dtype)
+            total = x.sum(dim=(2, 3))  # (N, C)
+            zero = torch.zeros_like(total)
+            # Kernel row i reads rows shifted by i - 1: i = 0 misses the last row, i = 2 the first.
+            rows = torch.stack([x[:, :, -1, :].sum(-1), zero, x[:, :, 0, :].sum(-1)], dim=2)
+            cols = torch.stack([x[:, :, :, -1].sum(-1), zero, x[:, :, :, 0].sum(-1)], dim=2)
+            corner = torch.zeros(n, c, 3, 3, dtype=dtype, device=x.device)
+            corner[:, :, 0, 0] = x[:, :, -1, -1]
+            corner[:, :, 0, 2] = x[:, :, -1, 0]
+            corner[:, :, 2, 0] = x[:, :, 0, -1]
+            corner[:, :, 2, 2] = x[:, :, 0, 0]
+            window_sums = total[:, :, None, None] - rows[:, :, :, None] - cols[:, :, None, :]
+            window_sums = window_sums + corner  # (N, C, 3, 3)
+            pooled = torch.einsum("ocij,ncij->no", conv3.weight.to(dtype), window_sums)
+            pooled = pooled / (h * w) + conv3.bias.to(dtype)  # (N, C)
+            logits = pooled @ conv1.weight.to(dtype).flatten(1).t() + conv1.bias.to(dtype)
+        return logits.softmax(dim=1)  # (N, T)
 
     def mask_features(self, x: torch.Tensor) -> torch.Tensor:
         """The masked aggregate of stage 1.
@@ -129,3 +155,16 @@ class ReceptiveTokens(nn.Module):
         """
         weights = self.weights(x) if self.weight_head is not None else None
         return masked_aggregate(x, self.masks(x), weights)  # (N, C, H, W)
+
+
+def build_level_tokens(channels: Dict[str, int], num_tokens: int, weighted: bool) -> nn.ModuleDict:
+    """One :class:`ReceptiveTokens` per feature level.
+
+    Args:
+        channels: level name -> number of channels C of that level (in distillation order).
+        num_tokens: T per level.
+        weighted: whether each level has a mask-weight head.
+    """
+    return nn.ModuleDict(
+        {name: ReceptiveTokens(c, num_tokens, weighted) for name, c in channels.items()}
+    )

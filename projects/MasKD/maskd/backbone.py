@@ -1,0 +1,181 @@
+"""Backbone wrappers with plainly visible forwards, used instead of forward hooks.
+
+A wrapper replaces ``model.backbone`` of a detectron2 meta-architecture when the MasKD model is
+built, so the meta-architecture's own ``forward`` (R-CNN, RetinaNet, FCOS, Panoptic FPN,
+semantic segmentation, ...) runs unchanged:
+
+* :class:`TokenMaskedBackbone` (stage 1) returns the masked aggregate of the receptive tokens
+  for the distilled levels, so the teacher's heads run on masked features.
+* :class:`RecordingBackbone` (stage 2) returns the student's features unchanged and keeps them
+  until the MasKD model takes them for the distillation loss.
+
+Both are transparent in state dicts: the wrapped backbone's parameters keep the keys they have
+without the wrapper (``backbone.bottom_up.stem.conv1.weight``), so plain detectron2 checkpoints
+load into a wrapped model, and a wrapped model's checkpoint loads into a plain one.
+"""
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.modeling import Backbone
+from torch import nn
+
+from .losses import dice_diversity_loss, masked_aggregate
+from .receptive_tokens import ReceptiveTokens
+
+__all__ = ["TokenMaskedBackbone", "RecordingBackbone", "unwrap_backbone"]
+
+logger = logging.getLogger(__name__)
+
+_INNER = "inner"
+
+
+class _TransparentBackbone(Backbone):
+    """Holds a backbone as ``self.inner`` and hides that level in state-dict keys."""
+
+    def __init__(self, inner: Backbone):
+        super().__init__()
+        if isinstance(inner, _TransparentBackbone):
+            raise ValueError(f"{type(inner).__name__} is already wrapped")
+        self.inner = inner
+        self._register_state_dict_hook(_hide_inner)
+        self.register_load_state_dict_pre_hook(_expand_inner)
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.inner.size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return self.inner.padding_constraints
+
+    def output_shape(self):
+        return self.inner.output_shape()
+
+    def own_keys(self) -> List[str]:
+        """Names of this wrapper's own children (not the wrapped backbone's)."""
+        return [name for name, _ in self.named_children() if name != _INNER]
+
+
+def _hide_inner(module, state_dict, prefix, local_metadata):
+    """state_dict hook: ``<prefix>inner.<key>`` -> ``<prefix><key>``."""
+    inner_prefix = prefix + _INNER + "."
+    for key in [k for k in state_dict if k.startswith(inner_prefix)]:
+        state_dict[prefix + key[len(inner_prefix) :]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # module versions, keyed by module prefix without the final dot
+        metadata.pop(prefix + _INNER, None)  # the wrapper's own entry stands for it
+        for key in [k for k in metadata if k.startswith(inner_prefix)]:
+            metadata[prefix + key[len(inner_prefix) :]] = metadata.pop(key)
+
+
+def _expand_inner(module, state_dict, prefix, *args):
+    own = tuple(prefix + name + "." for name in module.own_keys())
+    inner_prefix = prefix + _INNER + "."
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if not key.startswith(own) and not key.startswith(inner_prefix):
+            state_dict[inner_prefix + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class TokenMaskedBackbone(_TransparentBackbone):
+    """A frozen teacher backbone whose distilled levels are replaced by the tokens' masked
+    aggregate ``sum_t w_t * M_t * F`` (stage 1).
+
+    The wrapped backbone runs under ``torch.no_grad()``: its features are inputs of the tokens.
+    Levels not in ``tokens`` pass through unchanged.
+    """
+
+    def __init__(self, inner: Backbone, tokens: nn.ModuleDict):
+        """
+        Args:
+            inner: the teacher's backbone, producing a dict of (N, C_l, H_l, W_l) features.
+            tokens: one :class:`ReceptiveTokens` per distilled level, keyed by level name.
+        """
+        super().__init__(inner)
+        shapes = inner.output_shape()
+        for name, rt in tokens.items():
+            if name not in shapes:
+                raise ValueError(
+                    f"receptive tokens for level '{name}', but the backbone produces only "
+                    f"{sorted(shapes)}"
+                )
+            if not isinstance(rt, ReceptiveTokens) or rt.channels != shapes[name].channels:
+                raise ValueError(
+                    f"level '{name}' has {shapes[name].channels} channels, but its tokens "
+                    f"expect {getattr(rt, 'channels', None)}"
+                )
+        self.tokens = tokens
+        self.last_dice: Optional[Dict[str, torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            x: (N, 3, H, W) normalised images.
+
+        Returns:
+            The backbone's feature dict, the distilled levels masked. In training mode the
+            per-level Dice diversity losses of this call are left in ``self.last_dice`` for the
+            token learner, which takes them with :meth:`pop_dice`.
+        """
+        with torch.no_grad():
+            features = self.inner(x)
+        dice = {}
+        out = dict(features)
+        for name, rt in self.tokens.items():
+            feat = features[name]
+            masks = rt.masks(feat)  # (N, T, H, W)
+            weights = rt.weights(feat) if rt.weighted else None  # (N, T)
+            out[name] = masked_aggregate(feat, masks, weights)  # (N, C, H, W)
+            if self.training:
+                dice[name] = dice_diversity_loss(masks)
+        self.last_dice = dice if self.training else None
+        return out
+
+    def pop_dice(self) -> Dict[str, torch.Tensor]:
+        """Returns and clears the per-level Dice losses of the last forward (scalar tensors)."""
+        if self.last_dice is None:
+            raise RuntimeError(
+                "the teacher's forward did not call its backbone: no receptive masks were made"
+            )
+        dice, self.last_dice = self.last_dice, None
+        return dice
+
+
+class RecordingBackbone(_TransparentBackbone):
+    """A student backbone that keeps its last output for the distillation loss (stage 2).
+
+    Its forward returns the wrapped backbone's features unchanged; in training mode it also
+    stores them until :meth:`pop_features` is called.
+    """
+
+    def __init__(self, inner: Backbone):
+        super().__init__(inner)
+        self.recorded: Optional[Dict[str, torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            x: (N, 3, H, W) normalised images.
+
+        Returns:
+            dict of (N, C_l, H_l, W_l) features, as the wrapped backbone returns them.
+        """
+        features = self.inner(x)
+        self.recorded = features if self.training else None
+        return features
+
+    def pop_features(self) -> Dict[str, torch.Tensor]:
+        """Returns and clears the features of the last training forward."""
+        if self.recorded is None:
+            raise RuntimeError(
+                "the student's forward did not call its backbone in training mode: "
+                "no student features to distil"
+            )
+        features, self.recorded = self.recorded, None
+        return features
+
+
+def unwrap_backbone(backbone: Backbone) -> Backbone:
+    """The plain backbone inside a MasKD wrapper (or the backbone itself)."""
+    return backbone.inner if isinstance(backbone, _TransparentBackbone) else backbone

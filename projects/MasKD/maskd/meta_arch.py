@@ -1,0 +1,235 @@
+"""Stage 2: masked distillation of a student from a frozen teacher through frozen tokens."""
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from .backbone import RecordingBackbone
+from .checkpoint import load_tokens
+from .losses import masked_distillation_loss
+from .receptive_tokens import build_level_tokens
+from .teacher import build_teacher, freeze, head_levels, prepare_teacher, preprocess_images
+from .token_learner import resolve_in_features
+
+__all__ = ["MasKD"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class MasKD(nn.Module):
+    """Stage 2 of MasKD: a student distilled from a frozen teacher under receptive masks.
+
+    Training returns the student's ordinary loss dict plus ``loss_maskd``: for every distilled
+    level, the student's features go through a trainable 1x1 ``align`` conv (student channels
+    -> teacher channels) and are pulled towards the teacher's under the frozen tokens' masks
+    (see :func:`maskd.losses.masked_distillation_loss`); the levels are summed and multiplied
+    by ``loss_weight``. After ``custom_mask_warmup`` iterations (read from the event storage,
+    so it survives a resume) the teacher's masks are multiplied by the masks of the aligned
+    student features ("student-customised masks"). Only the teacher's backbone runs, under
+    ``torch.no_grad()``; its heads never run. Inference returns exactly the student's outputs.
+
+    Attributes:
+        student: the student meta-architecture (its ``backbone`` is a transparent
+            :class:`RecordingBackbone`).
+        teacher: the frozen teacher meta-architecture, always in eval mode.
+        tokens: level name -> frozen ReceptiveTokens.
+        align: level name -> trainable 1x1 Conv2d.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        in_features: Optional[List[str]] = None,
+        num_tokens: int = 6,
+        weighted: bool = True,
+        loss_weight: float = 1.0,
+        custom_mask_warmup: int = -1,
+        teacher_weights: str = "",
+        tokens_weights: str = "",
+        allow_random_teacher: bool = False,
+        allow_random_tokens: bool = False,
+    ):
+        """
+        Args:
+            student: a detectron2 meta-architecture with a ``backbone``.
+            teacher: a detectron2 meta-architecture with a ``backbone``, built but not loaded;
+                it may be of another kind than the student.
+            in_features: distilled levels; None or empty: every level the student's backbone
+                produces and the teacher's heads read (the levels stage 1 learns tokens for).
+            num_tokens: tokens per level (must match the stage-1 checkpoint).
+            weighted: whether the tokens have mask-weight heads (must match too).
+            loss_weight: weight of ``loss_maskd``.
+            custom_mask_warmup: iteration from which student-customised masks are used;
+                negative: never.
+            teacher_weights: the teacher's checkpoint, loaded here.
+            tokens_weights: the learned tokens (stage-1 checkpoint or tokens export), loaded here.
+            allow_random_teacher: accept an empty ``teacher_weights`` (smoke tests only).
+            allow_random_tokens: accept an empty ``tokens_weights`` (an ablation).
+        """
+        super().__init__()
+        prepare_teacher(
+            teacher, teacher_weights, allow_random_teacher, "MODEL.MASKD.TEACHER.WEIGHTS"
+        )
+        t_shapes = teacher.backbone.output_shape()
+        s_shapes = student.backbone.output_shape()
+        levels = resolve_in_features(
+            in_features, {"student": list(s_shapes), "teacher": head_levels(teacher)}
+        )
+        s_format = getattr(student, "input_format", None)
+        t_format = getattr(teacher, "input_format", None)
+        if s_format and t_format and s_format != t_format:
+            raise ValueError(
+                f"the student reads {s_format} images but the teacher {t_format}: both see the "
+                "same input tensors, so they must use the same INPUT.FORMAT"
+            )
+        for lv in levels:
+            if s_shapes[lv].stride != t_shapes[lv].stride:
+                raise ValueError(
+                    f"level '{lv}' has stride {s_shapes[lv].stride} in the student and "
+                    f"{t_shapes[lv].stride} in the teacher: its features cannot be aligned"
+                )
+        student.backbone = RecordingBackbone(student.backbone)
+        self.student = student
+        self.teacher = teacher
+        self.tokens = build_level_tokens(
+            {lv: t_shapes[lv].channels for lv in levels}, num_tokens, weighted
+        )
+        if tokens_weights:
+            load_tokens(self.tokens, tokens_weights)
+        elif allow_random_tokens:
+            logger.warning("MODEL.MASKD.TOKENS_WEIGHTS is empty: distilling with random tokens")
+        else:
+            raise ValueError(
+                "MODEL.MASKD.TOKENS_WEIGHTS is empty: stage 2 needs the receptive tokens learned "
+                "in stage 1 (its model_final.pth, or a tokens export); set "
+                "MODEL.MASKD.ALLOW_RANDOM_TOKENS only for the random-token ablation"
+            )
+        freeze(self.tokens)
+        self.align = nn.ModuleDict(
+            {
+                lv: nn.Conv2d(s_shapes[lv].channels, t_shapes[lv].channels, kernel_size=1)
+                for lv in levels
+            }
+        ).to(self.tokens[levels[0]].tokens.device)
+        self.in_features = levels
+        self.loss_weight = loss_weight
+        self.custom_mask_warmup = custom_mask_warmup
+        logger.info(
+            "MasKD: levels %s, %d tokens (weighted=%s), loss weight %s, customised masks from "
+            "iteration %s",
+            levels,
+            num_tokens,
+            weighted,
+            loss_weight,
+            custom_mask_warmup if custom_mask_warmup >= 0 else "never",
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        mcfg = cfg.MODEL.MASKD
+        if mcfg.STUDENT_META_ARCHITECTURE in ("MasKD", "MasKDTokenLearner"):
+            raise ValueError(
+                "MODEL.MASKD.STUDENT_META_ARCHITECTURE must name the student's own "
+                f"meta-architecture, got '{mcfg.STUDENT_META_ARCHITECTURE}'"
+            )
+        student_cfg = cfg.clone()
+        student_cfg.defrost()
+        student_cfg.MODEL.META_ARCHITECTURE = mcfg.STUDENT_META_ARCHITECTURE
+        return {
+            "student": build_model(student_cfg),
+            "teacher": build_teacher(mcfg.TEACHER.CONFIG_FILE, mcfg.TEACHER.OPTS, cfg.MODEL.DEVICE),
+            "in_features": list(mcfg.IN_FEATURES),
+            "num_tokens": mcfg.NUM_TOKENS,
+            "weighted": mcfg.WEIGHTED,
+            "loss_weight": mcfg.LOSS_WEIGHT,
+            "custom_mask_warmup": mcfg.CUSTOM_MASK_WARMUP,
+            "teacher_weights": mcfg.TEACHER.WEIGHTS,
+            "tokens_weights": mcfg.TOKENS_WEIGHTS,
+            "allow_random_teacher": mcfg.TEACHER.ALLOW_RANDOM_INIT,
+            "allow_random_tokens": mcfg.ALLOW_RANDOM_TOKENS,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.align[self.in_features[0]].weight.device
+
+    def train(self, mode: bool = True):
+        """Set the training mode of the student; teacher and tokens stay in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        self.tokens.eval()
+        return self
+
+    def forward(self, batched_inputs):
+        """
+        Args:
+            batched_inputs: a list of dicts, as detectron2's DatasetMapper produces them.
+
+        Returns:
+            training: the student's dict of scalar losses plus ``loss_maskd``.
+            inference: the student's outputs, one dict per image.
+        """
+        if not self.training:
+            return self.student(batched_inputs)
+        with torch.no_grad():
+            images = preprocess_images(self.teacher, batched_inputs)
+            teacher_features = self.teacher.backbone(images.tensor)
+        losses = self.student(batched_inputs)
+        student_features = self.student.backbone.pop_features()
+        per_level = self.distillation_losses(student_features, teacher_features)
+        storage = get_event_storage()
+        for level, value in per_level.items():
+            storage.put_scalar(f"maskd/loss_{level}", value.detach().item())
+        if "loss_maskd" in losses:
+            raise KeyError("the student already returns a loss named 'loss_maskd'")
+        losses["loss_maskd"] = self.loss_weight * sum(per_level.values())
+        return losses
+
+    def custom_masks_active(self) -> bool:
+        """Whether student-customised masks are used at the current iteration."""
+        if self.custom_mask_warmup < 0:
+            return False
+        return get_event_storage().iter >= self.custom_mask_warmup
+
+    def distillation_losses(
+        self,
+        student_features: Dict[str, torch.Tensor],
+        teacher_features: Dict[str, torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        """The masked distillation loss of every level (unweighted).
+
+        Args:
+            student_features: level -> (N, C_s, H, W) student features.
+            teacher_features: level -> (N, C_t, H, W) teacher features.
+
+        Returns:
+            level -> scalar loss.
+        """
+        custom = self.custom_masks_active()
+        losses = {}
+        for level in self.in_features:
+            s, t = student_features[level], teacher_features[level]
+            if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
+                raise ValueError(
+                    f"level '{level}': student features {tuple(s.shape)} and teacher features "
+                    f"{tuple(t.shape)} differ in batch or spatial size; student and teacher must "
+                    "see the same padded images (same size divisibility)"
+                )
+            aligned = self.align[level](s)  # (N, C_t, H, W)
+            rt = self.tokens[level]
+            with torch.no_grad():
+                masks = rt.masks(t)  # (N, T, H, W)
+                weights = rt.weights(t) if rt.weighted else None  # (N, T)
+                if custom:
+                    masks = masks * rt.masks(aligned)
+            losses[level] = masked_distillation_loss(aligned, t, masks, weights)
+        return losses

@@ -1,0 +1,185 @@
+"""Stage 1: learn the receptive tokens with the teacher frozen."""
+
+import contextlib
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from .backbone import TokenMaskedBackbone
+from .receptive_tokens import build_level_tokens
+from .teacher import build_teacher, head_levels, prepare_teacher
+
+__all__ = ["MasKDTokenLearner", "resolve_in_features"]
+
+logger = logging.getLogger(__name__)
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase,)
+
+
+def resolve_in_features(
+    requested: Optional[List[str]], available: Dict[str, List[str]]
+) -> List[str]:
+    """The distilled levels: ``requested``, or every level all models produce.
+
+    Args:
+        requested: level names, or None / empty for the default.
+        available: model name ("teacher", "student") -> the levels it offers (the student's
+            backbone outputs; the backbone levels the teacher's heads read), the first model's
+            order being the default order.
+
+    Raises:
+        ValueError: naming the level and the model that lacks it.
+    """
+    names = list(available)
+    if requested:
+        for level in requested:
+            for who in names:
+                if level not in available[who]:
+                    raise ValueError(
+                        f"MODEL.MASKD.IN_FEATURES names level '{level}', but the {who} "
+                        f"offers only {available[who]}"
+                    )
+        return list(requested)
+    common = [lv for lv in available[names[0]] if all(lv in available[w] for w in names)]
+    if not common:
+        raise ValueError(
+            "no feature level is produced by all of "
+            + ", ".join(f"the {w} ({available[w]})" for w in names)
+        )
+    return common
+
+
+@contextlib.contextmanager
+def task_loss_mode(teacher: nn.Module):
+    """Let a frozen teacher compute its training losses, then put it back in eval mode.
+
+    detectron2 meta-architectures return losses only in training mode, so the teacher's heads
+    run in training mode inside this block, while its backbone and every normalisation layer
+    stay in inference mode (running statistics are neither used from the batch nor updated).
+    """
+    teacher.train()
+    teacher.backbone.inner.eval()
+    for m in teacher.modules():
+        if isinstance(m, _NORM_TYPES):
+            m.eval()
+    try:
+        yield
+    finally:
+        teacher.eval()
+
+
+@META_ARCH_REGISTRY.register()
+class MasKDTokenLearner(nn.Module):
+    """Stage 1 of MasKD: a frozen teacher whose distilled feature levels go through receptive
+    tokens; only the tokens (and their mask-weight heads) are trained.
+
+    Training: the teacher's own heads run on the masked aggregate ``sum_t w_t M_t * F`` of each
+    distilled level, with the ordinary ground truth; the losses are the teacher's task losses
+    plus ``loss_dice`` (the Dice diversity loss summed over levels, times ``dice_weight``).
+    Inference: the teacher's predictions on masked features.
+
+    Attributes:
+        teacher: the teacher meta-architecture; its ``backbone`` is a
+            :class:`TokenMaskedBackbone` holding the tokens.
+        tokens: (property) level name -> ReceptiveTokens, i.e. ``teacher.backbone.tokens``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        teacher: nn.Module,
+        in_features: Optional[List[str]] = None,
+        num_tokens: int = 6,
+        weighted: bool = True,
+        dice_weight: float = 1.0,
+        teacher_weights: str = "",
+        allow_random_teacher: bool = False,
+    ):
+        """
+        Args:
+            teacher: a detectron2 meta-architecture with a ``backbone`` (R-CNN, RetinaNet,
+                FCOS, Panoptic FPN, SemanticSegmentor, ...), built but not loaded.
+            in_features: distilled levels; None or empty: every backbone level the teacher's
+                heads read (a level they do not read could not learn from the task loss).
+            num_tokens: tokens per level.
+            weighted: whether to learn mask-weight heads.
+            dice_weight: weight of the Dice diversity loss.
+            teacher_weights: the teacher's checkpoint, loaded here.
+            allow_random_teacher: accept an empty ``teacher_weights`` (smoke tests only).
+        """
+        super().__init__()
+        prepare_teacher(
+            teacher, teacher_weights, allow_random_teacher, "MODEL.MASKD.TEACHER.WEIGHTS"
+        )
+        shapes = teacher.backbone.output_shape()
+        read = head_levels(teacher)
+        levels = resolve_in_features(in_features, {"teacher": read})
+        tokens = build_level_tokens(
+            {lv: shapes[lv].channels for lv in levels}, num_tokens, weighted
+        )
+        # The wrapper is built here, once, and is part of the module tree: no hooks.
+        teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens)
+        self.teacher = teacher
+        self.in_features = levels
+        self.dice_weight = dice_weight
+        logger.info(
+            "MasKDTokenLearner: %d tokens (weighted=%s) on levels %s",
+            num_tokens,
+            weighted,
+            levels,
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        mcfg = cfg.MODEL.MASKD
+        return {
+            "teacher": build_teacher(mcfg.TEACHER.CONFIG_FILE, mcfg.TEACHER.OPTS, cfg.MODEL.DEVICE),
+            "in_features": list(mcfg.IN_FEATURES),
+            "num_tokens": mcfg.NUM_TOKENS,
+            "weighted": mcfg.WEIGHTED,
+            "dice_weight": mcfg.DICE_WEIGHT,
+            "teacher_weights": mcfg.TEACHER.WEIGHTS,
+            "allow_random_teacher": mcfg.TEACHER.ALLOW_RANDOM_INIT,
+        }
+
+    @property
+    def tokens(self) -> nn.ModuleDict:
+        return self.teacher.backbone.tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens[self.in_features[0]].tokens.device
+
+    def train(self, mode: bool = True):
+        """Set the training mode; the teacher stays in eval mode (see :func:`task_loss_mode`)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batched_inputs):
+        """
+        Args:
+            batched_inputs: a list of dicts, as detectron2's DatasetMapper produces them.
+
+        Returns:
+            training: dict of scalar losses: the teacher's task losses and ``loss_dice``.
+            inference: the teacher's outputs on masked features, one dict per image.
+        """
+        if not self.training:
+            return self.teacher(batched_inputs)
+        with task_loss_mode(self.teacher):
+            losses = self.teacher(batched_inputs)
+        dice = self.teacher.backbone.pop_dice()
+        storage = get_event_storage()
+        for level, value in dice.items():
+            storage.put_scalar(f"maskd/dice_{level}", value.detach().item())
+        if "loss_dice" in losses:
+            raise KeyError("the teacher already returns a loss named 'loss_dice'")
+        losses["loss_dice"] = self.dice_weight * sum(dice.values())
+        return losses
