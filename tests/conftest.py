@@ -1,5 +1,8 @@
 import os
 import sys
 
-# tests/tiny.py and friends are helpers, importable by the test modules.
-sys.path.insert(0, os.path.dirname(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# tests/tiny.py and friends are helpers, importable by the test modules; and the tests always
+# exercise this checkout's package, whichever clone the shared environment was installed from.
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "projects", "MasKD"))

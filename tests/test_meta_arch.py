@@ -11,14 +11,22 @@ from detectron2.config import get_cfg, instantiate
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
-from tiny import NEEDS, tiny_batch, tiny_cfg, tiny_fcos
+from tiny import (
+    NEEDS,
+    STUDENT_DEPTH,
+    STUDENT_FPN,
+    TEACHER_DEPTH,
+    TEACHER_FPN,
+    calibrate_bn,
+    maskd_cfg,
+    tiny_batch,
+    tiny_cfg,
+    tiny_fcos,
+    write_teacher,
+)
 
-from maskd import MasKD, MasKDCheckpointer, MasKDTokenLearner, add_maskd_config
+from maskd import MasKD, MasKDCheckpointer, MasKDTokenLearner
 from maskd.losses import masked_distillation_loss
-from maskd.teacher import preprocess_images
-
-TEACHER_DEPTH, TEACHER_FPN = 34, 32
-STUDENT_DEPTH, STUDENT_FPN = 18, 16
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -31,55 +39,6 @@ def assert_unchanged(before, module):
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"changed: {changed[:5]}"
-
-
-def calibrate_bn(model):
-    """Give BatchNorm layers real running statistics (cumulative averages over a few batches),
-    so the untrained test teacher's features have a sane scale in eval mode."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(4):
-            model.backbone(preprocess_images(model, tiny_batch(4, 64, seed=100 + i)).tensor)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 0.1
-    model.eval()
-
-
-def write_teacher(tmp_path, kind, seed=0, depth=TEACHER_DEPTH):
-    """A teacher config file and a checkpoint of it, as a user would have them.
-
-    The teacher's ResNet uses BatchNorm (with calibrated statistics) so that the tests check
-    that its statistics never change; its FPN uses GroupNorm."""
-    cfg = tiny_cfg(kind, depth=depth, fpn_channels=TEACHER_FPN)
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.FPN.NORM = "GN"  # features of unit scale, as a trained teacher's roughly are
-    config_file = tmp_path / f"teacher_{kind}_{depth}.yaml"
-    config_file.write_text(cfg.dump())
-    torch.manual_seed(seed)
-    teacher = build_model(cfg)
-    calibrate_bn(teacher)
-    weights = tmp_path / f"teacher_{kind}_{depth}.pth"
-    torch.save({"model": teacher.state_dict()}, weights)
-    return str(config_file), str(weights), teacher
-
-
-def maskd_cfg(stage, student_kind, teacher_config, teacher_weights, tokens_weights=""):
-    cfg = tiny_cfg(student_kind, depth=STUDENT_DEPTH, fpn_channels=STUDENT_FPN)
-    cfg.MODEL.RESNETS.NORM = "GN"  # untrained FrozenBN students have features of scale 100+
-    add_maskd_config(cfg)
-    cfg.MODEL.MASKD.STUDENT_META_ARCHITECTURE = cfg.MODEL.META_ARCHITECTURE
-    cfg.MODEL.META_ARCHITECTURE = stage
-    cfg.MODEL.MASKD.TEACHER.CONFIG_FILE = teacher_config
-    cfg.MODEL.MASKD.TEACHER.WEIGHTS = teacher_weights
-    cfg.MODEL.MASKD.TOKENS_WEIGHTS = tokens_weights
-    cfg.MODEL.MASKD.NUM_TOKENS = 4
-    cfg.SOLVER.BASE_LR = 0.005
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    return cfg
 
 
 def train(model, optimizer, needs, steps=2, start_iter=0):

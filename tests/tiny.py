@@ -3,9 +3,12 @@
 import torch
 from detectron2.config import get_cfg
 from detectron2.model_zoo import get_config_file
+from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 NUM_CLASSES = 3
+TEACHER_DEPTH, TEACHER_FPN = 34, 32
+STUDENT_DEPTH, STUDENT_FPN = 18, 16
 
 
 ZOO_CONFIGS = {
@@ -117,3 +120,102 @@ def tiny_batch(n=2, size=64, seed=0, with_masks=False, with_sem_seg=False, empty
             item["sem_seg"] = sem
         batch.append(item)
     return batch
+
+
+def write_coco_dataset(folder, n_images=4, size=64, seed=0):
+    """A COCO-format dataset on disk: PNG images of coloured rectangles, boxes and polygons.
+
+    Returns:
+        (annotation json path, image folder).
+    """
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image_dir = os.path.join(folder, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    images, annotations = [], []
+    for i in range(n_images):
+        pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        for _ in range(2):
+            c = int(rng.integers(0, NUM_CLASSES))
+            x0, y0 = (int(v) for v in rng.integers(0, size // 2, 2))
+            w, h = (int(v) for v in rng.integers(size // 6, size // 2, 2))
+            pixels[y0 : y0 + h, x0 : x0 + w] = [(80, 200, 80), (200, 80, 80), (80, 80, 200)][c]
+            poly = [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": c + 1,
+                    "bbox": [x0, y0, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "segmentation": [poly],
+                }
+            )
+        name = f"{i:04d}.png"
+        Image.fromarray(pixels).save(os.path.join(image_dir, name))
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+    categories = [{"id": c + 1, "name": f"class{c}"} for c in range(NUM_CLASSES)]
+    json_file = os.path.join(folder, "annotations.json")
+    with open(json_file, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return json_file, image_dir
+
+
+def calibrate_bn(model):
+    """Give BatchNorm layers real running statistics (cumulative averages over a few batches),
+    so the untrained test teacher's features have a sane scale in eval mode."""
+    from maskd.teacher import preprocess_images
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(4):
+            model.backbone(preprocess_images(model, tiny_batch(4, 64, seed=100 + i)).tensor)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    model.eval()
+
+
+def write_teacher(tmp_path, kind, seed=0, depth=TEACHER_DEPTH):
+    """A teacher config file and a checkpoint of it, as a user would have them.
+
+    The teacher's ResNet uses BatchNorm (with calibrated statistics) so that the tests check
+    that its statistics never change; its FPN uses GroupNorm."""
+    cfg = tiny_cfg(kind, depth=depth, fpn_channels=TEACHER_FPN)
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.FPN.NORM = "GN"  # features of unit scale, as a trained teacher's roughly are
+    config_file = tmp_path / f"teacher_{kind}_{depth}.yaml"
+    config_file.write_text(cfg.dump())
+    torch.manual_seed(seed)
+    teacher = build_model(cfg)
+    calibrate_bn(teacher)
+    weights = tmp_path / f"teacher_{kind}_{depth}.pth"
+    torch.save({"model": teacher.state_dict()}, weights)
+    return str(config_file), str(weights), teacher
+
+
+def maskd_cfg(stage, student_kind, teacher_config, teacher_weights, tokens_weights=""):
+    """A tiny MasKD config: GN R18-FPN student (16 channels), the given teacher files."""
+    from maskd.config import add_maskd_config  # here: tiny.py also serves vanilla detectron2
+
+    cfg = tiny_cfg(student_kind, depth=STUDENT_DEPTH, fpn_channels=STUDENT_FPN)
+    cfg.MODEL.RESNETS.NORM = "GN"  # untrained FrozenBN students have features of scale 100+
+    add_maskd_config(cfg)
+    cfg.MODEL.MASKD.STUDENT_META_ARCHITECTURE = cfg.MODEL.META_ARCHITECTURE
+    cfg.MODEL.META_ARCHITECTURE = stage
+    cfg.MODEL.MASKD.TEACHER.CONFIG_FILE = teacher_config
+    cfg.MODEL.MASKD.TEACHER.WEIGHTS = teacher_weights
+    cfg.MODEL.MASKD.TOKENS_WEIGHTS = tokens_weights
+    cfg.MODEL.MASKD.NUM_TOKENS = 4
+    cfg.SOLVER.BASE_LR = 0.005
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    return cfg

@@ -1,8 +1,56 @@
 """yacs configuration of MasKD: ``add_maskd_config(cfg)`` adds ``MODEL.MASKD``."""
 
+import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.model_zoo import get_config_file
+from fvcore.common.config import BASE_KEY
 
-__all__ = ["add_maskd_config"]
+__all__ = ["add_maskd_config", "get_maskd_cfg", "ZOO_PREFIX"]
+
+# `_BASE_: "zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"` names a detectron2 model-zoo config,
+# so the project's YAML files hold only their deltas over detectron2's own configs.
+ZOO_PREFIX = "zoo:"
+
+
+class MasKDCfgNode(CN):
+    """detectron2's CfgNode whose ``_BASE_`` may also name a model-zoo config (``zoo:...``)."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
+        try:
+            with open(filename) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.constructor.ConstructorError:
+            # Python tags (some detectron2 configs): not a file of ours, no zoo: base.
+            return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        base = data.get(BASE_KEY)
+        if not (isinstance(base, str) and base.startswith(ZOO_PREFIX)):
+            return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        name = base[len(ZOO_PREFIX) :]
+        try:
+            base_file = get_config_file(name)
+        except RuntimeError as e:
+            raise FileNotFoundError(
+                f"{filename}: _BASE_ names '{name}', which is not a detectron2 model-zoo config"
+            ) from e
+        merged = super().load_yaml_with_base(base_file, allow_unsafe=allow_unsafe)
+        del data[BASE_KEY]
+
+        def merge_a_into_b(a, b):
+            for k, v in a.items():
+                if isinstance(v, dict) and isinstance(b.get(k), dict):
+                    merge_a_into_b(v, b[k])
+                else:
+                    b[k] = v
+
+        merge_a_into_b(data, merged)
+        return merged
+
+
+def get_maskd_cfg() -> CN:
+    """detectron2's default config plus the MasKD keys, able to read ``zoo:`` bases."""
+    return MasKDCfgNode(add_maskd_config(get_cfg()))
 
 
 def add_maskd_config(cfg: CN) -> CN:
@@ -48,4 +96,7 @@ def add_maskd_config(cfg: CN) -> CN:
     _C.CUSTOM_MASK_WARMUP = -1
     # Stage 1: weight of loss_dice (the Dice diversity loss, summed over levels).
     _C.DICE_WEIGHT = 1.0
+
+    # "SGD" (detectron2's), "ADAM" or "ADAMW": the paper learns tokens with Adam.
+    cfg.SOLVER.OPTIMIZER = "SGD"
     return cfg

@@ -1,0 +1,249 @@
+"""Training and evaluation entry points for both config systems, on detectron2's own engine.
+
+* :class:`MasKDTrainer`: detectron2's ``DefaultTrainer`` with the MasKD checkpointer, an Adam
+  option for token learning, evaluators chosen from the dataset metadata, and a DDP wrapper
+  that also works for CPU processes (GLOO).
+* :func:`lazy_train` / :func:`lazy_test`: the LazyConfig path of detectron2's
+  ``tools/lazyconfig_train_net.py``, with the same additions.
+* :func:`register_coco_datasets`: register COCO-format datasets given on the command line.
+"""
+
+import logging
+import os
+import weakref
+from typing import Iterable, List, Sequence
+
+import torch
+from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    default_writers,
+    hooks,
+)
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+    inference_on_dataset,
+    print_csv_format,
+)
+from detectron2.solver import build_lr_scheduler as _build_lr_scheduler
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import MasKDCheckpointer
+
+__all__ = [
+    "MasKDTrainer",
+    "create_ddp_model",
+    "build_evaluator",
+    "register_coco_datasets",
+    "check_datasets",
+    "lazy_train",
+    "lazy_test",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def create_ddp_model(
+    model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs
+) -> torch.nn.Module:
+    """Wrap ``model`` in DistributedDataParallel when there are several processes.
+
+    Like detectron2's ``create_ddp_model`` (same arguments), but for a CPU model (GLOO
+    processes) it passes no ``device_ids``, which DistributedDataParallel rejects for CPU
+    modules. Frozen parameters (teacher, tokens in stage 2) have ``requires_grad=False`` and are
+    not synchronised as trainable; keep ``find_unused_parameters`` off: every trainable
+    parameter gets a gradient in every step.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.pop("device_ids", None)
+    elif "device_ids" not in kwargs:
+        kwargs["device_ids"] = [comm.get_local_rank()]
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression:
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp
+
+
+def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
+    """Register COCO-format datasets: each spec is (name, annotation json, image root).
+
+    Registering the same name again with the same files is a no-op (launch workers);
+    a different registration of an existing name is an error.
+    """
+    names = []
+    for name, json_file, image_root in specs:
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(f"dataset '{name}': annotation file not found: '{json_file}'")
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"dataset '{name}': image folder not found: '{image_root}'")
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if getattr(meta, "json_file", None) == json_file:
+                names.append(name)
+                continue
+            raise ValueError(f"dataset '{name}' is already registered with other files")
+        register_coco_instances(name, {}, json_file, image_root)
+        names.append(name)
+    return names
+
+
+def check_datasets(names: Iterable[str]) -> None:
+    """Fail early, with the known names, if a dataset name is not registered."""
+    known = set(DatasetCatalog.list())
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise KeyError(
+            f"dataset(s) {missing} are not registered. Register a COCO-format dataset with "
+            "--register-coco NAME JSON IMAGE_ROOT, or use one of detectron2's builtin names "
+            f"(e.g. coco_2017_train); registered: {sorted(known)[:8]}..."
+        )
+
+
+def build_evaluator(cfg, dataset_name: str, output_folder=None):
+    """detectron2's evaluator for a dataset, chosen from its metadata ``evaluator_type``.
+
+    COCO-format datasets registered with ``register_coco_instances`` count as "coco".
+    """
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    meta = MetadataCatalog.get(dataset_name)
+    evaluator_type = getattr(meta, "evaluator_type", None) or "coco"
+    evaluators = []
+    if evaluator_type in ("sem_seg", "coco_panoptic_seg"):
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if evaluator_type in ("coco", "coco_panoptic_seg"):
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+    if evaluator_type == "coco_panoptic_seg":
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+    if not evaluators:
+        raise NotImplementedError(
+            f"no evaluator for dataset '{dataset_name}' of type '{evaluator_type}'"
+        )
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+def build_optimizer(cfg, model):
+    """SGD as in detectron2, or Adam / AdamW (``SOLVER.OPTIMIZER``), e.g. for token learning.
+
+    Only parameters with ``requires_grad`` enter the optimizer: never the teacher, and the
+    tokens only in stage 1.
+    """
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "SGD":
+        return DefaultTrainer.build_optimizer(cfg, model)
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    if name not in ("ADAM", "ADAMW"):
+        raise ValueError(f"SOLVER.OPTIMIZER must be SGD, ADAM or ADAMW, got '{name}'")
+    cls = torch.optim.Adam if name == "ADAM" else torch.optim.AdamW
+    return maybe_add_gradient_clipping(cfg, cls)(
+        params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+    )
+
+
+class MasKDTrainer(DefaultTrainer):
+    """detectron2's DefaultTrainer for MasKD models (both stages, and plain students)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = MasKDCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return _build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+
+def lazy_test(cfg, model):
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(results)
+    return results
+
+
+def lazy_train(cfg, resume: bool = False):
+    """Train from a LazyConfig, as detectron2's ``tools/lazyconfig_train_net.py`` does.
+
+    Keys: ``model``, ``dataloader.train/test/evaluator``, ``optimizer``, ``lr_multiplier``,
+    ``train`` (``output_dir``, ``init_checkpoint`` for the student, ``max_iter``, ``amp``,
+    ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``).
+    """
+    model = instantiate(cfg.model)
+    logging.getLogger("detectron2").info("Model:\n{}".format(model))
+    model.to(cfg.train.device)
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
+    trainer = trainer_cls(model, train_loader, optim)
+    checkpointer = MasKDCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: lazy_test(cfg, model)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)

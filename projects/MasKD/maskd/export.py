@@ -1,0 +1,142 @@
+"""Model-zoo style release of MasKD results.
+
+* :func:`export_student`: a stage-2 checkpoint -> the student's weights alone, with the keys
+  plain detectron2 expects, plus the student's own config beside it, so that vanilla detectron2
+  (no ``maskd`` import) evaluates it with ``--eval-only MODEL.WEIGHTS student.pth``.
+* :func:`export_tokens`: a stage-1 checkpoint -> the receptive tokens alone, for
+  ``MODEL.MASKD.TOKENS_WEIGHTS``.
+
+Files are written atomically (a temporary file renamed into place) and never overwrite an
+existing file unless asked.
+"""
+
+import copy
+import logging
+import os
+import tempfile
+from typing import Callable, Dict
+
+import torch
+from detectron2.config import CfgNode, LazyConfig
+
+from .checkpoint import extract_tokens_state, read_checkpoint
+
+__all__ = ["export_student", "export_tokens", "student_config", "atomic_write"]
+
+logger = logging.getLogger(__name__)
+
+STUDENT_PREFIX = "student."
+
+
+def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = False) -> None:
+    """Call ``write(tmp_path)``, then move the result to ``path`` in one rename.
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is False.
+    """
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"'{path}' exists; pass --force (overwrite=True) to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _model_state(checkpoint_path: str) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"checkpoint not found: '{checkpoint_path}'")
+    return read_checkpoint(checkpoint_path)["model"]
+
+
+def student_config(cfg, weights: str):
+    """The student's own config from a stage-2 config (yacs CfgNode or LazyConfig).
+
+    yacs: ``MODEL.META_ARCHITECTURE`` becomes ``MODEL.MASKD.STUDENT_META_ARCHITECTURE`` and the
+    keys only MasKD knows are dropped, so plain ``get_cfg()`` reads it. LazyConfig: ``model``
+    becomes ``model.student``. Either way the weights point at the exported file.
+    """
+    if isinstance(cfg, CfgNode):
+        out = cfg.clone()
+        out.defrost()
+        out.MODEL.META_ARCHITECTURE = cfg.MODEL.MASKD.STUDENT_META_ARCHITECTURE
+        del out.MODEL["MASKD"]
+        if "OPTIMIZER" in out.SOLVER:
+            del out.SOLVER["OPTIMIZER"]
+        out.MODEL.WEIGHTS = weights
+        return CfgNode(out)  # a plain detectron2 CfgNode
+    out = copy.deepcopy(cfg)
+    out.model = cfg.model.student
+    out.train.init_checkpoint = weights
+    return out
+
+
+def export_student(
+    checkpoint_path: str, output_path: str, cfg=None, overwrite: bool = False
+) -> Dict[str, torch.Tensor]:
+    """Write the student's weights of a stage-2 checkpoint as a plain detectron2 checkpoint.
+
+    Args:
+        checkpoint_path: a stage-2 checkpoint (keys ``student.*``, ``teacher.*``, ...).
+        output_path: where to write the .pth file.
+        cfg: the stage-2 config; if given, the student's config is written beside the weights
+            (``<output>.yaml``).
+        overwrite: replace existing files.
+
+    Returns:
+        the exported state dict.
+    """
+    state = _model_state(checkpoint_path)
+    student = {
+        k[len(STUDENT_PREFIX) :]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)
+    }
+    if not student:
+        raise ValueError(
+            f"'{checkpoint_path}' holds no student weights (keys 'student.*'): "
+            "is it a stage-2 (MasKD) checkpoint?"
+        )
+    config_path = os.path.splitext(output_path)[0] + ".yaml"
+    if cfg is not None and os.path.exists(config_path) and not overwrite:
+        raise FileExistsError(f"'{config_path}' exists; pass --force to replace it")
+    atomic_write(
+        output_path,
+        lambda tmp: torch.save({"model": student, "__author__": "MasKD export"}, tmp),
+        overwrite,
+    )
+    logger.info("Wrote %d student tensors to %s", len(student), output_path)
+    if cfg is not None:
+        out_cfg = student_config(cfg, os.path.abspath(output_path))
+        if isinstance(out_cfg, CfgNode):
+            atomic_write(config_path, lambda tmp: _write_text(tmp, out_cfg.dump()), True)
+        else:
+            atomic_write(config_path, lambda tmp: LazyConfig.save(out_cfg, tmp), True)
+        logger.info("Wrote the student's config to %s", config_path)
+    return student
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def export_tokens(
+    checkpoint_path: str, output_path: str, overwrite: bool = False
+) -> Dict[str, torch.Tensor]:
+    """Write the receptive tokens of a stage-1 (or stage-2) checkpoint alone.
+
+    The file holds ``{"model": {"tokens.<level>.<param>": tensor}}``, which
+    ``MODEL.MASKD.TOKENS_WEIGHTS`` accepts.
+    """
+    tokens = extract_tokens_state(_model_state(checkpoint_path))
+    if not tokens:
+        raise ValueError(f"'{checkpoint_path}' holds no receptive tokens")
+    state = {f"tokens.{k}": v for k, v in tokens.items()}
+    atomic_write(output_path, lambda tmp: torch.save({"model": state}, tmp), overwrite)
+    logger.info("Wrote %d token tensors to %s", len(state), output_path)
+    return state

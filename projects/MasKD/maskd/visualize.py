@@ -1,0 +1,97 @@
+"""Draw the receptive masks of learned tokens over images, like the paper's mask figure."""
+
+import logging
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .teacher import preprocess_images
+
+__all__ = ["receptive_masks", "mask_grid"]
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def receptive_masks(model, batched_input: dict) -> Dict[str, torch.Tensor]:
+    """The masks of every distilled level for one image, resized to the input image.
+
+    Args:
+        model: a ``MasKDTokenLearner`` or ``MasKD`` model (its ``tokens`` and ``teacher``).
+        batched_input: one dict as detectron2's DatasetMapper makes it ("image": (3, H, W)).
+
+    Returns:
+        level -> (T, H, W) masks in [0, 1] on the CPU, cropped to the image (no padding).
+    """
+    teacher = model.teacher
+    images = preprocess_images(teacher, [batched_input])
+    backbone = getattr(teacher.backbone, "inner", teacher.backbone)
+    features = backbone(images.tensor)
+    h, w = images.image_sizes[0]
+    padded = images.tensor.shape[-2:]
+    out = {}
+    for level, rt in model.tokens.items():
+        masks = rt.masks(features[level])  # (1, T, h_l, w_l)
+        masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
+        out[level] = masks[0, :, :h, :w].float().cpu()
+    return out
+
+
+def mask_grid(image_rgb: np.ndarray, masks: Dict[str, torch.Tensor], alpha: float = 0.6):
+    """A matplotlib figure: one row per level, the image then one overlay per token.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 image, at the masks' resolution.
+        masks: level -> (T, H, W) masks in [0, 1].
+        alpha: opacity of the mask overlay.
+
+    Returns:
+        matplotlib Figure (save it with ``fig.savefig(path)``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels: List[str] = list(masks)
+    num_tokens = max(m.shape[0] for m in masks.values())
+    fig, axes = plt.subplots(
+        len(levels),
+        num_tokens + 1,
+        figsize=(2 * (num_tokens + 1), 2 * len(levels)),
+        squeeze=False,
+    )
+    for row, level in enumerate(levels):
+        axes[row, 0].imshow(image_rgb)
+        axes[row, 0].set_ylabel(level)
+        for t in range(num_tokens):
+            ax = axes[row, t + 1]
+            ax.imshow(image_rgb)
+            if t < masks[level].shape[0]:
+                ax.imshow(masks[level][t].numpy(), cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
+            if row == 0:
+                ax.set_title(f"token {t}")
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def save_mask_grid(
+    model, batched_input: dict, path: str, input_format: Optional[str] = "BGR"
+) -> Dict[str, torch.Tensor]:
+    """Compute the masks of one image and write their grid to ``path`` (PNG)."""
+    masks = receptive_masks(model, batched_input)
+    image = batched_input["image"].permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+    if input_format == "BGR":
+        image = image[:, :, ::-1]
+    fig = mask_grid(np.ascontiguousarray(image), masks)
+    fig.savefig(path, dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    logger.info("Wrote %s", path)
+    return masks

@@ -1,0 +1,248 @@
+"""train_net.py end to end on a tiny COCO-format dataset the test writes: stage 1, stage 2 and
+--eval-only, with yacs and LazyConfig configs; then the model-zoo style export round trip."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from detectron2.config import instantiate
+from PIL import Image
+from tiny import (
+    STUDENT_DEPTH,
+    STUDENT_FPN,
+    TEACHER_DEPTH,
+    TEACHER_FPN,
+    calibrate_bn,
+    maskd_cfg,
+    tiny_fcos,
+    write_coco_dataset,
+    write_teacher,
+)
+
+from maskd.export import export_student, export_tokens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "train_net.py")
+
+
+def run(args, tmp, check=True):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), OMP_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train_net")
+    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
+    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
+    register = ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val]
+    return tmp, register
+
+
+def tiny_training(cfg, output_dir):
+    cfg.DATASETS.TRAIN = ("tiny_train",)
+    cfg.DATASETS.TEST = ("tiny_val",)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 128
+    cfg.INPUT.MASK_FORMAT = "polygon"
+    cfg.SOLVER.MAX_ITER = 3
+    cfg.SOLVER.STEPS = ()
+    cfg.SOLVER.WARMUP_ITERS = 0
+    cfg.SOLVER.CHECKPOINT_PERIOD = 1000
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.OUTPUT_DIR = str(output_dir)
+    return cfg
+
+
+def test_yacs_both_stages_eval_and_export(workspace):
+    tmp, register = workspace
+    teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
+
+    stage1 = tiny_training(
+        maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights), tmp / "s1"
+    )
+    stage1.SOLVER.OPTIMIZER = "ADAM"
+    stage1.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
+    stage1.SOLVER.BASE_LR_END = 1e-6
+    (tmp / "stage1.yaml").write_text(stage1.dump())
+    out = run([TRAIN_NET, "--config-file", "stage1.yaml", *register], tmp)
+    assert os.path.isfile(tmp / "s1" / "model_final.pth")
+    assert "copypaste: Task: bbox" in out.stdout + out.stderr  # the masked teacher
+
+    # The receptive masks of the learned tokens, one grid per image: rows = the 5 levels,
+    # columns = the image and its 4 tokens (2 inches each at 80 dpi).
+    run(
+        [os.path.join(ROOT, "tools", "visualize_masks.py"), "--config-file", "stage1.yaml"]
+        + ["--checkpoint", str(tmp / "s1" / "model_final.pth"), "--dataset", "tiny_val"]
+        + [*register, "--output", "vis"],
+        tmp,
+    )
+    pngs = sorted(os.listdir(tmp / "vis"))
+    assert pngs == ["0000_masks.png", "0001_masks.png"]
+    with Image.open(tmp / "vis" / pngs[0]) as im:
+        assert im.size == (2 * 5 * 80, 2 * 5 * 80)
+
+    stage2 = tiny_training(
+        maskd_cfg(
+            "MasKD", "rcnn", teacher_config, teacher_weights, str(tmp / "s1" / "model_final.pth")
+        ),
+        tmp / "s2",
+    )
+    stage2.MODEL.MASKD.CUSTOM_MASK_WARMUP = 1
+    stage2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # predictions to compare after the export
+    (tmp / "stage2.yaml").write_text(stage2.dump())
+    out = run([TRAIN_NET, "--config-file", "stage2.yaml", *register], tmp)
+    final = tmp / "s2" / "model_final.pth"
+    assert os.path.isfile(final)
+    log = out.stdout + out.stderr
+    assert "loss_maskd" in log and "copypaste: Task: bbox" in log
+
+    out = run(
+        [TRAIN_NET, "--config-file", "stage2.yaml", "--eval-only", *register]
+        + ["MODEL.WEIGHTS", str(final)],
+        tmp,
+    )
+    assert "copypaste: Task: bbox" in out.stdout + out.stderr
+
+    # Tokens export: accepted by TOKENS_WEIGHTS; refuses to overwrite.
+    tokens = export_tokens(str(tmp / "s1" / "model_final.pth"), str(tmp / "tokens.pth"))
+    assert tokens and all(k.startswith("tokens.p") for k in tokens)
+    with pytest.raises(FileExistsError):
+        export_tokens(str(tmp / "s1" / "model_final.pth"), str(tmp / "tokens.pth"))
+
+    # Student export, evaluated by vanilla detectron2 (no maskd import) in another process.
+    out = run(
+        [os.path.join(ROOT, "tools", "export.py"), "student", "--config-file", "stage2.yaml"]
+        + ["--checkpoint", str(final), "--output", "release/student.pth"]
+        + ["MODEL.MASKD.TOKENS_WEIGHTS", str(tmp / "tokens.pth")],
+        tmp,
+    )
+    assert os.path.isfile(tmp / "release" / "student.pth")
+    assert os.path.isfile(tmp / "release" / "student.yaml")
+    again = run(
+        [os.path.join(ROOT, "tools", "export.py"), "student", "--checkpoint", str(final)]
+        + ["--output", "release/student.pth"],
+        tmp,
+        check=False,
+    )
+    assert again.returncode != 0 and "exists" in again.stderr
+
+    vanilla = textwrap.dedent("""
+        import sys, torch
+        from detectron2.config import get_cfg
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.modeling import build_model
+        from tiny import tiny_batch
+        cfg = get_cfg()
+        cfg.merge_from_file("release/student.yaml")
+        model = build_model(cfg).eval()
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        with torch.no_grad():
+            out = model(tiny_batch(2, 64, seed=11))
+        assert "maskd" not in sys.modules
+        torch.save([o["instances"].get_fields() for o in out], "vanilla_outputs.pt")
+        """)
+    run(["-c", vanilla], tmp)
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from tiny import tiny_batch
+
+    stage2.MODEL.MASKD.TOKENS_WEIGHTS = str(tmp / "tokens.pth")
+    model = build_model(stage2).eval()
+    DetectionCheckpointer(model).load(str(final))
+    with torch.no_grad():
+        ours = model(tiny_batch(2, 64, seed=11))
+    theirs = torch.load(tmp / "vanilla_outputs.pt", weights_only=False)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs):
+        assert len(a["instances"]) > 0
+        fields = a["instances"].get_fields()
+        assert fields.keys() == b.keys()
+        for k in fields:
+            va, vb = fields[k], b[k]
+            va, vb = getattr(va, "tensor", va), getattr(vb, "tensor", vb)
+            assert torch.equal(va, vb), k
+
+
+LAZY = """
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.model_zoo import get_config
+from fvcore.common.param_scheduler import CosineParamScheduler
+from maskd import {cls}
+from tiny import tiny_fcos
+
+dataloader = get_config("common/data/coco.py").dataloader
+dataloader.train.dataset.names = "tiny_train"
+dataloader.train.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=64, max_size=128)]
+dataloader.train.total_batch_size = 2
+dataloader.train.num_workers = 0
+dataloader.test.dataset.names = "tiny_val"
+dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=64, max_size=128)]
+dataloader.test.num_workers = 0
+optimizer = get_config("common/optim.py").SGD
+optimizer.lr = 0.005
+lr_multiplier = L(CosineParamScheduler)(start_value=1.0, end_value=1.0)
+train = get_config("common/train.py").train
+train.device = "cpu"
+train.max_iter = 3
+train.eval_period = 0
+train.checkpointer.period = 1000
+train.output_dir = "{out}"
+model = L({cls})(teacher=tiny_fcos({td}, {tf}, "BN"), teacher_weights="{weights}", num_tokens=3)
+"""
+
+
+def test_lazy_both_stages_and_eval(workspace):
+    tmp, register = workspace
+    torch.manual_seed(0)
+    teacher = instantiate(tiny_fcos(TEACHER_DEPTH, TEACHER_FPN, "BN"))
+    calibrate_bn(teacher)
+    weights = tmp / "fcos_teacher.pth"
+    torch.save({"model": teacher.state_dict()}, weights)
+    fmt = dict(td=TEACHER_DEPTH, tf=TEACHER_FPN, weights=weights)
+
+    (tmp / "lazy1.py").write_text(LAZY.format(cls="MasKDTokenLearner", out=tmp / "l1", **fmt))
+    out = run([TRAIN_NET, "--config-file", "lazy1.py", *register], tmp)
+    stage1_final = tmp / "l1" / "model_final.pth"
+    assert os.path.isfile(stage1_final)
+    assert "copypaste: Task: bbox" in out.stdout + out.stderr
+
+    stage2 = LAZY.format(cls="MasKD", out=tmp / "l2", **fmt)
+    stage2 += (
+        f'model.student = tiny_fcos({STUDENT_DEPTH}, {STUDENT_FPN}, "GN")\n'
+        f'model.tokens_weights = "{stage1_final}"\n'
+    )
+    (tmp / "lazy2.py").write_text(stage2)
+    out = run([TRAIN_NET, "--config-file", "lazy2.py", *register, "model.loss_weight=10"], tmp)
+    final = tmp / "l2" / "model_final.pth"
+    assert os.path.isfile(final)
+    assert "loss_maskd" in out.stdout + out.stderr
+
+    out = run(
+        [TRAIN_NET, "--config-file", "lazy2.py", "--eval-only", *register]
+        + [f"train.init_checkpoint={final}"],
+        tmp,
+    )
+    assert "copypaste: Task: bbox" in out.stdout + out.stderr
+
+    # Student export from a LazyConfig: weights plus the student's LazyConfig.
+    from detectron2.config import LazyConfig
+
+    cfg = LazyConfig.load(str(tmp / "lazy2.py"))
+    export_student(str(final), str(tmp / "lazy_student.pth"), cfg)
+    student_cfg = LazyConfig.load(str(tmp / "lazy_student.yaml"))
+    assert student_cfg.train.init_checkpoint.endswith("lazy_student.pth")
+    student = instantiate(student_cfg.model)
+    state = torch.load(tmp / "lazy_student.pth", weights_only=False)["model"]
+    student.load_state_dict(state)  # strict: exactly the student's keys

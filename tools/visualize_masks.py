@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Visualise the receptive masks of learned tokens: one PNG grid per image (rows: levels,
+columns: the image and one overlay per token), like the paper's mask figure.
+
+    python tools/visualize_masks.py --config-file configs/.../<stage-1>.yaml \\
+        --checkpoint output/<stage-1>/model_final.pth --input a.jpg b.jpg --output vis/
+    python tools/visualize_masks.py --config-file ... --checkpoint ... \\
+        --dataset coco_2017_val --num 8 --output vis/
+
+A stage-2 config works too (its TOKENS_WEIGHTS are loaded when the model is built).
+"""
+
+import argparse
+import os
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+from maskd.checkpoint import MasKDCheckpointer
+from maskd.config import get_maskd_cfg
+from maskd.engine import register_coco_datasets
+from maskd.visualize import save_mask_grid
+
+
+def build(args):
+    if args.config_file.endswith(".py"):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        model = instantiate(cfg.model).to(args.device)
+        return model, "BGR", args.min_size, args.max_size
+    cfg = get_maskd_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = args.device
+    model = build_model(cfg)
+    return model, cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--checkpoint", default="", help="stage-1 checkpoint holding the tokens")
+    parser.add_argument("--input", nargs="*", default=[], help="image files")
+    parser.add_argument("--dataset", default="", help="or: a registered dataset name")
+    parser.add_argument("--num", type=int, default=4, help="images to take from --dataset")
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT")
+    )
+    parser.add_argument("--output", required=True, help="folder for the PNG files")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--min-size", type=int, default=800, help="LazyConfig: test short side")
+    parser.add_argument("--max-size", type=int, default=1333, help="LazyConfig: test long side")
+    args, args.opts = parser.parse_known_args(argv)
+    setup_logger(name="maskd")
+    register_coco_datasets(args.register_coco or [])
+
+    files = list(args.input)
+    if args.dataset:
+        files += [d["file_name"] for d in DatasetCatalog.get(args.dataset)[: args.num]]
+    if not files:
+        parser.error("no images: give --input files or --dataset")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        parser.error(f"image files not found: {missing}")
+
+    model, input_format, min_size, max_size = build(args)
+    if args.checkpoint:
+        MasKDCheckpointer(model).load(args.checkpoint)
+    model.eval()
+    resize = T.ResizeShortestEdge(min_size, max_size)
+    os.makedirs(args.output, exist_ok=True)
+    for path in files:
+        image = utils.read_image(path, format=input_format)
+        image = resize.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(image.transpose(2, 0, 1).copy())
+        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_masks.png")
+        save_mask_grid(model, {"image": tensor}, out, input_format)
+
+
+if __name__ == "__main__":
+    main()
