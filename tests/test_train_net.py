@@ -29,7 +29,8 @@ TRAIN_NET = os.path.join(ROOT, "train_net.py")
 
 
 def run(args, tmp, check=True):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), OMP_NUM_THREADS="2")
+    path = os.pathsep.join([os.path.join(ROOT, "tests"), os.path.join(ROOT, "projects", "MasKD")])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2")
     proc = subprocess.run(
         [sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900
     )
