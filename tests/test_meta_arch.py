@@ -406,6 +406,14 @@ def test_tokens_weights_errors(tmp_path):
     cfg.MODEL.MASKD.TOKENS_WEIGHTS = str(tmp_path / "t8.pth")
     with pytest.raises(ValueError, match=r"t8.pth.*p2\.tokens: file \(8, 32\), model \(4, 32\)"):
         build_model(cfg)
+    # Tokens of another channel count (a crafted export: 4 tokens x 16 channels per level).
+    crafted = {f"tokens.{lv}.tokens": torch.zeros(4, 16) for lv in ["p2", "p3", "p4", "p5", "p6"]}
+    torch.save({"model": crafted}, tmp_path / "c16.pth")
+    cfg.MODEL.MASKD.TOKENS_WEIGHTS = str(tmp_path / "c16.pth")
+    cfg.MODEL.MASKD.WEIGHTED = False
+    with pytest.raises(ValueError, match=r"c16.pth.*p2\.tokens: file \(4, 16\), model \(4, 32\)"):
+        build_model(cfg)
+    cfg.MODEL.MASKD.WEIGHTED = True
     cfg.MODEL.MASKD.TOKENS_WEIGHTS = teacher_weights  # a checkpoint without tokens
     with pytest.raises(ValueError, match="holds no receptive tokens"):
         build_model(cfg)

@@ -2,8 +2,6 @@
 --eval-only, with yacs and LazyConfig configs; then the model-zoo style export round trip."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,32 +9,22 @@ import torch
 from detectron2.config import instantiate
 from PIL import Image
 from tiny import (
+    ROOT,
     STUDENT_DEPTH,
     STUDENT_FPN,
     TEACHER_DEPTH,
     TEACHER_FPN,
+    TRAIN_NET,
     calibrate_bn,
     maskd_cfg,
+    run,
     tiny_fcos,
+    tiny_training,
     write_coco_dataset,
     write_teacher,
 )
 
 from maskd.export import export_student, export_tokens
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(ROOT, "train_net.py")
-
-
-def run(args, tmp, check=True):
-    path = os.pathsep.join([os.path.join(ROOT, "tests"), os.path.join(ROOT, "projects", "MasKD")])
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2")
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +34,6 @@ def workspace(tmp_path_factory):
     val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
     register = ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val]
     return tmp, register
-
-
-def tiny_training(cfg, output_dir):
-    cfg.DATASETS.TRAIN = ("tiny_train",)
-    cfg.DATASETS.TEST = ("tiny_val",)
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 128
-    cfg.INPUT.MASK_FORMAT = "polygon"
-    cfg.SOLVER.MAX_ITER = 3
-    cfg.SOLVER.STEPS = ()
-    cfg.SOLVER.WARMUP_ITERS = 0
-    cfg.SOLVER.CHECKPOINT_PERIOD = 1000
-    cfg.TEST.EVAL_PERIOD = 0
-    cfg.OUTPUT_DIR = str(output_dir)
-    return cfg
 
 
 def test_yacs_both_stages_eval_and_export(workspace):

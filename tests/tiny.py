@@ -1,5 +1,9 @@
 """Tiny detectron2 models and inputs for CPU tests (small ResNet + FPN, 64-128 px images)."""
 
+import os
+import subprocess
+import sys
+
 import torch
 from detectron2.config import get_cfg
 from detectron2.model_zoo import get_config_file
@@ -7,6 +11,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 NUM_CLASSES = 3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "train_net.py")
 TEACHER_DEPTH, TEACHER_FPN = 34, 32
 STUDENT_DEPTH, STUDENT_FPN = 18, 16
 
@@ -218,4 +224,33 @@ def maskd_cfg(stage, student_kind, teacher_config, teacher_weights, tokens_weigh
     cfg.MODEL.MASKD.NUM_TOKENS = 4
     cfg.SOLVER.BASE_LR = 0.005
     cfg.SOLVER.IMS_PER_BATCH = 2
+    return cfg
+
+
+def run(args, tmp, check=True):
+    """Run ``python ARGS`` in ``tmp`` with this checkout on the path; assert success."""
+    path = os.pathsep.join([os.path.join(ROOT, "tests"), os.path.join(ROOT, "projects", "MasKD")])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def tiny_training(cfg, output_dir):
+    """Make a config train 3 iterations on the tiny datasets (tiny_train, tiny_val)."""
+    cfg.DATASETS.TRAIN = ("tiny_train",)
+    cfg.DATASETS.TEST = ("tiny_val",)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 128
+    cfg.INPUT.MASK_FORMAT = "polygon"
+    cfg.SOLVER.MAX_ITER = 3
+    cfg.SOLVER.STEPS = ()
+    cfg.SOLVER.WARMUP_ITERS = 0
+    cfg.SOLVER.CHECKPOINT_PERIOD = 1000
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.OUTPUT_DIR = str(output_dir)
     return cfg

@@ -13,7 +13,8 @@ Student and teacher keys are those of plain detectron2 models under the ``studen
 
 import logging
 import os
-from typing import Any, Dict, Optional
+import tempfile
+from typing import Any, Callable, Dict, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "load_tokens",
     "extract_tokens_state",
     "TOKEN_PREFIXES",
+    "atomic_write",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,32 @@ logger = logging.getLogger(__name__)
 # Where receptive tokens live in a stage-1 checkpoint, and in stage-2 checkpoints and exports.
 TOKEN_PREFIXES = ("teacher.backbone.tokens.", "tokens.")
 _MASKD_PREFIXES = ("student.", "teacher.", "tokens.", "align.")
+
+
+def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = False) -> None:
+    """Call ``write(tmp_path)``, then move the result to ``path`` in one rename.
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is False.
+    """
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"'{path}' exists; pass --force (overwrite=True) to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def read_checkpoint(path: str, model: Optional[nn.Module] = None) -> Dict[str, Any]:
@@ -146,3 +174,25 @@ class MasKDCheckpointer(DetectionCheckpointer):
             return _IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
         logger.info("Loading a student checkpoint into %s.student", type(self.model).__name__)
         return DetectionCheckpointer(student)._load_model(checkpoint)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Like ``Checkpointer.save``, but atomic: a killed job never leaves a truncated
+        checkpoint, and ``last_checkpoint`` only ever names a complete file."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        atomic_write(save_file, lambda tmp: torch.save(data, tmp), overwrite=True)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda tmp: write_text(tmp, last_filename_basename),
+            overwrite=True,
+        )

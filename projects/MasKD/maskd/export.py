@@ -13,40 +13,18 @@ existing file unless asked.
 import copy
 import logging
 import os
-import tempfile
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 from detectron2.config import CfgNode, LazyConfig
 
-from .checkpoint import extract_tokens_state, read_checkpoint
+from .checkpoint import atomic_write, extract_tokens_state, read_checkpoint, write_text
 
-__all__ = ["export_student", "export_tokens", "student_config", "atomic_write"]
+__all__ = ["export_student", "export_tokens", "student_config"]
 
 logger = logging.getLogger(__name__)
 
 STUDENT_PREFIX = "student."
-
-
-def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = False) -> None:
-    """Call ``write(tmp_path)``, then move the result to ``path`` in one rename.
-
-    Raises:
-        FileExistsError: if ``path`` exists and ``overwrite`` is False.
-    """
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"'{path}' exists; pass --force (overwrite=True) to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _model_state(checkpoint_path: str) -> Dict[str, torch.Tensor]:
@@ -113,16 +91,11 @@ def export_student(
     if cfg is not None:
         out_cfg = student_config(cfg, os.path.abspath(output_path))
         if isinstance(out_cfg, CfgNode):
-            atomic_write(config_path, lambda tmp: _write_text(tmp, out_cfg.dump()), True)
+            atomic_write(config_path, lambda tmp: write_text(tmp, out_cfg.dump()), True)
         else:
             atomic_write(config_path, lambda tmp: LazyConfig.save(out_cfg, tmp), True)
         logger.info("Wrote the student's config to %s", config_path)
     return student
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def export_tokens(

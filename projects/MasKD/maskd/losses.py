@@ -4,11 +4,17 @@ Both are computed in float32 (float64 for float64 inputs), also under autocast, 
 materialises an (N, T, C, H, W) tensor.
 """
 
-from typing import Optional
+import math
+from typing import Dict, Optional
 
 import torch
 
-__all__ = ["masked_distillation_loss", "dice_diversity_loss", "masked_aggregate"]
+__all__ = [
+    "masked_distillation_loss",
+    "dice_diversity_loss",
+    "masked_aggregate",
+    "raise_if_not_finite",
+]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -158,3 +164,23 @@ def masked_aggregate(
     else:
         combined = masks.sum(dim=1)
     return features * combined.unsqueeze(1).to(features.dtype)  # (N, C, H, W)
+
+
+def raise_if_not_finite(losses: Dict[str, torch.Tensor], source: str, iteration: int) -> None:
+    """Raise a FloatingPointError naming the non-finite terms of ``losses`` and their source.
+
+    Args:
+        losses: name -> scalar tensor.
+        source: what produced them, e.g. "the student's task losses" or "loss_maskd per level".
+        iteration: the training iteration, for the message.
+    """
+    if not losses:
+        return
+    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    all_values = dict(zip(losses, values.tolist()))
+    bad = {k: v for k, v in all_values.items() if not math.isfinite(v)}
+    raise FloatingPointError(
+        f"non-finite loss at iteration {iteration} in {source}: {bad} (all terms: {all_values})"
+    )

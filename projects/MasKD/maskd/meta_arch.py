@@ -11,7 +11,7 @@ from torch import nn
 
 from .backbone import RecordingBackbone
 from .checkpoint import load_tokens
-from .losses import masked_distillation_loss
+from .losses import masked_distillation_loss, raise_if_not_finite
 from .receptive_tokens import build_level_tokens
 from .teacher import build_teacher, freeze, head_levels, prepare_teacher, preprocess_images
 from .token_learner import resolve_in_features
@@ -187,6 +187,8 @@ class MasKD(nn.Module):
         student_features = self.student.backbone.pop_features()
         per_level = self.distillation_losses(student_features, teacher_features)
         storage = get_event_storage()
+        raise_if_not_finite(losses, "the student's task losses", storage.iter)
+        raise_if_not_finite(per_level, "loss_maskd (per level)", storage.iter)
         for level, value in per_level.items():
             storage.put_scalar(f"maskd/loss_{level}", value.detach().item())
         if "loss_maskd" in losses:

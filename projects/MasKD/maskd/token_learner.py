@@ -11,6 +11,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .backbone import TokenMaskedBackbone
+from .losses import raise_if_not_finite
 from .receptive_tokens import build_level_tokens
 from .teacher import build_teacher, head_levels, prepare_teacher
 
@@ -177,6 +178,8 @@ class MasKDTokenLearner(nn.Module):
             losses = self.teacher(batched_inputs)
         dice = self.teacher.backbone.pop_dice()
         storage = get_event_storage()
+        raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
+        raise_if_not_finite(dice, "loss_dice (per level)", storage.iter)
         for level, value in dice.items():
             storage.put_scalar(f"maskd/dice_{level}", value.detach().item())
         if "loss_dice" in losses:

@@ -1,0 +1,275 @@
+"""Reliability: resume after a kill, multi-process and multi-machine training, bad input,
+frozen-teacher guarantees across evaluation, atomic checkpoints."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from tiny import (
+    ROOT,
+    TRAIN_NET,
+    maskd_cfg,
+    run,
+    tiny_batch,
+    tiny_training,
+    write_coco_dataset,
+    write_teacher,
+)
+
+import maskd.backbone
+import maskd.checkpoint
+from maskd.checkpoint import MasKDCheckpointer
+from maskd.engine import MasKDTrainer, register_coco_datasets
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Datasets, a teacher, and a stage-1 checkpoint to distil from."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
+    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
+    register_coco_datasets([("tiny_train", *train), ("tiny_val", *val)])
+    teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
+    stage1 = maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights)
+    MasKDCheckpointer(build_model(stage1), save_dir=str(tmp)).save("tokens")
+    return {
+        "tmp": tmp,
+        "register": ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val],
+        "datasets": [*("tiny_train", *train), *("tiny_val", *val)],
+        "teacher": (teacher_config, teacher_weights),
+        "tokens": str(tmp / "tokens.pth"),
+    }
+
+
+def stage_cfg(ws, stage, out, **solver):
+    cfg = maskd_cfg(stage, "rcnn", *ws["teacher"], ws["tokens"] if stage == "MasKD" else "")
+    cfg = tiny_training(cfg, ws["tmp"] / out)
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    for k, v in solver.items():
+        setattr(cfg.SOLVER, k, v)
+    return cfg
+
+
+def write_cfg(ws, cfg, name):
+    path = ws["tmp"] / name
+    path.write_text(cfg.dump())
+    return str(path)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("stage", ["MasKDTokenLearner", "MasKD"])
+def test_resume_after_kill(ws, stage):
+    """A run killed (SIGKILL) after a checkpoint and restarted with --resume continues from the
+    checkpoint's iteration with its weights, optimizer and LR schedule; stage 2's warm-up of
+    the student-customised masks follows the iteration, not a restarted counter.
+
+    Final weights are not compared with an uninterrupted run: detectron2's TrainingSampler and
+    the RPN/ROI sampling draw from random streams that a checkpoint does not hold, so after a
+    resume the batches and samples differ. The test checks iteration, schedule and state.
+    """
+    out = f"resume_{stage}"
+    cfg = stage_cfg(
+        ws, stage, out, MAX_ITER=400, CHECKPOINT_PERIOD=2, LR_SCHEDULER_NAME="WarmupCosineLR"
+    )
+    cfg.MODEL.MASKD.CUSTOM_MASK_WARMUP = 3
+    cfg.TEST.EVAL_PERIOD = 0
+    config = write_cfg(ws, cfg, f"{out}.yaml")
+    out_dir = ws["tmp"] / out
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "projects", "MasKD"))
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN_NET, "--config-file", config, *ws["register"]],
+        cwd=ws["tmp"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (out_dir / "model_0000003.pth").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out_dir / "model_final.pth").exists()
+    last = (out_dir / "last_checkpoint").read_text().strip()
+    ckpt = torch.load(out_dir / last, weights_only=False)
+    k = ckpt["iteration"]
+    assert k >= 3
+    assert ckpt["trainer"]["_trainer"]["optimizer"]["state"]  # SGD momentum / Adam moments
+    assert "LRScheduler" in ckpt["trainer"]["hooks"]
+    # A kill during a save may leave a temporary file, never a truncated checkpoint.
+    for f in os.listdir(out_dir):
+        if f.endswith(".pth"):
+            torch.load(out_dir / f, weights_only=False)
+
+    # Resume, and stop after two more iterations to look at what was restored.
+    resumed = stage_cfg(
+        ws, stage, out, MAX_ITER=k + 3, CHECKPOINT_PERIOD=1000, LR_SCHEDULER_NAME="WarmupCosineLR"
+    )
+    resumed.MODEL.MASKD.CUSTOM_MASK_WARMUP = 3
+    trainer = MasKDTrainer(resumed)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == k + 1
+    model = trainer.model
+    saved = ckpt["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), f"{name} not restored"
+    assert trainer.optimizer.state_dict()["state"], "optimizer state not restored"
+    assert trainer.scheduler.last_epoch == k + 1
+    trainer.train()
+    assert trainer.iter == k + 3  # ran iterations k+1 and k+2 (detectron2 ends at max_iter)
+    if stage == "MasKD":
+        with EventStorage(k + 1):
+            assert model.custom_masks_active()
+
+
+# ------------------------------------------------------------------------------ DDP
+@pytest.mark.parametrize("stage", ["MasKDTokenLearner", "MasKD"])
+def test_two_process_ddp(ws, stage):
+    out = f"ddp_{stage}"
+    cfg = stage_cfg(ws, stage, out, MAX_ITER=3)
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.DATASETS.TEST = ()
+    config = write_cfg(ws, cfg, f"{out}.yaml")
+    out_dir = str(ws["tmp"] / out)
+    os.makedirs(out_dir, exist_ok=True)
+    run(
+        [os.path.join(ROOT, "tests", "dist_worker.py"), config, out_dir, "2"]
+        + [f"tcp://127.0.0.1:{free_port()}", *ws["datasets"]],
+        ws["tmp"],
+    )
+    rank0 = torch.load(os.path.join(out_dir, "rank0.pt"))
+    rank1 = torch.load(os.path.join(out_dir, "rank1.pt"))
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"ranks differ in {name}"
+    initial = build_model(cfg).state_dict()
+    trained = [n for n in rank0 if n in initial and not torch.equal(rank0[n], initial[n])]
+    assert trained, "nothing was trained"
+
+
+def test_two_machines_on_localhost(ws):
+    cfg = stage_cfg(ws, "MasKD", "two_machines", MAX_ITER=2)
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.DATASETS.TEST = ()
+    config = write_cfg(ws, cfg, "two_machines.yaml")
+    url = f"tcp://127.0.0.1:{free_port()}"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "projects", "MasKD"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, TRAIN_NET, "--config-file", config, *ws["register"]]
+            + ["--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url],
+            cwd=ws["tmp"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-4000:]
+    assert os.path.isfile(ws["tmp"] / "two_machines" / "model_final.pth")
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_unregistered_dataset_is_named(ws):
+    cfg = stage_cfg(ws, "MasKD", "bad_dataset")
+    cfg.DATASETS.TRAIN = ("no_such_dataset",)
+    with pytest.raises(KeyError, match="no_such_dataset"):
+        MasKDTrainer(cfg)
+    assert not os.path.exists(ws["tmp"] / "bad_dataset" / "model_final.pth")
+
+
+def test_non_finite_losses_name_the_term(ws, monkeypatch):
+    model = build_model(stage_cfg(ws, "MasKD", "nan"))
+    model.train()
+    batch = tiny_batch(2, 64)
+    with torch.no_grad():
+        model.align["p3"].weight.fill_(float("nan"))
+    with (
+        EventStorage(7),
+        pytest.raises(FloatingPointError, match=r"iteration 7 in loss_maskd.*'p3'"),
+    ):
+        model(batch)
+    model = build_model(stage_cfg(ws, "MasKD", "nan"))
+    with torch.no_grad():
+        model.student.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    with (
+        EventStorage(0),
+        pytest.raises(FloatingPointError, match="student's task losses.*loss_cls"),
+    ):
+        model.train()(batch)
+
+    learner = build_model(stage_cfg(ws, "MasKDTokenLearner", "nan"))
+    monkeypatch.setattr(maskd.backbone, "dice_diversity_loss", lambda m: m.sum() * float("nan"))
+    with EventStorage(0), pytest.raises(FloatingPointError, match="loss_dice"):
+        learner.train()(batch)
+
+
+# ------------------------------------------------------------------------------ frozen
+def test_frozen_teacher_across_evaluation_during_training(ws):
+    cfg = stage_cfg(ws, "MasKD", "frozen_eval", MAX_ITER=4)
+    cfg.TEST.EVAL_PERIOD = 2  # evaluation rounds in the middle of training
+    trainer = MasKDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = trainer.model
+    teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    tokens = {k: v.clone() for k, v in model.tokens.state_dict().items()}
+    seen = []
+
+    from detectron2.engine import HookBase
+
+    class Watch(HookBase):
+        def after_step(self):
+            seen.append((model.teacher.training, any(m.training for m in model.teacher.modules())))
+
+    trainer.register_hooks([Watch()])
+    trainer.train()
+    assert len(seen) == 4 and not any(a or b for a, b in seen)
+    assert any("bbox" in str(k) for k in trainer.storage.latest())  # evaluations happened
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher[k]), k
+    for k, v in model.tokens.state_dict().items():
+        assert torch.equal(v, tokens[k]), k
+
+
+# ------------------------------------------------------------------------------ atomic
+def test_checkpoints_are_written_atomically(ws, monkeypatch):
+    model = build_model(stage_cfg(ws, "MasKD", "atomic"))
+    folder = ws["tmp"] / "atomic_ckpt"
+    checkpointer = MasKDCheckpointer(model, save_dir=str(folder))
+    checkpointer.save("model_0000")
+    assert (folder / "last_checkpoint").read_text() == "model_0000.pth"
+
+    def killed_mid_write(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(maskd.checkpoint.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0001")
+    assert sorted(os.listdir(folder)) == ["last_checkpoint", "model_0000.pth"]
+    assert (folder / "last_checkpoint").read_text() == "model_0000.pth"
