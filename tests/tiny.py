@@ -191,7 +191,7 @@ def calibrate_bn(model):
     model.eval()
 
 
-def write_teacher(tmp_path, kind, seed=0, depth=TEACHER_DEPTH):
+def write_teacher(tmp_path, kind, seed=0, depth=TEACHER_DEPTH, opts=(), name=None):
     """A teacher config file and a checkpoint of it, as a user would have them.
 
     The teacher's ResNet uses BatchNorm (with calibrated statistics) so that the tests check
@@ -199,12 +199,14 @@ def write_teacher(tmp_path, kind, seed=0, depth=TEACHER_DEPTH):
     cfg = tiny_cfg(kind, depth=depth, fpn_channels=TEACHER_FPN)
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.MODEL.FPN.NORM = "GN"  # features of unit scale, as a trained teacher's roughly are
-    config_file = tmp_path / f"teacher_{kind}_{depth}.yaml"
+    cfg.merge_from_list(list(opts))
+    name = name or f"teacher_{kind}_{depth}"
+    config_file = tmp_path / f"{name}.yaml"
     config_file.write_text(cfg.dump())
     torch.manual_seed(seed)
     teacher = build_model(cfg)
     calibrate_bn(teacher)
-    weights = tmp_path / f"teacher_{kind}_{depth}.pth"
+    weights = tmp_path / f"{name}.pth"
     torch.save({"model": teacher.state_dict()}, weights)
     return str(config_file), str(weights), teacher
 

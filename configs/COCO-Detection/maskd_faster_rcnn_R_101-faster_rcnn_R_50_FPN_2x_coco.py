@@ -28,6 +28,8 @@ model = L(MasKD)(
     tokens_weights="output/maskd_faster_rcnn_R_101-faster_rcnn_R_50_FPN_tokens_coco_lazy/model_final.pth",
     loss_weight=1.0,
     custom_mask_warmup=7330,
+    roi_reg_kd_weight=1.0,  # the paper's extras for this row, as in the .yaml
+    inherit=True,
 )
 
 train.max_iter = 180000  # 2x at 16 images per batch

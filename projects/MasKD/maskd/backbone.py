@@ -24,23 +24,45 @@ from torch import nn
 from .losses import dice_diversity_loss, masked_aggregate
 from .receptive_tokens import ReceptiveTokens
 
-__all__ = ["TokenMaskedBackbone", "RecordingBackbone", "unwrap_backbone"]
+__all__ = ["TokenMaskedBackbone", "RecordingBackbone", "TransparentWrapper", "unwrap_backbone"]
 
 logger = logging.getLogger(__name__)
 
 _INNER = "inner"
 
 
-class _TransparentBackbone(Backbone):
-    """Holds a backbone as ``self.inner`` and hides that level in state-dict keys."""
+class TransparentWrapper:
+    """Mixin for a module that wraps another as ``self.inner``: that level is hidden in
+    state-dict keys (saving and loading), and attributes it lacks are read from the inner
+    module, so code that used the wrapped module keeps working."""
 
-    def __init__(self, inner: Backbone):
-        super().__init__()
-        if isinstance(inner, _TransparentBackbone):
+    def _wrap(self, inner: nn.Module) -> None:
+        if isinstance(inner, TransparentWrapper):
             raise ValueError(f"{type(inner).__name__} is already wrapped")
         self.inner = inner
         self._register_state_dict_hook(_hide_inner)
         self.register_load_state_dict_pre_hook(_expand_inner)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if _INNER in modules and name != _INNER:
+                return getattr(modules[_INNER], name)
+            raise
+
+    def own_keys(self) -> List[str]:
+        """Names of this wrapper's own children (not the wrapped module's)."""
+        return [name for name, _ in self.named_children() if name != _INNER]
+
+
+class _TransparentBackbone(TransparentWrapper, Backbone):
+    """A transparent wrapper of a detectron2 Backbone."""
+
+    def __init__(self, inner: Backbone):
+        Backbone.__init__(self)
+        self._wrap(inner)
 
     @property
     def size_divisibility(self) -> int:
@@ -52,10 +74,6 @@ class _TransparentBackbone(Backbone):
 
     def output_shape(self):
         return self.inner.output_shape()
-
-    def own_keys(self) -> List[str]:
-        """Names of this wrapper's own children (not the wrapped backbone's)."""
-        return [name for name, _ in self.named_children() if name != _INNER]
 
 
 def _hide_inner(module, state_dict, prefix, local_metadata):

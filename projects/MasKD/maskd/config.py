@@ -97,6 +97,22 @@ def add_maskd_config(cfg: CN) -> CN:
     # Stage 1: weight of loss_dice (the Dice diversity loss, summed over levels).
     _C.DICE_WEIGHT = 1.0
 
+    # Extras of the paper's detection configs (all off by default; see heads.py, MODEL_ZOO.md).
+    # RoI box-regression KD for R-CNN students: the teacher's box head (first stage of a
+    # Cascade teacher) on the student's sampled proposals, SmoothL1 on the regression outputs.
+    _C.ROI_REG_KD = CN()
+    _C.ROI_REG_KD.WEIGHT = 0.0  # 0 disables; loss key loss_roi_reg_kd
+    _C.ROI_REG_KD.BETA = 1.0  # SmoothL1 beta (0: L1)
+    # Dense-head regression KD for RetinaNet/FCOS students with a teacher of the same head
+    # layout: L1 or SmoothL1 between box-regression outputs at every location.
+    _C.DENSE_REG_KD = CN()
+    _C.DENSE_REG_KD.WEIGHT = 0.0  # 0 disables; loss key loss_dense_reg_kd
+    _C.DENSE_REG_KD.LOSS = "l1"  # "l1" or "smooth_l1"
+    _C.DENSE_REG_KD.BETA = 1.0
+    # "Inheriting": start the student's neck (FPN) and heads from the teacher's weights where
+    # names and shapes match (logged), before training.
+    _C.INHERIT = False
+
     # "SGD" (detectron2's), "ADAM" or "ADAMW": the paper learns tokens with Adam.
     cfg.SOLVER.OPTIMIZER = "SGD"
     return cfg

@@ -11,6 +11,13 @@ from torch import nn
 
 from .backbone import RecordingBackbone
 from .checkpoint import load_tokens
+from .heads import (
+    RecordingBoxPredictor,
+    RecordingDenseHead,
+    dense_regression_kd_loss,
+    inherit_neck_and_heads,
+    roi_regression_kd_loss,
+)
 from .losses import masked_distillation_loss, raise_if_not_finite
 from .receptive_tokens import build_level_tokens
 from .teacher import build_teacher, freeze, head_levels, prepare_teacher, preprocess_images
@@ -57,6 +64,12 @@ class MasKD(nn.Module):
         tokens_weights: str = "",
         allow_random_teacher: bool = False,
         allow_random_tokens: bool = False,
+        roi_reg_kd_weight: float = 0.0,
+        roi_reg_kd_beta: float = 1.0,
+        dense_reg_kd_weight: float = 0.0,
+        dense_reg_kd_loss: str = "l1",
+        dense_reg_kd_beta: float = 1.0,
+        inherit: bool = False,
     ):
         """
         Args:
@@ -74,6 +87,13 @@ class MasKD(nn.Module):
             tokens_weights: the learned tokens (stage-1 checkpoint or tokens export), loaded here.
             allow_random_teacher: accept an empty ``teacher_weights`` (smoke tests only).
             allow_random_tokens: accept an empty ``tokens_weights`` (an ablation).
+            roi_reg_kd_weight: weight of ``loss_roi_reg_kd`` (R-CNN student and teacher); 0: off.
+            roi_reg_kd_beta: its SmoothL1 beta.
+            dense_reg_kd_weight: weight of ``loss_dense_reg_kd`` (RetinaNet/FCOS student and a
+                teacher with the same head layout); 0: off.
+            dense_reg_kd_loss: "l1" or "smooth_l1"; dense_reg_kd_beta: its beta.
+            inherit: copy the teacher's neck and head weights into the student where names and
+                shapes match, when the model is built.
         """
         super().__init__()
         prepare_teacher(
@@ -97,6 +117,18 @@ class MasKD(nn.Module):
                     f"level '{lv}' has stride {s_shapes[lv].stride} in the student and "
                     f"{t_shapes[lv].stride} in the teacher: its features cannot be aligned"
                 )
+        self.inherited: List[str] = []
+        if inherit:
+            self.inherited, _ = inherit_neck_and_heads(student, teacher)
+        self.roi_reg_kd_weight, self.roi_reg_kd_beta = roi_reg_kd_weight, roi_reg_kd_beta
+        if roi_reg_kd_weight > 0:
+            _check_roi_kd(student, teacher)
+            student.roi_heads.box_predictor = RecordingBoxPredictor(student.roi_heads.box_predictor)
+        self.dense_reg_kd_weight = dense_reg_kd_weight
+        self.dense_reg_kd_loss, self.dense_reg_kd_beta = dense_reg_kd_loss, dense_reg_kd_beta
+        if dense_reg_kd_weight > 0:
+            _check_dense_kd(student, teacher)
+            student.head = RecordingDenseHead(student.head)
         student.backbone = RecordingBackbone(student.backbone)
         self.student = student
         self.teacher = teacher
@@ -156,6 +188,12 @@ class MasKD(nn.Module):
             "tokens_weights": mcfg.TOKENS_WEIGHTS,
             "allow_random_teacher": mcfg.TEACHER.ALLOW_RANDOM_INIT,
             "allow_random_tokens": mcfg.ALLOW_RANDOM_TOKENS,
+            "roi_reg_kd_weight": mcfg.ROI_REG_KD.WEIGHT,
+            "roi_reg_kd_beta": mcfg.ROI_REG_KD.BETA,
+            "dense_reg_kd_weight": mcfg.DENSE_REG_KD.WEIGHT,
+            "dense_reg_kd_loss": mcfg.DENSE_REG_KD.LOSS,
+            "dense_reg_kd_beta": mcfg.DENSE_REG_KD.BETA,
+            "inherit": mcfg.INHERIT,
         }
 
     @property
@@ -191,10 +229,37 @@ class MasKD(nn.Module):
         raise_if_not_finite(per_level, "loss_maskd (per level)", storage.iter)
         for level, value in per_level.items():
             storage.put_scalar(f"maskd/loss_{level}", value.detach().item())
-        if "loss_maskd" in losses:
-            raise KeyError("the student already returns a loss named 'loss_maskd'")
-        losses["loss_maskd"] = self.loss_weight * sum(per_level.values())
+        extra = {"loss_maskd": self.loss_weight * sum(per_level.values())}
+        extra.update(self.head_losses(teacher_features))
+        raise_if_not_finite(extra, "the distillation losses", storage.iter)
+        clash = set(extra) & set(losses)
+        if clash:
+            raise KeyError(f"the student already returns losses named {sorted(clash)}")
+        losses.update(extra)
         return losses
+
+    def head_losses(self, teacher_features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The enabled head-level KD terms of this step (weighted), from the student outputs
+        recorded during its forward and the teacher's heads on its own features."""
+        out = {}
+        if self.roi_reg_kd_weight > 0:
+            deltas, proposals = self.student.roi_heads.box_predictor.pop()
+            out["loss_roi_reg_kd"] = self.roi_reg_kd_weight * roi_regression_kd_loss(
+                self.teacher, teacher_features, deltas, proposals, self.roi_reg_kd_beta
+            )
+        if self.dense_reg_kd_weight > 0:
+            student_out = self.student.head.pop()
+            levels = list(self.teacher.head_in_features)
+            with torch.no_grad():
+                teacher_out = self.teacher.head([teacher_features[lv] for lv in levels])
+            out["loss_dense_reg_kd"] = self.dense_reg_kd_weight * dense_regression_kd_loss(
+                student_out[1],
+                teacher_out[1],
+                levels,
+                self.dense_reg_kd_loss,
+                self.dense_reg_kd_beta,
+            )
+        return out
 
     def custom_masks_active(self) -> bool:
         """Whether student-customised masks are used at the current iteration."""
@@ -235,3 +300,32 @@ class MasKD(nn.Module):
                     masks = masks * rt.masks(aligned)
             losses[level] = masked_distillation_loss(aligned, t, masks, weights)
         return losses
+
+
+def _check_roi_kd(student: nn.Module, teacher: nn.Module) -> None:
+    s_roi, t_roi = getattr(student, "roi_heads", None), getattr(teacher, "roi_heads", None)
+    if s_roi is None or isinstance(
+        getattr(s_roi, "box_predictor", None), (nn.ModuleList, type(None))
+    ):
+        raise ValueError(
+            "MODEL.MASKD.ROI_REG_KD needs an R-CNN student with StandardROIHeads, "
+            f"got {type(student).__name__} / {type(s_roi).__name__}"
+        )
+    if t_roi is None or not hasattr(t_roi, "box_pooler"):
+        raise ValueError(
+            f"MODEL.MASKD.ROI_REG_KD needs an R-CNN teacher, got {type(teacher).__name__}"
+        )
+
+
+def _check_dense_kd(student: nn.Module, teacher: nn.Module) -> None:
+    for who, m in (("student", student), ("teacher", teacher)):
+        if not hasattr(m, "head") or not hasattr(m, "head_in_features"):
+            raise ValueError(
+                f"MODEL.MASKD.DENSE_REG_KD needs RetinaNet/FCOS-style models; the {who} is a "
+                f"{type(m).__name__}"
+            )
+    if list(student.head_in_features) != list(teacher.head_in_features):
+        raise ValueError(
+            f"MODEL.MASKD.DENSE_REG_KD: the student's head reads {student.head_in_features}, "
+            f"the teacher's {teacher.head_in_features}"
+        )
