@@ -229,9 +229,9 @@ class MasKD(nn.Module):
         raise_if_not_finite(per_level, "loss_maskd (per level)", storage.iter)
         for level, value in per_level.items():
             storage.put_scalar(f"maskd/loss_{level}", value.detach().item())
-        extra = {"loss_maskd": self.loss_weight * sum(per_level.values())}
-        extra.update(self.head_losses(teacher_features))
-        raise_if_not_finite(extra, "the distillation losses", storage.iter)
+        extra = self.head_losses(teacher_features)
+        raise_if_not_finite(extra, "the head-level distillation losses", storage.iter)
+        extra["loss_maskd"] = self.loss_weight * sum(per_level.values())
         clash = set(extra) & set(losses)
         if clash:
             raise KeyError(f"the student already returns losses named {sorted(clash)}")

@@ -7,9 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backbone import unwrap_backbone
 from .teacher import preprocess_images
 
-__all__ = ["receptive_masks", "mask_grid"]
+__all__ = ["receptive_masks", "mask_grid", "save_mask_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,7 @@ def receptive_masks(model, batched_input: dict) -> Dict[str, torch.Tensor]:
     """
     teacher = model.teacher
     images = preprocess_images(teacher, [batched_input])
-    backbone = getattr(teacher.backbone, "inner", teacher.backbone)
-    features = backbone(images.tensor)
+    features = unwrap_backbone(teacher.backbone)(images.tensor)
     h, w = images.image_sizes[0]
     padded = images.tensor.shape[-2:]
     out = {}
