@@ -448,3 +448,14 @@ def test_stage1_refuses_levels_the_teacher_heads_do_not_read(tmp_path):
     cfg.MODEL.MASKD.IN_FEATURES = ["p5", "p6"]
     with pytest.raises(ValueError, match=r"'p6'.*teacher offers only \['p2', 'p3', 'p4', 'p5'\]"):
         build_model(cfg)
+
+
+def test_checkpointer_loads_plain_models_as_detectron2_does(tmp_path):
+    torch.manual_seed(0)
+    source = build_model(tiny_cfg("rcnn"))
+    torch.save({"model": source.state_dict()}, tmp_path / "plain.pth")
+    torch.manual_seed(1)
+    target = build_model(tiny_cfg("rcnn"))
+    MasKDCheckpointer(target).load(str(tmp_path / "plain.pth"))
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k

@@ -151,6 +151,8 @@ def load_tokens(tokens: nn.ModuleDict, path: str, what: str = "MODEL.MASKD.TOKEN
 class MasKDCheckpointer(DetectionCheckpointer):
     """A DetectionCheckpointer that loads outside weights into the right submodule.
 
+    For models without a teacher (plain detectron2 models) it is DetectionCheckpointer.
+
     A MasKD checkpoint (keys under ``student.``, ``teacher.``, ``tokens.``, ``align.``) loads
     into the whole model, as usual (resume, evaluation). Any other checkpoint, such as the
     ImageNet weights or a detectron2 model named by ``MODEL.WEIGHTS``, is a student checkpoint:
@@ -160,8 +162,8 @@ class MasKDCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         keys = [k[len("module.") :] if k.startswith("module.") else k for k in checkpoint["model"]]
-        if any(k.startswith(_MASKD_PREFIXES) for k in keys):
-            return super()._load_model(checkpoint)
+        if not hasattr(self.model, "teacher") or any(k.startswith(_MASKD_PREFIXES) for k in keys):
+            return super()._load_model(checkpoint)  # a plain model, or a MasKD checkpoint
         student = getattr(self.model, "student", None)
         if student is None:
             logger.warning(
