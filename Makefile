@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SRC := projects tests tools configs train_net.py
 
-.PHONY: setup lint format test benchmark
+.PHONY: setup lint format test benchmark demo
 
 setup:
 	@bash tools/setup_env.sh
@@ -22,3 +22,9 @@ test: lint
 
 benchmark: setup
 	$(PY) tools/benchmark_losses.py
+
+# The main job: a real distillation on CPU, report in output/demo/report.md.
+# QUICK=1: a tiny run that checks the pipeline. SEEDS=3: the students with three seeds.
+demo: setup
+	$(PY) tools/demo.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(QUICK),--output output/demo_quick)

@@ -13,8 +13,11 @@ from maskd.config import get_maskd_cfg
 from maskd.teacher import resolve_config_file
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
-YAML = sorted(glob.glob(os.path.join(ROOT, "**", "*.yaml"), recursive=True))
-LAZY = sorted(glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True))
+YAML = sorted(
+    glob.glob(os.path.join(ROOT, "COCO-*", "*.yaml"))
+    + glob.glob(os.path.join(ROOT, "Misc", "*.yaml"))
+)
+LAZY = sorted(glob.glob(os.path.join(ROOT, "COCO-*", "*.py")))  # configs/Demo: tests/test_demo.py
 NO_WEIGHTS = [
     "MODEL.DEVICE",
     "cpu",

@@ -12,6 +12,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from .checkpoint import read_checkpoint
+from .config import MasKDCfgNode
 
 __all__ = [
     "resolve_config_file",
@@ -52,7 +53,7 @@ def teacher_config(config_file: str, opts: Sequence[str] = ()):
     if path.endswith(".py"):
         cfg = LazyConfig.load(path)
         return LazyConfig.apply_overrides(cfg, list(opts))
-    cfg = get_cfg()
+    cfg = MasKDCfgNode(get_cfg())  # detectron2's keys; _BASE_ may name a zoo: config
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(opts))
     return cfg
