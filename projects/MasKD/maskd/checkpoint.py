@@ -64,7 +64,9 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def read_checkpoint(path: str, model: Optional[nn.Module] = None) -> Dict[str, Any]:
+def read_checkpoint(
+    path: str, model: Optional[nn.Module] = None, what: str = "checkpoint"
+) -> Dict[str, Any]:
     """Read a checkpoint file the way ``DetectionCheckpointer.load`` does, without loading it.
 
     Handles .pth files, detectron2 model-zoo and Caffe2 .pkl files, ``detectron2://`` and URL
@@ -73,10 +75,16 @@ def read_checkpoint(path: str, model: Optional[nn.Module] = None) -> Dict[str, A
     Args:
         path: the file or URL.
         model: the model the checkpoint is meant for (only used for logging).
+        what: the config key or argument naming the file, for the error message.
+
+    Raises:
+        FileNotFoundError: naming ``what`` and the path, if a local file does not exist.
 
     Returns:
         dict with at least a "model" entry (name -> tensor or array).
     """
+    if "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: file not found: '{path}'")
     checkpointer = DetectionCheckpointer(model if model is not None else nn.Module())
     parsed = urlparse(path)
     checkpointer._parsed_url_during_load = parsed
@@ -112,9 +120,7 @@ def load_tokens(tokens: nn.ModuleDict, path: str, what: str = "MODEL.MASKD.TOKEN
         FileNotFoundError: the file does not exist.
         ValueError: naming the file, the levels and the shapes, if the tokens do not fit.
     """
-    if "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: token weights file not found: '{path}'")
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, what=what)
     state = extract_tokens_state(checkpoint.get("model", {}))
     if not state:
         raise ValueError(

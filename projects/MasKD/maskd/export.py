@@ -28,8 +28,6 @@ STUDENT_PREFIX = "student."
 
 
 def _model_state(checkpoint_path: str) -> Dict[str, torch.Tensor]:
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint not found: '{checkpoint_path}'")
     return read_checkpoint(checkpoint_path)["model"]
 
 

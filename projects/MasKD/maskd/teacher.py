@@ -76,10 +76,6 @@ def build_teacher(config_file: str, opts: Sequence[str] = (), device: str = "cpu
     return model
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence[str] = ()) -> None:
     """Load a checkpoint into ``model`` and fail if anything does not fit.
 
@@ -98,10 +94,8 @@ def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence
     """
     if not path:
         raise FileNotFoundError(f"{what} is empty")
-    if _is_local(path) and not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: weights file not found: '{path}'")
     checkpointer = DetectionCheckpointer(model)
-    checkpoint = read_checkpoint(path, model)
+    checkpoint = read_checkpoint(path, model, what)
     if "model" not in checkpoint:
         raise ValueError(f"{what}: '{path}' holds no model weights")
     incompatible = checkpointer._load_model(checkpoint)
