@@ -22,6 +22,9 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert all(re.fullmatch(r"\d+\.\d\d|nan", c) for c in cells), line
     assert "Goals:" in report and "| total |" in report
     results = json.loads((out / "results.json").read_text())
+    # the shipped recipe: masked feature loss plus RoI box-regression KD, named in the report
+    assert results["results"]["distillation losses"] == ["loss_maskd", "loss_roi_reg_kd"]
+    assert "`loss_maskd`, `loss_roi_reg_kd`" in report
     assert set(results["times"]) == {"teacher", "tokens", "student_seed0", "maskd_seed0"}
     for key in ("teacher", "masked teacher"):
         assert set(results["results"][key]) == {"AP", "AP50", "AP75"}

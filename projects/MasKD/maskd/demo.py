@@ -52,6 +52,15 @@ def _final_metrics(out_dir: str) -> Dict[str, float]:
     return found
 
 
+def _loss_keys(out_dir: str) -> set:
+    """Names of the losses a run logged in its metrics.json (``loss_*``)."""
+    keys = set()
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        for line in f:
+            keys.update(k for k in json.loads(line) if k.startswith("loss_"))
+    return keys
+
+
 def _curve(out_dir: str, key: str):
     xs, ys = [], []
     with open(os.path.join(out_dir, "metrics.json")) as f:
@@ -146,7 +155,13 @@ def run_demo(
             ),
         }
 
+    # The losses the MasKD students add to the baseline's (e.g. loss_maskd, loss_roi_reg_kd).
+    distill = sorted(
+        set.union(*(_loss_keys(r["maskd"]) - _loss_keys(r["baseline"]) for r in students.values()))
+    )
     results = {
+        "distillation losses": distill,
+        "maskd overrides": list(maskd_opts),
         "teacher": _final_metrics(teacher_dir),
         "masked teacher": _final_metrics(tokens_dir),
         "seeds": {
@@ -228,6 +243,13 @@ def _report(output, results, times, data_time, total, quick, size) -> str:
         lines.append(
             f"| {name} | {r['AP']:.2f} | {r['AP50']:.2f} | {r['AP75']:.2f} | {delta:+.2f} |"
         )
+    overrides = " ".join(results["maskd overrides"]) or "none"
+    lines += [
+        "",
+        "MasKD student: the baseline's losses plus "
+        + ", ".join(f"`{k}`" for k in results["distillation losses"])
+        + f" (configs/Demo/maskd_shapes_R34-R18_2x.yaml; extra overrides: {overrides}).",
+    ]
     lines += [
         "",
         "Per seed (AP): "
