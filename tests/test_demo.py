@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+import pytest
 from tiny import ROOT, run
 
 
@@ -31,3 +32,24 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert all(isinstance(v, float) for v in results["results"][key].values())
     assert (out / "loss_curves.png").stat().st_size > 0
     assert len(os.listdir(out / "masks")) == 2
+
+
+def test_report_reads_the_last_evaluation_and_names_missing_ones(tmp_path):
+    from maskd import demo
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [
+        {"iteration": 0, "total_loss": 2.0, "loss_cls": 1.5, "loss_maskd": 0.5},
+        {"iteration": 9, "bbox/AP": 1.0, "bbox/AP50": 2.0, "bbox/AP75": 0.5},
+        {"iteration": 19, "total_loss": 1.0, "loss_cls": 0.7, "loss_roi_reg_kd": 0.3},
+        {"iteration": 19, "bbox/AP": 3.0, "bbox/AP50": 6.0, "bbox/AP75": 1.5},
+    ]
+    (run_dir / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert demo._final_metrics(str(run_dir)) == {"AP": 3.0, "AP50": 6.0, "AP75": 1.5}
+    assert demo._loss_keys(str(run_dir)) == {"loss_cls", "loss_maskd", "loss_roi_reg_kd"}
+    assert demo._curve(str(run_dir), "total_loss") == ([0, 19], [2.0, 1.0])
+
+    (run_dir / "metrics.json").write_text(json.dumps(records[0]) + "\n")
+    with pytest.raises(RuntimeError, match=r"no bbox evaluation in .*metrics\.json"):
+        demo._final_metrics(str(run_dir))

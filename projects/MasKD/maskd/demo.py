@@ -38,38 +38,29 @@ def _schedule(iters: int) -> List[str]:
     ]
 
 
+def _records(out_dir: str) -> List[dict]:
+    """The records of a run's metrics.json (one dict per logged iteration or evaluation)."""
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
 def _final_metrics(out_dir: str) -> Dict[str, float]:
     """The last evaluation in a run's metrics.json: {"AP": ..., "AP50": ..., "AP75": ...}."""
-    path = os.path.join(out_dir, "metrics.json")
-    found = {}
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "bbox/AP" in rec:
-                found = {m: rec[f"bbox/{m}"] for m in METRICS}
-    if not found:
-        raise RuntimeError(f"no bbox evaluation in {path}")
-    return found
+    evals = [rec for rec in _records(out_dir) if "bbox/AP" in rec]
+    if not evals:
+        raise RuntimeError(f"no bbox evaluation in {os.path.join(out_dir, 'metrics.json')}")
+    return {m: evals[-1][f"bbox/{m}"] for m in METRICS}
 
 
 def _loss_keys(out_dir: str) -> set:
     """Names of the losses a run logged in its metrics.json (``loss_*``)."""
-    keys = set()
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        for line in f:
-            keys.update(k for k in json.loads(line) if k.startswith("loss_"))
-    return keys
+    return {k for rec in _records(out_dir) for k in rec if k.startswith("loss_")}
 
 
 def _curve(out_dir: str, key: str):
-    xs, ys = [], []
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if key in rec:
-                xs.append(rec["iteration"])
-                ys.append(rec[key])
-    return xs, ys
+    """(iterations, values) of one logged scalar."""
+    recs = [rec for rec in _records(out_dir) if key in rec]
+    return [rec["iteration"] for rec in recs], [rec[key] for rec in recs]
 
 
 class _Runner:
