@@ -8,12 +8,13 @@ masks and the loss curves.
 
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["run_demo", "QUICK", "DEFAULT"]
 
@@ -61,6 +62,33 @@ def _curve(out_dir: str, key: str):
     """(iterations, values) of one logged scalar."""
     recs = [rec for rec in _records(out_dir) if key in rec]
     return [rec["iteration"] for rec in recs], [rec[key] for rec in recs]
+
+
+def _num(x: float, signed: bool = False) -> str:
+    """A metric for the report; NaN (COCOEvaluator's value for a model without detections) -> n/a."""
+    if math.isnan(x):
+        return "n/a"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def _json_safe(obj):
+    """``obj`` with NaN floats replaced by None, so results.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def _goal(name: str, threshold: float, better: Tuple[str, float], base: Tuple[str, float]) -> str:
+    """One goal line: is ``better`` AP - ``base`` AP >= threshold; each is (model name, AP)."""
+    missing = [model for model, ap in (better, base) if math.isnan(ap)]
+    if missing:
+        return f"{name}: NOT reached (undefined: no detections from the {' and '.join(missing)})"
+    value = better[1] - base[1]
+    return f"{name}: {'reached' if value >= threshold else 'NOT reached'} ({value:+.2f})"
 
 
 class _Runner:
@@ -163,7 +191,8 @@ def run_demo(
     total = time.perf_counter() - start
     report = _report(output, results, run.times, data_time, total, quick, size)
     with open(os.path.join(output, "results.json"), "w") as f:
-        json.dump({"results": results, "times": run.times, "total_s": total}, f, indent=1)
+        summary = {"results": results, "times": run.times, "total_s": total}
+        json.dump(_json_safe(summary), f, indent=1, allow_nan=False)
     logger.info("[demo] report: %s", report)
     return report
 
@@ -230,10 +259,14 @@ def _report(output, results, times, data_time, total, quick, size) -> str:
         "|---|---|---|---|---|",
     ]
     for name, r in rows:
-        delta = r["AP"] - base["AP"]
-        lines.append(
-            f"| {name} | {r['AP']:.2f} | {r['AP50']:.2f} | {r['AP75']:.2f} | {delta:+.2f} |"
-        )
+        cells = [_num(r[m]) for m in METRICS] + [_num(r["AP"] - base["AP"], signed=True)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any(math.isnan(r[m]) for _, r in rows for m in METRICS):
+        lines += [
+            "",
+            "n/a: no detections above the test score threshold on val, so COCO AP is undefined"
+            " (detectron2's COCOEvaluator reports NaN; results.json has null).",
+        ]
     overrides = " ".join(results["maskd overrides"]) or "none"
     lines += [
         "",
@@ -245,20 +278,29 @@ def _report(output, results, times, data_time, total, quick, size) -> str:
         "",
         "Per seed (AP): "
         + ", ".join(
-            f"seed {s}: baseline {seeds[s]['baseline']['AP']:.2f}, MasKD {seeds[s]['maskd']['AP']:.2f}"
-            f" ({seeds[s]['maskd']['AP'] - seeds[s]['baseline']['AP']:+.2f})"
-            for s in seeds
+            f"seed {s}: baseline {_num(r['baseline']['AP'])}, MasKD {_num(r['maskd']['AP'])}"
+            f" ({_num(r['maskd']['AP'] - r['baseline']['AP'], signed=True)})"
+            for s, r in seeds.items()
         ),
     ]
-    gap = results["teacher"]["AP"] - base["AP"]
-    gain = mean("maskd", "AP") - base["AP"]
+    baseline = ("baseline student", base["AP"])
     lines += [
         "",
-        "Goals: teacher - baseline student >= 5 AP: "
-        + ("reached" if gap >= 5 else "NOT reached")
-        + f" ({gap:+.2f}); MasKD - baseline student >= +1.0 AP (mean over seeds): "
-        + ("reached" if gain >= 1.0 else "NOT reached")
-        + f" ({gain:+.2f}).",
+        "Goals: "
+        + _goal(
+            "teacher - baseline student >= 5 AP",
+            5.0,
+            ("teacher", results["teacher"]["AP"]),
+            baseline,
+        )
+        + "; "
+        + _goal(
+            "MasKD - baseline student >= +1.0 AP (mean over seeds)",
+            1.0,
+            ("MasKD student", mean("maskd", "AP")),
+            baseline,
+        )
+        + ".",
         "",
         "| stage | wall time (s) |",
         "|---|---|",
