@@ -74,7 +74,7 @@ def test_report_marks_a_model_without_detections_and_writes_strict_json(tmp_path
             }
         },
     }
-    path = demo._report(str(tmp_path), results, {"teacher": 1.0}, 0.0, 1.0, True, QUICK_SIZE)
+    path = demo._report(str(tmp_path), results, {"teacher": 1.0}, 0.0, 1.0, True, demo.QUICK)
     report = open(path).read()
     assert not re.search(r"\bnan\b", report)  # Python's rendering of NaN
     assert "| baseline student (R18-FPN) | n/a | n/a | n/a | n/a |" in report
@@ -87,6 +87,3 @@ def test_report_marks_a_model_without_detections_and_writes_strict_json(tmp_path
     assert safe["results"]["seeds"][0]["baseline"] == {"AP": None, "AP50": None, "AP75": None}
     assert safe["results"]["teacher"]["AP"] == 8.0 and safe["times"] == [1.5]
     json.dumps(safe, allow_nan=False)  # raises ValueError if any NaN is left
-
-
-QUICK_SIZE = {"n_train": 48, "n_val": 16}
