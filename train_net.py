@@ -24,6 +24,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import maskd  # noqa: F401  (registers the meta-architectures)
 from maskd.checkpoint import MasKDCheckpointer
@@ -46,6 +47,8 @@ def setup_yacs(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # As detectron2's projects do: the library's own logger ("maskd") writes too.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="maskd")
     return cfg
 
 
@@ -70,6 +73,7 @@ def main_lazy(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="maskd")
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)

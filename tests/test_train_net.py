@@ -1,6 +1,8 @@
 """train_net.py end to end on a tiny COCO-format dataset the test writes: stage 1, stage 2 and
 --eval-only, with yacs and LazyConfig configs; then the model-zoo style export round trip."""
 
+import json
+import math
 import os
 import textwrap
 
@@ -49,7 +51,20 @@ def test_yacs_both_stages_eval_and_export(workspace):
     (tmp / "stage1.yaml").write_text(stage1.dump())
     out = run([TRAIN_NET, "--config-file", "stage1.yaml", *register], tmp)
     assert os.path.isfile(tmp / "s1" / "model_final.pth")
-    assert "copypaste: Task: bbox" in out.stdout + out.stderr  # the masked teacher
+    log = out.stdout + out.stderr
+    assert log.count("copypaste: Task: bbox") == 2  # the masked teacher, then the plain one
+    # The retention of stage 1, from the two evaluations, ends the run's log and metrics.json.
+    final = [ln for ln in log.splitlines() if "MasKD stage 1 finished" in ln]
+    assert final and "retention (masked teacher / teacher) bbox/AP = " in final[-1]
+    records = [json.loads(ln) for ln in open(tmp / "s1" / "metrics.json")]
+    evals = [r for r in records if "retention/bbox/AP" in r]
+    assert len(evals) == 1 and {"bbox/AP", "teacher/bbox/AP"} <= set(evals[0])
+    masked, plain = evals[0]["bbox/AP"], evals[0]["teacher/bbox/AP"]
+    if plain and math.isfinite(plain) and math.isfinite(masked):
+        assert evals[0]["retention/bbox/AP"] == pytest.approx(masked / plain)
+    assert os.path.isdir(tmp / "s1" / "inference" / "teacher_without_masks")
+    trained = [r for r in records if "[metric]tokens/p2/constant" in r]
+    assert trained and all(0.0 <= r["[metric]tokens/p2/constant"] <= 1.0 for r in trained)
 
     # The receptive masks of the learned tokens, one grid per image: rows = the 5 levels,
     # columns = the image and its 4 tokens (2 inches each at 80 dpi).
@@ -59,8 +74,15 @@ def test_yacs_both_stages_eval_and_export(workspace):
         + [*register, "--output", "vis"],
         tmp,
     )
-    pngs = sorted(os.listdir(tmp / "vis"))
+    pngs = sorted(f for f in os.listdir(tmp / "vis") if f.endswith(".png"))
     assert pngs == ["0000_masks.png", "0001_masks.png"]
+    with open(tmp / "vis" / "token_statistics.json") as f:
+        stats = json.load(f)
+    assert sorted(stats["mean"]) == ["p2", "p3", "p4", "p5", "p6"] and len(stats["images"]) == 2
+    for lv, values in stats["mean"].items():
+        assert set(values) == {"coverage", "constant", "dice", "weight_entropy", "combined"}
+        per_image = [s[lv]["coverage"] for s in stats["images"].values()]
+        assert values["coverage"] == pytest.approx(sum(per_image) / 2)
     with Image.open(tmp / "vis" / pngs[0]) as im:
         assert im.size == (2 * 5 * 80, 2 * 5 * 80)
 
@@ -189,7 +211,10 @@ def test_lazy_both_stages_and_eval(workspace):
     out = run([TRAIN_NET, "--config-file", "lazy1.py", *register], tmp)
     stage1_final = tmp / "l1" / "model_final.pth"
     assert os.path.isfile(stage1_final)
-    assert "copypaste: Task: bbox" in out.stdout + out.stderr
+    log = out.stdout + out.stderr
+    assert log.count("copypaste: Task: bbox") == 2  # masked teacher and plain teacher
+    assert "Stage 1 retention (masked teacher / teacher): bbox/AP" in log
+    assert "MasKD stage 1 finished: retention (masked teacher / teacher) bbox/AP = " in log
 
     stage2 = LAZY.format(cls="MasKD", out=tmp / "l2", **fmt)
     stage2 += (

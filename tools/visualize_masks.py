@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Visualise the receptive masks of learned tokens: one PNG grid per image (rows: levels,
-columns: the image and one overlay per token), like the paper's mask figure.
+columns: the image and one overlay per token), like the paper's mask figure. Under each level's
+image: its token statistics (maskd.diagnostics: coverage, share of near-constant masks, Dice
+overlap between tokens, token-weight entropy); their means over the images are logged and
+written to <output>/token_statistics.json.
 
     python tools/visualize_masks.py --config-file configs/.../<stage-1>.yaml \\
         --checkpoint output/<stage-1>/model_final.pth --input a.jpg b.jpg --output vis/
@@ -11,7 +14,10 @@ A stage-2 config works too (its TOKENS_WEIGHTS are loaded when the model is buil
 """
 
 import argparse
+import json
+import logging
 import os
+import statistics
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -25,6 +31,8 @@ from maskd.checkpoint import MasKDCheckpointer
 from maskd.config import get_maskd_cfg
 from maskd.engine import register_coco_datasets
 from maskd.visualize import save_mask_grid
+
+logger = logging.getLogger("maskd.visualize_masks")
 
 
 def build(args):
@@ -75,12 +83,28 @@ def main(argv=None):
     model.eval()
     resize = T.ResizeShortestEdge(min_size, max_size)
     os.makedirs(args.output, exist_ok=True)
+    per_image = {}
     for path in files:
         image = utils.read_image(path, format=input_format)
         image = resize.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(image.transpose(2, 0, 1).copy())
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_masks.png")
-        save_mask_grid(model, {"image": tensor}, out, input_format)
+        _, per_image[path] = save_mask_grid(model, {"image": tensor}, out, input_format)
+    # The token statistics of each level, averaged over the images (as in the grids' labels).
+    levels = next(iter(per_image.values()))
+    mean = {
+        lv: {k: statistics.mean(s[lv][k] for s in per_image.values()) for k in levels[lv]}
+        for lv in levels
+    }
+    with open(os.path.join(args.output, "token_statistics.json"), "w") as f:
+        json.dump({"mean": mean, "images": per_image}, f, indent=1)
+    for lv, stats in mean.items():
+        logger.info(
+            "%s, mean of %d images: %s",
+            lv,
+            len(per_image),
+            ", ".join(f"{k} {v:.3f}" for k, v in stats.items()),
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ load into a wrapped model, and a wrapped model's checkpoint loads into a plain o
 """
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.modeling import Backbone
@@ -125,6 +125,9 @@ class TokenMaskedBackbone(_TransparentBackbone):
                 )
         self.tokens = tokens
         self.last_dice: Optional[Dict[str, torch.Tensor]] = None
+        self.last_masks: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
+        self.last_input_hw: Optional[Tuple[int, int]] = None
+        self.masking = True
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
@@ -132,13 +135,17 @@ class TokenMaskedBackbone(_TransparentBackbone):
             x: (N, 3, H, W) normalised images.
 
         Returns:
-            The backbone's feature dict, the distilled levels masked. In training mode the
-            per-level Dice diversity losses of this call are left in ``self.last_dice`` for the
-            token learner, which takes them with :meth:`pop_dice`.
+            The backbone's feature dict, the distilled levels masked (unmasked while
+            ``self.masking`` is False: the plain teacher, for the retention of stage 1). In
+            training mode the per-level Dice diversity losses of this call are left in
+            ``self.last_dice`` for the token learner, which takes them with :meth:`pop_dice`,
+            and the detached masks and weights in ``self.last_masks`` (see :meth:`pop_masks`).
         """
         with torch.no_grad():
             features = self.inner(x)
-        dice = {}
+        if not self.masking:
+            return features
+        dice, kept = {}, {}
         out = dict(features)
         for name, rt in self.tokens.items():
             feat = features[name]
@@ -147,7 +154,10 @@ class TokenMaskedBackbone(_TransparentBackbone):
             out[name] = masked_aggregate(feat, masks, weights)  # (N, C, H, W)
             if self.training:
                 dice[name] = dice_diversity_loss(masks)
+                kept[name] = (masks.detach(), None if weights is None else weights.detach())
         self.last_dice = dice if self.training else None
+        self.last_masks = kept if self.training else None
+        self.last_input_hw = tuple(x.shape[-2:])
         return out
 
     def pop_dice(self) -> Dict[str, torch.Tensor]:
@@ -158,6 +168,20 @@ class TokenMaskedBackbone(_TransparentBackbone):
             )
         dice, self.last_dice = self.last_dice, None
         return dice
+
+    def pop_masks(self) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]], tuple]:
+        """Returns and clears the masks of the last training forward.
+
+        Returns:
+            (level -> ((N, T, H, W) masks, (N, T) weights or None), detached;
+            (H, W) of the padded input batch).
+        """
+        if self.last_masks is None:
+            raise RuntimeError(
+                "the teacher's forward did not call its backbone: no receptive masks were made"
+            )
+        masks, self.last_masks = self.last_masks, None
+        return masks, self.last_input_hw
 
 
 class RecordingBackbone(_TransparentBackbone):

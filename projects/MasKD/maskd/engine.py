@@ -8,10 +8,12 @@
 * :func:`register_coco_datasets`: register COCO-format datasets given on the command line.
 """
 
+import copy
 import logging
+import math
 import os
 import weakref
-from typing import Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence
 
 import torch
 from detectron2.config import instantiate
@@ -37,9 +39,11 @@ from detectron2.solver import build_lr_scheduler as _build_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import MasKDCheckpointer
+from .token_learner import MasKDTokenLearner
 
 __all__ = [
     "MasKDTrainer",
@@ -49,6 +53,9 @@ __all__ = [
     "check_datasets",
     "lazy_train",
     "lazy_test",
+    "PRIMARY_METRICS",
+    "retention",
+    "evaluate_with_retention",
 ]
 
 logger = logging.getLogger(__name__)
@@ -161,6 +168,93 @@ def build_optimizer(cfg, model):
     )
 
 
+# The metric that stands for a task's accuracy in detectron2's evaluator results.
+PRIMARY_METRICS = {"bbox": "AP", "segm": "AP", "sem_seg": "mIoU", "panoptic_seg": "PQ"}
+
+
+def retention(masked: dict, teacher: dict, prefix: str = "") -> Dict[str, float]:
+    """Stage 1's retention: the masked teacher's accuracy over the plain teacher's.
+
+    Args:
+        masked, teacher: detectron2 evaluation results of the same datasets and evaluators,
+            ``{task: {metric: value}}`` or ``{dataset: {task: {metric: value}}}``.
+
+    Returns:
+        ``"[<dataset>/]<task>/<metric>" -> masked / teacher`` for the primary metric of every
+        task both hold (:data:`PRIMARY_METRICS`); NaN where the teacher's value is 0 or
+        undefined (e.g. COCO AP without detections).
+    """
+    out = {}
+    for key, value in masked.items():
+        if not isinstance(value, dict) or not isinstance(teacher.get(key), dict):
+            continue
+        metric = PRIMARY_METRICS.get(key)
+        if metric is not None and metric in value and metric in teacher[key]:
+            m, t = float(value[metric]), float(teacher[key][metric])
+            ratio = m / t if t != 0 and math.isfinite(t) and math.isfinite(m) else math.nan
+            out[f"{prefix}{key}/{metric}"] = ratio
+        else:
+            out.update(retention(value, teacher[key], f"{prefix}{key}/"))
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def evaluate_with_retention(model: torch.nn.Module, evaluate: Callable[[bool], dict]) -> dict:
+    """Evaluate ``model``; for a stage-1 model also the plain teacher, and the retention.
+
+    Args:
+        model: any model; a ``MasKDTokenLearner`` (or a DDP wrapper of one) is evaluated twice.
+        evaluate: ``evaluate(teacher)`` runs detectron2's evaluation of ``model`` as it is set
+            and returns its results; ``teacher`` is True for the pass without masks (use other
+            evaluator output folders then, so the masked teacher's files are kept).
+
+    Returns:
+        the results of ``model``; for stage 1 with two more entries: ``"teacher"`` (the plain
+        teacher's results) and ``"retention"`` (:func:`retention`), which detectron2's
+        ``EvalHook`` writes to the event storage as ``teacher/...`` and ``retention/...``.
+    """
+    results = evaluate(False)
+    learner = _unwrap(model)
+    if not isinstance(learner, MasKDTokenLearner):
+        return results
+    with learner.masks_disabled():  # every rank: the evaluators gather across processes
+        teacher = evaluate(True)
+    if not comm.is_main_process() or not results:
+        return results
+    ratios = retention(results, teacher)
+    logger.info(
+        "Stage 1 retention (masked teacher / teacher): %s",
+        _retention_text(results, teacher, ratios),
+    )
+    results = dict(results)
+    results["teacher"] = teacher
+    results["retention"] = ratios
+    return results
+
+
+def log_final_retention(results) -> None:
+    """The closing log line of a stage-1 run: its retention, if the last evaluation has one."""
+    if comm.is_main_process() and isinstance(results, dict) and "retention" in results:
+        logger.info(
+            "MasKD stage 1 finished: retention (masked teacher / teacher) %s",
+            ", ".join(f"{k} = {v:.3f}" for k, v in results["retention"].items()),
+        )
+
+
+def _retention_text(masked: dict, teacher: dict, ratios: Dict[str, float]) -> str:
+    parts = []
+    for path, ratio in ratios.items():
+        keys = path.split("/")
+        m, t = masked, teacher
+        for k in keys:
+            m, t = m[k], t[k]
+        parts.append(f"{path} {m:.2f} / {t:.2f} = {ratio:.3f}")
+    return "; ".join(parts) or "no primary metric in the results"
+
+
 class MasKDTrainer(DefaultTrainer):
     """detectron2's DefaultTrainer for MasKD models (both stages, and plain students)."""
 
@@ -195,16 +289,45 @@ class MasKDTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's evaluation; a stage-1 model is also evaluated without masks, and the
+        retention (masked teacher / teacher) is logged and returned (see
+        :func:`evaluate_with_retention`)."""
+
+        def evaluate(teacher: bool):
+            if not teacher or evaluators is not None:
+                return super(MasKDTrainer, cls).test(cfg, model, evaluators)
+            folder = os.path.join(cfg.OUTPUT_DIR, "inference", "teacher_without_masks")
+            own = [cls.build_evaluator(cfg, name, folder) for name in cfg.DATASETS.TEST]
+            return super(MasKDTrainer, cls).test(cfg, model, own)
+
+        return evaluate_with_retention(model, evaluate)
+
+    def train(self):
+        """Train; after a stage-1 run, the last log line states its retention."""
+        results = super().train()
+        log_final_retention(getattr(self, "_last_eval_results", None))
+        return results
+
 
 def lazy_test(cfg, model):
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; a
+    stage-1 model also without masks, with the retention (:func:`evaluate_with_retention`)."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
-    print_csv_format(results)
-    return results
+
+    def evaluate(teacher: bool):
+        node = cfg.dataloader.evaluator
+        if teacher and isinstance(node, DictConfig) and node.get("output_dir"):
+            node = copy.deepcopy(node)  # keep the masked teacher's files
+            node.output_dir = os.path.join(node.output_dir, "teacher_without_masks")
+        evaluator = instantiate(node)
+        results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+        print_csv_format(results)
+        return results
+
+    return evaluate_with_retention(model, evaluate)
 
 
 def lazy_train(cfg, resume: bool = False):
@@ -224,6 +347,12 @@ def lazy_train(cfg, resume: bool = False):
     trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
     trainer = trainer_cls(model, train_loader, optim)
     checkpointer = MasKDCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    last = {}  # the last evaluation's results
+
+    def evaluate():
+        last["out"] = lazy_test(cfg, model)
+        return last["out"]
+
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -233,7 +362,7 @@ def lazy_train(cfg, resume: bool = False):
                 if comm.is_main_process()
                 else None
             ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: lazy_test(cfg, model)),
+            hooks.EvalHook(cfg.train.eval_period, evaluate),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -247,3 +376,4 @@ def lazy_train(cfg, resume: bool = False):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
+    log_final_retention(last.get("out"))

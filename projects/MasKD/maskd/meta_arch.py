@@ -1,7 +1,7 @@
 """Stage 2: masked distillation of a student from a frozen teacher through frozen tokens."""
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -11,6 +11,7 @@ from torch import nn
 
 from .backbone import RecordingBackbone
 from .checkpoint import load_tokens
+from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .heads import (
     RecordingBoxPredictor,
     RecordingDenseHead,
@@ -213,7 +214,9 @@ class MasKD(nn.Module):
             batched_inputs: a list of dicts, as detectron2's DatasetMapper produces them.
 
         Returns:
-            training: the student's dict of scalar losses plus ``loss_maskd``.
+            training: the student's dict of scalar losses plus ``loss_maskd`` (and the enabled
+                head-level KD terms); the statistics of the frozen tokens' masks on the
+                teacher's features (:mod:`maskd.diagnostics`) go to the event storage.
             inference: the student's outputs, one dict per image.
         """
         if not self.training:
@@ -223,8 +226,17 @@ class MasKD(nn.Module):
             teacher_features = self.teacher.backbone(images.tensor)
         losses = self.student(batched_inputs)
         student_features = self.student.backbone.pop_features()
-        per_level = self.distillation_losses(student_features, teacher_features)
+        masks = self.teacher_masks(teacher_features)
+        per_level = self.distillation_losses(student_features, teacher_features, masks)
         storage = get_event_storage()
+        padded = tuple(images.tensor.shape[-2:])
+        put_token_statistics(
+            storage,
+            {
+                lv: token_statistics(m, w, level_sizes(images.image_sizes, padded, m.shape[-2:]))
+                for lv, (m, w) in masks.items()
+            },
+        )
         raise_if_not_finite(losses, "the student's task losses", storage.iter)
         raise_if_not_finite(per_level, "loss_maskd (per level)", storage.iter)
         for level, value in per_level.items():
@@ -267,21 +279,43 @@ class MasKD(nn.Module):
             return False
         return get_event_storage().iter >= self.custom_mask_warmup
 
+    @torch.no_grad()
+    def teacher_masks(
+        self, teacher_features: Dict[str, torch.Tensor]
+    ) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """The frozen tokens' masks and weights on the teacher's features.
+
+        Args:
+            teacher_features: level -> (N, C_t, H, W) teacher features.
+
+        Returns:
+            level -> ((N, T, H, W) masks, (N, T) weights or None), without gradient.
+        """
+        out = {}
+        for level in self.in_features:
+            rt, t = self.tokens[level], teacher_features[level]
+            out[level] = (rt.masks(t), rt.weights(t) if rt.weighted else None)
+        return out
+
     def distillation_losses(
         self,
         student_features: Dict[str, torch.Tensor],
         teacher_features: Dict[str, torch.Tensor],
+        teacher_masks: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
     ) -> Dict[str, torch.Tensor]:
         """The masked distillation loss of every level (unweighted).
 
         Args:
             student_features: level -> (N, C_s, H, W) student features.
             teacher_features: level -> (N, C_t, H, W) teacher features.
+            teacher_masks: :meth:`teacher_masks` of ``teacher_features`` if already computed.
 
         Returns:
             level -> scalar loss.
         """
         custom = self.custom_masks_active()
+        if teacher_masks is None:
+            teacher_masks = self.teacher_masks(teacher_features)
         losses = {}
         for level in self.in_features:
             s, t = student_features[level], teacher_features[level]
@@ -292,12 +326,10 @@ class MasKD(nn.Module):
                     "see the same padded images (same size divisibility)"
                 )
             aligned = self.align[level](s)  # (N, C_t, H, W)
-            rt = self.tokens[level]
-            with torch.no_grad():
-                masks = rt.masks(t)  # (N, T, H, W)
-                weights = rt.weights(t) if rt.weighted else None  # (N, T)
-                if custom:
-                    masks = masks * rt.masks(aligned)
+            masks, weights = teacher_masks[level]  # (N, T, H, W), (N, T) or None
+            if custom:
+                with torch.no_grad():
+                    masks = masks * self.tokens[level].masks(aligned)
             losses[level] = masked_distillation_loss(aligned, t, masks, weights)
         return losses
 

@@ -11,6 +11,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .backbone import TokenMaskedBackbone
+from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
 from .receptive_tokens import build_level_tokens
 from .teacher import build_teacher, head_levels, prepare_teacher
@@ -163,13 +164,27 @@ class MasKDTokenLearner(nn.Module):
         self.teacher.eval()
         return self
 
+    @contextlib.contextmanager
+    def masks_disabled(self):
+        """Inside this block the model evaluates as the plain teacher: its backbone's features
+        reach the heads unmasked (the retention of stage 1 compares both). For inference only:
+        a training step inside it fails, as it makes no masks to learn from."""
+        backbone = self.teacher.backbone
+        backbone.masking = False
+        try:
+            yield self
+        finally:
+            backbone.masking = True
+
     def forward(self, batched_inputs):
         """
         Args:
             batched_inputs: a list of dicts, as detectron2's DatasetMapper produces them.
 
         Returns:
-            training: dict of scalar losses: the teacher's task losses and ``loss_dice``.
+            training: dict of scalar losses: the teacher's task losses and ``loss_dice``;
+                the token statistics of every level (:mod:`maskd.diagnostics`) go to the
+                event storage.
             inference: the teacher's outputs on masked features, one dict per image.
         """
         if not self.training:
@@ -180,8 +195,15 @@ class MasKDTokenLearner(nn.Module):
         storage = get_event_storage()
         raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
         raise_if_not_finite(dice, "loss_dice (per level)", storage.iter)
-        for level, value in dice.items():
-            storage.put_scalar(f"maskd/dice_{level}", value.detach().item())
+        masks, padded = self.teacher.backbone.pop_masks()
+        image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        put_token_statistics(
+            storage,
+            {
+                lv: token_statistics(m, w, level_sizes(image_sizes, padded, m.shape[-2:]))
+                for lv, (m, w) in masks.items()
+            },
+        )
         if "loss_dice" in losses:
             raise KeyError("the teacher already returns a loss named 'loss_dice'")
         losses["loss_dice"] = self.dice_weight * sum(dice.values())

@@ -1,0 +1,213 @@
+"""Token-quality diagnostics and the retention of stage 1 (issue 13)."""
+
+import math
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from tiny import maskd_cfg, tiny_batch, write_teacher
+
+from maskd.diagnostics import CONSTANT_STD, level_sizes, put_token_statistics, token_statistics
+from maskd.engine import evaluate_with_retention, retention
+from maskd.losses import dice_diversity_loss
+
+
+def _spread(h=8, w=8):
+    """A mask that is 1 on the left half and 0 on the right: std 0.5."""
+    m = torch.zeros(h, w)
+    m[:, : w // 2] = 1.0
+    return m
+
+
+def test_constant_masks_are_counted_and_spread_ones_are_not():
+    n, t, h, w = 2, 4, 8, 8
+    masks = torch.empty(n, t, h, w)
+    masks[:, 0] = 0.999  # all on
+    masks[:, 1] = 0.001  # all off
+    masks[:, 2] = 0.5 + 0.4 * CONSTANT_STD * torch.randn(n, h, w).clamp(-1, 1)  # below the bar
+    masks[:, 3] = _spread(h, w)  # picks half of the image
+    stats = token_statistics(masks)
+    assert stats["constant"].item() == pytest.approx(3 / 4)
+    # A mask with a small spot (1 pixel of 64 on, std 0.124) is not constant either.
+    spot = torch.zeros(1, 1, h, w)
+    spot[0, 0, 3, 3] = 1.0
+    assert token_statistics(spot)["constant"].item() == 0.0
+    assert token_statistics(torch.full((1, 1, h, w), 0.7))["constant"].item() == 1.0
+
+
+def test_coverage_dice_and_entropy_values():
+    h, w = 6, 6
+    left = _spread(h, w)
+    masks = torch.stack([left, 1 - left, left])[None]  # (1, 3, H, W)
+    stats = token_statistics(masks, torch.tensor([[1 / 3, 1 / 3, 1 / 3]]))
+    assert stats["coverage"].item() == pytest.approx((0.5 + 0.5 + 0.5) / 3)
+    # Pairs: (0,1) disjoint -> 0, (0,2) identical -> 1, (1,2) -> 0: mean over 6 ordered pairs.
+    assert stats["dice"].item() == pytest.approx(2 / 6, abs=1e-5)
+    assert stats["weight_entropy"].item() == pytest.approx(1.0)
+    one_hot = token_statistics(masks, torch.tensor([[1.0, 0.0, 0.0]]))
+    assert one_hot["weight_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    half = token_statistics(masks, torch.tensor([[0.5, 0.5, 0.0]]))
+    assert half["weight_entropy"].item() == pytest.approx(math.log(2) / math.log(3))
+    assert "weight_entropy" not in token_statistics(masks)
+    # Without padding, "dice" is the Dice diversity loss of stage 1.
+    rnd = torch.rand(3, 5, 7, 9)
+    assert token_statistics(rnd)["dice"].item() == pytest.approx(
+        dice_diversity_loss(rnd).item(), rel=1e-5
+    )
+    assert token_statistics(torch.rand(0, 5, 7, 9)) == {}
+
+
+def test_combined_mask_shows_a_switched_off_level():
+    on_off = torch.stack([torch.ones(4, 4), torch.zeros(4, 4)])[None]  # token 0 on, token 1 off
+    assert token_statistics(on_off, torch.tensor([[0.0, 1.0]]))["combined"].item() == 0.0
+    assert token_statistics(on_off, torch.tensor([[1.0, 0.0]]))["combined"].item() == 1.0
+    assert token_statistics(on_off, torch.tensor([[0.25, 0.75]]))["combined"].item() == 0.25
+    assert token_statistics(on_off)["combined"].item() == 1.0  # unweighted: the sum
+    assert token_statistics(2 * on_off)["combined"].item() == 2.0
+
+
+def test_padding_is_left_out():
+    # Image 1 fills the batch; image 0 is 4x4 of 8x8, constant inside, different in the padding.
+    masks = torch.zeros(2, 2, 8, 8)
+    masks[0] = 0.2
+    masks[0, :, 4:, :] = 1.0
+    masks[0, :, :, 4:] = 1.0
+    masks[1, 0] = 0.2
+    masks[1, 1] = _spread()
+    sizes = [(4, 4), (8, 8)]
+    stats = token_statistics(masks, sizes=sizes)
+    assert stats["constant"].item() == pytest.approx(3 / 4)
+    assert stats["coverage"].item() == pytest.approx((0.2 + 0.2 + 0.2 + 0.5) / 4)
+    assert stats["combined"].item() == pytest.approx((0.4 + 0.7) / 2)  # unweighted sums
+    assert token_statistics(masks)["constant"].item() == pytest.approx(1 / 4)  # with padding
+    assert level_sizes([(100, 60), (128, 128)], (128, 128), (16, 16)) == [(13, 8), (16, 16)]
+
+
+def test_statistics_go_to_the_storage_with_the_metric_tag():
+    masks = torch.rand(2, 3, 4, 4)
+    with EventStorage() as storage:
+        written = put_token_statistics(storage, {"p3": token_statistics(masks)})
+        expected = ("coverage", "constant", "dice", "combined")
+        assert set(written) == {f"[metric]tokens/p3/{k}" for k in expected}
+        assert storage.history("[metric]tokens/p3/coverage").latest() == pytest.approx(
+            masks.mean().item()
+        )
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("diag")
+    teacher_config, teacher_weights, teacher = write_teacher(tmp, "rcnn")
+    cfg = maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights)
+    return tmp, cfg, build_model(cfg), teacher
+
+
+def test_both_stages_log_token_statistics_per_level(stage1):
+    tmp, cfg, model, _ = stage1
+    model.train()
+    with EventStorage() as storage:
+        model(tiny_batch(2, 64, seed=0))
+        names = set(storage.histories())
+    levels = model.in_features
+    for lv in levels:
+        for stat in ("coverage", "constant", "dice", "weight_entropy", "combined"):
+            assert f"[metric]tokens/{lv}/{stat}" in names, (lv, stat)
+
+    ckpt = tmp / "tokens.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    cfg2 = maskd_cfg(
+        "MasKD", "rcnn", cfg.MODEL.MASKD.TEACHER.CONFIG_FILE, cfg.MODEL.MASKD.TEACHER.WEIGHTS
+    )
+    cfg2.MODEL.MASKD.TOKENS_WEIGHTS = str(ckpt)
+    model2 = build_model(cfg2).train()
+    batch = tiny_batch(2, 64, seed=3)
+    with EventStorage() as storage:
+        model2(batch)
+        logged = {k: v.latest() for k, v in storage.histories().items() if "tokens/" in k}
+    # Stage 2 logs the statistics of the frozen tokens on the teacher's features.
+    with torch.no_grad():
+        from maskd.teacher import preprocess_images
+
+        feats = model2.teacher.backbone(preprocess_images(model2.teacher, batch).tensor)
+    for lv in model2.in_features:
+        rt = model2.tokens[lv]
+        with torch.no_grad():
+            expected = token_statistics(rt.masks(feats[lv]), rt.weights(feats[lv]))
+        for stat, value in expected.items():
+            assert logged[f"[metric]tokens/{lv}/{stat}"] == pytest.approx(value.item(), rel=1e-5)
+
+
+def test_masks_disabled_gives_the_plain_teacher(stage1):
+    _, _, model, teacher = stage1
+    model.eval()
+    teacher.eval()
+    batch = tiny_batch(2, 64, seed=4)
+    with torch.no_grad():
+        masked = model(batch)
+        with model.masks_disabled():
+            plain = model(batch)
+        again = model(batch)
+        reference = teacher(batch)
+    for a, b in zip(plain, reference):
+        assert torch.equal(a["instances"].scores, b["instances"].scores)
+    # The masks are back on afterwards, and they did change the predictions.
+    for a, b in zip(masked, again):
+        assert torch.equal(a["instances"].scores, b["instances"].scores)
+    assert any(
+        a["instances"].scores.shape != b["instances"].scores.shape
+        or not torch.equal(a["instances"].scores, b["instances"].scores)
+        for a, b in zip(masked, plain)
+    )
+
+
+def test_retention_from_two_evaluations(stage1):
+    _, _, model, _ = stage1
+    model.eval()
+    calls = []
+
+    def evaluate(teacher):
+        # Stands for detectron2's evaluation; records which pass runs with masks on.
+        calls.append((teacher, model.teacher.backbone.masking))
+        ap = 40.0 if teacher else 30.0
+        return {"bbox": {"AP": ap, "AP50": 50.0}, "segm": {"AP": 0.0}}
+
+    results = evaluate_with_retention(model, evaluate)
+    assert calls == [(False, True), (True, False)]  # the second pass runs without masks
+    assert model.teacher.backbone.masking
+    assert results["retention"]["bbox/AP"] == pytest.approx(0.75)
+    assert math.isnan(results["retention"]["segm/AP"])
+    assert results["teacher"]["bbox"]["AP"] == 40.0 and results["bbox"]["AP"] == 30.0
+
+    # Several datasets; a model that is not a token learner is evaluated once.
+    both = retention(
+        {"a": {"bbox": {"AP": 5.0}}, "b": {"sem_seg": {"mIoU": 30.0, "fwIoU": 1.0}}},
+        {"a": {"bbox": {"AP": 10.0}}, "b": {"sem_seg": {"mIoU": 60.0, "fwIoU": 2.0}}},
+    )
+    assert both == {"a/bbox/AP": 0.5, "b/sem_seg/mIoU": 0.5}
+    calls.clear()
+    assert "retention" not in evaluate_with_retention(model.teacher, evaluate)
+    assert len(calls) == 1
+
+
+def test_mask_grids_state_the_statistics_of_each_level(stage1, tmp_path):
+    from maskd.teacher import preprocess_images
+    from maskd.visualize import format_statistics, mask_grid, receptive_masks
+
+    _, _, model, _ = stage1
+    model.eval()
+    item = tiny_batch(1, 64, seed=6)[0]
+    masks, stats = receptive_masks(model, item, with_statistics=True)
+    with torch.no_grad():
+        feats = model.teacher.backbone.inner(preprocess_images(model.teacher, [item]).tensor)
+    assert list(stats) == model.in_features
+    for lv, rt in model.tokens.items():
+        with torch.no_grad():
+            expected = token_statistics(rt.masks(feats[lv]), rt.weights(feats[lv]))
+        assert stats[lv] == pytest.approx({k: v.item() for k, v in expected.items()}, rel=1e-5)
+    image = item["image"].permute(1, 2, 0).numpy()
+    fig = mask_grid(image, masks, statistics=stats)
+    labels = [ax.get_xlabel() for ax in fig.axes[:: 1 + model.tokens["p2"].num_tokens]]
+    assert labels == [format_statistics(stats[lv]) for lv in model.in_features]
+    assert f"const {stats['p3']['constant']:.2f}" in labels[1]
+    assert f"H(w) {stats['p3']['weight_entropy']:.2f}" in labels[1]
