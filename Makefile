@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SRC := projects tests tools configs train_net.py
 
-.PHONY: setup lint format test benchmark demo
+.PHONY: setup lint format test benchmark demo benchmark-demo
 
 setup:
 	@bash tools/setup_env.sh
@@ -25,6 +25,13 @@ benchmark: setup
 
 # The main job: a real distillation on CPU, report in output/demo/report.md.
 # QUICK=1: a tiny run that checks the pipeline. SEEDS=3: the students with three seeds.
+# TEACHER_SEEDS=2, TOKEN_SEEDS=3: more teachers, more stage-1 runs per teacher.
+# `make benchmark-demo`: the perturbation benchmark of the README (about an hour here).
 demo: setup
 	$(PY) tools/demo.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(TEACHER_SEEDS),--teacher-seeds $(TEACHER_SEEDS)) \
+		$(if $(TOKEN_SEEDS),--token-seeds $(TOKEN_SEEDS)) \
 		$(if $(QUICK),--output output/demo_quick)
+
+benchmark-demo: setup
+	$(PY) tools/demo.py --teacher-seeds 2 --seeds 3 --token-seeds 3 --output output/demo_perturbation

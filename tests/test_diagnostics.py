@@ -211,3 +211,31 @@ def test_mask_grids_state_the_statistics_of_each_level(stage1, tmp_path):
     assert labels == [format_statistics(stats[lv]) for lv in model.in_features]
     assert f"const {stats['p3']['constant']:.2f}" in labels[1]
     assert f"H(w) {stats['p3']['weight_entropy']:.2f}" in labels[1]
+
+
+def test_low_retention_warns_and_names_switched_off_levels():
+    import logging
+
+    from maskd import engine
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("maskd.engine")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        with EventStorage() as storage:
+            storage.put_scalar("[metric]tokens/p2/combined", 0.98)
+            storage.put_scalar("[metric]tokens/p4/combined", 0.01)
+            engine.log_final_retention({"retention": {"bbox/AP": 0.6}}, storage)
+            engine.log_final_retention({"retention": {"bbox/AP": 0.99}}, storage)
+            engine.log_final_retention({"bbox": {"AP": 1.0}}, storage)  # not stage 1: silent
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
+    low, good = (r.getMessage() for r in records)
+    assert "bbox/AP = 0.600, below 0.95" in low and "p4 (0.01)" in low and "p2" not in low
+    assert good == "MasKD stage 1 finished: retention (masked teacher / teacher) bbox/AP = 0.990"

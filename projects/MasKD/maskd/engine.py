@@ -235,13 +235,41 @@ def evaluate_with_retention(model: torch.nn.Module, evaluate: Callable[[bool], d
     return results
 
 
-def log_final_retention(results) -> None:
-    """The closing log line of a stage-1 run: its retention, if the last evaluation has one."""
-    if comm.is_main_process() and isinstance(results, dict) and "retention" in results:
-        logger.info(
-            "MasKD stage 1 finished: retention (masked teacher / teacher) %s",
-            ", ".join(f"{k} = {v:.3f}" for k, v in results["retention"].items()),
-        )
+# Below this retention the end of stage 1 warns and names the levels that look switched off.
+LOW_RETENTION = 0.95
+
+
+def log_final_retention(results, storage=None) -> None:
+    """The closing log line of a stage-1 run: its retention, if the last evaluation has one.
+
+    Below :data:`LOW_RETENTION` it is a warning, naming the levels whose combined mask
+    (``[metric]tokens/<level>/combined`` in ``storage``) passes less than half the features.
+    """
+    if not (comm.is_main_process() and isinstance(results, dict) and "retention" in results):
+        return
+    ratios = results["retention"]
+    text = ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())
+    if all(v >= LOW_RETENTION for v in ratios.values()):
+        logger.info("MasKD stage 1 finished: retention (masked teacher / teacher) %s", text)
+        return
+    dark = []
+    if storage is not None:
+        for name, history in storage.histories().items():
+            if name.startswith("[metric]tokens/") and name.endswith("/combined"):
+                if history.latest() < 0.5:
+                    dark.append(f"{name.split('/')[1]} ({history.latest():.2f})")
+    logger.warning(
+        "MasKD stage 1 finished: retention (masked teacher / teacher) %s, below %.2f: the "
+        "tokens lose part of the teacher's accuracy. %s See the README's 'Reading the token "
+        "statistics'.",
+        text,
+        LOW_RETENTION,
+        (
+            f"Levels whose combined mask passes under half of the features: {', '.join(dark)}."
+            if dark
+            else ""
+        ),
+    )
 
 
 def _retention_text(masked: dict, teacher: dict, ratios: Dict[str, float]) -> str:
@@ -307,7 +335,7 @@ class MasKDTrainer(DefaultTrainer):
     def train(self):
         """Train; after a stage-1 run, the last log line states its retention."""
         results = super().train()
-        log_final_retention(getattr(self, "_last_eval_results", None))
+        log_final_retention(getattr(self, "_last_eval_results", None), self.storage)
         return results
 
 
@@ -376,4 +404,4 @@ def lazy_train(cfg, resume: bool = False):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
-    log_final_retention(last.get("out"))
+    log_final_retention(last.get("out"), trainer.storage)
