@@ -16,11 +16,19 @@ One entry point for both config systems:
 detectron2's flags work as usual (--num-gpus, --num-machines, --machine-rank, --dist-url,
 --resume, --eval-only). A COCO-format dataset of your own needs no code:
 --register-coco NAME ANNOTATIONS.json IMAGE_DIR (repeatable), then use NAME in the config.
+
+--eval-only reads only MODEL.WEIGHTS (LazyConfig: train.init_checkpoint), which must hold every
+weight of the evaluated model: a stage-2 checkpoint evaluates its student without the teacher's
+or the tokens' files. The results are also written to OUTPUT_DIR/results.json.
+
+For stage 1, stage 2, export and evaluation in one command, see distill_net.py.
 """
 
+import json
 import logging
+import math
+import os
 
-from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -28,23 +36,39 @@ from detectron2.utils.logger import setup_logger
 
 import maskd  # noqa: F401  (registers the meta-architectures)
 from maskd.checkpoint import MasKDCheckpointer
-from maskd.config import get_maskd_cfg
+from maskd.config import is_lazy_config, load_config
 from maskd.engine import (
     MasKDTrainer,
+    build_inference_model,
+    build_lazy_inference_model,
     check_datasets,
     create_ddp_model,
     lazy_test,
     lazy_train,
+    load_inference_weights,
     register_coco_datasets,
 )
 
 logger = logging.getLogger("maskd.train_net")
 
 
+def write_results(results, output_dir: str) -> None:
+    """The evaluation results as ``<output_dir>/results.json`` (main process; NaN as null)."""
+    if not comm.is_main_process():
+        return
+
+    def safe(x):
+        if isinstance(x, dict):
+            return {k: safe(v) for k, v in x.items()}
+        return None if isinstance(x, float) and math.isnan(x) else x
+
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(safe(results), f, indent=1, allow_nan=False)
+
+
 def setup_yacs(args):
-    cfg = get_maskd_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     # As detectron2's projects do: the library's own logger ("maskd") writes too.
@@ -56,13 +80,16 @@ def main_yacs(args):
     cfg = setup_yacs(args)
     if args.eval_only:
         check_datasets(cfg.DATASETS.TEST)
-        model = MasKDTrainer.build_model(cfg)
-        MasKDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        model = build_inference_model(cfg)
+        checkpointer = MasKDCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if args.resume and checkpointer.has_checkpoint():
+            load_inference_weights(model, checkpointer.get_checkpoint_file(), "last_checkpoint")
+        else:
+            load_inference_weights(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
         res = MasKDTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
+        write_results(res, cfg.OUTPUT_DIR)
         return res
     trainer = MasKDTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -70,22 +97,21 @@ def main_yacs(args):
 
 
 def main_lazy(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="maskd")
     if args.eval_only:
-        model = instantiate(cfg.model)
-        model.to(cfg.train.device)
-        model = create_ddp_model(model)
-        MasKDCheckpointer(model).load(cfg.train.init_checkpoint)
-        return lazy_test(cfg, model)
+        model = build_lazy_inference_model(cfg)
+        load_inference_weights(model, cfg.train.init_checkpoint, "train.init_checkpoint")
+        res = lazy_test(cfg, create_ddp_model(model))
+        write_results(res, cfg.train.output_dir)
+        return res
     return lazy_train(cfg, resume=args.resume)
 
 
 def main(args):
     register_coco_datasets(args.register_coco or [])
-    if args.config_file.endswith(".py"):
+    if is_lazy_config(args.config_file):
         return main_lazy(args)
     return main_yacs(args)
 

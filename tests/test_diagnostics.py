@@ -229,9 +229,9 @@ def test_low_retention_warns_and_names_switched_off_levels():
         with EventStorage() as storage:
             storage.put_scalar("[metric]tokens/p2/combined", 0.98)
             storage.put_scalar("[metric]tokens/p4/combined", 0.01)
-            engine.log_final_retention({"retention": {"bbox/AP": 0.6}}, storage)
-            engine.log_final_retention({"retention": {"bbox/AP": 0.99}}, storage)
-            engine.log_final_retention({"bbox": {"AP": 1.0}}, storage)  # not stage 1: silent
+            engine.log_final_retention({"bbox/AP": 0.6}, storage)
+            engine.log_final_retention({"bbox/AP": 0.99}, storage)
+            engine.log_final_retention({}, storage)  # not stage 1: no retention, silent
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)

@@ -1,4 +1,6 @@
-"""Head-level distillation terms and inheriting (issue 8) on tiny CPU models."""
+"""Head-level distillation terms (maskd.head_kd) and inheriting on tiny CPU models: values
+against independent computations, where their gradients go, and the registry through which a
+new term plugs in."""
 
 import pytest
 import torch
@@ -20,6 +22,10 @@ from tiny import (
 )
 
 from maskd import MasKD
+from maskd.config import get_maskd_cfg
+from maskd.head_kd import HEAD_KD_REGISTRY, DenseRegressionKD, HeadKD, dense_regression_kd_loss
+from maskd.receptive_tokens import build_level_tokens
+from maskd.teacher import preprocess_images
 
 GN = ["MODEL.RESNETS.NORM", "GN"]  # no batch statistics: a student can equal its teacher
 
@@ -38,17 +44,21 @@ def stage2(tmp_path, kind, teacher_kind=None, teacher_opts=(), student_like_teac
     return build_model(cfg), teacher
 
 
-def head_term(model, key, needs=None, seed=0):
-    """One training forward; the term, and the parameters its gradient reaches."""
+def head_term(model, key, needs=None, seed=0, gradient=True):
+    """One training forward; the term, and the parameters its gradient reaches (those with a
+    nonzero gradient). Fails if the gradient reaches nothing, unless ``gradient`` is False."""
     model.train()
     with EventStorage(0):
         losses = model(tiny_batch(2, 64, seed=seed, empty=(1,), **(needs or {})))
     assert key in losses and torch.isfinite(losses[key])
     model.zero_grad(set_to_none=True)
     losses[key].backward()
-    reached = {
-        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    reached = {  # named as in state dicts (the transparent wrappers' "inner" left out)
+        n.replace(".inner.", ".")
+        for n, p in model.named_parameters()
+        if p.grad is not None and p.grad.abs().sum() > 0
     }
+    assert reached or not gradient, f"{key} sends no gradient anywhere"
     return losses[key], reached
 
 
@@ -56,11 +66,21 @@ def test_roi_regression_kd(tmp_path):
     model, _ = stage2(tmp_path, "rcnn", **{"ROI_REG_KD.WEIGHT": 2.0})
     value, reached = head_term(model, "loss_roi_reg_kd")
     assert value > 0
-    assert reached and all(n.startswith("student.") for n in reached)
-    assert any("box_predictor" in n for n in reached)
+    assert all(n.startswith("student.") for n in reached)
+    # A box-regression term: the regression layer learns from it, the classifier does not.
+    assert "student.roi_heads.box_predictor.bbox_pred.weight" in reached
+    assert not any("cls_score" in n for n in reached)
     # Only the teacher's box head runs: its RPN never does.
     model.teacher.proposal_generator.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError)
     head_term(model, "loss_roi_reg_kd", seed=1)
+
+
+def test_roi_regression_kd_weight_scales_the_term(tmp_path):
+    values = {}
+    for weight in (1.0, 3.0):
+        model, _ = stage2(tmp_path, "rcnn", **{"ROI_REG_KD.WEIGHT": weight})
+        values[weight], _ = head_term(model, "loss_roi_reg_kd")
+    assert values[3.0].item() == pytest.approx(3 * values[1.0].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +101,69 @@ def test_roi_regression_kd_mixed_class_specificity(
     model = build_model(cfg)
     _, reached = head_term(model, "loss_roi_reg_kd")
     assert all(n.startswith("student.") for n in reached)
+    assert "student.roi_heads.box_predictor.bbox_pred.weight" in reached
+
+
+def test_dense_regression_kd_loss_values():
+    s = [torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 1, 1)]
+    near = [torch.full((1, 4, 2, 2), 0.5), torch.full((1, 4, 1, 1), 0.5)]  # |d| < beta
+    far = [torch.full((1, 4, 2, 2), -2.0), torch.full((1, 4, 1, 1), -2.0)]  # |d| > beta
+    levels = ["p3", "p4"]
+    assert dense_regression_kd_loss(s, near, levels, "l1").item() == pytest.approx(0.5)
+    assert dense_regression_kd_loss(s, near, levels, "smooth_l1").item() == pytest.approx(0.125)
+    assert dense_regression_kd_loss(s, far, levels, "l1").item() == pytest.approx(2.0)
+    assert dense_regression_kd_loss(s, far, levels, "smooth_l1").item() == pytest.approx(1.5)
+    beta = dense_regression_kd_loss(s, near, levels, "smooth_l1", beta=0.25).item()
+    assert beta == pytest.approx(0.5 - 0.125)
+    with pytest.raises(ValueError, match="level 'p4'"):
+        dense_regression_kd_loss(s, [near[0], torch.zeros(1, 8, 1, 1)], levels)
+    with pytest.raises(ValueError, match="'l1' or 'smooth_l1', got 'l2'"):
+        dense_regression_kd_loss(s, near, levels, "l2")
+
+
+@pytest.mark.parametrize("loss", ["l1", "smooth_l1"])
+def test_dense_regression_kd_retinanet_uses_the_configured_loss(tmp_path, loss):
+    weight, beta = 2.0, 0.5
+    model, teacher = stage2(
+        tmp_path,
+        "retinanet",
+        **{"DENSE_REG_KD.WEIGHT": weight, "DENSE_REG_KD.LOSS": loss, "DENSE_REG_KD.BETA": beta},
+    )
+    recorded = {}
+    pop = model.student.head.pop
+    model.student.head.pop = lambda: recorded.setdefault("out", pop())
+    batch = tiny_batch(2, 64, seed=0, empty=(1,))
+    value, reached = head_term(model, "loss_dense_reg_kd")
+    assert all(n.startswith("student.") for n in reached)
+    assert any(n.startswith("student.head.bbox_pred") for n in reached)
+    assert not any(n.startswith("student.head.cls_score") for n in reached)
+    # the expected value, computed here from the student's recorded outputs and the teacher
+    with torch.no_grad():
+        features = teacher.backbone(preprocess_images(teacher, batch).tensor)
+        t_reg = teacher.head([features[lv] for lv in teacher.head_in_features])[1]
+    s_reg = [r.detach() for r in recorded["out"][1]]
+    diff = torch.cat([(s - t).flatten() for s, t in zip(s_reg, t_reg)]).abs()
+    per = diff if loss == "l1" else torch.where(diff < beta, 0.5 * diff**2 / beta, diff - beta / 2)
+    assert value.item() == pytest.approx(weight * per.mean().item(), rel=1e-5)
+
+
+def test_dense_regression_kd_fcos_lazyconfig(tmp_path):
+    torch.manual_seed(0)
+    node = tiny_fcos(TEACHER_DEPTH, TEACHER_FPN, "BN")
+    teacher = instantiate(node)
+    calibrate_bn(teacher)
+    loaded = instantiate(node)
+    loaded.load_state_dict(teacher.state_dict())
+    channels = {lv: s.channels for lv, s in loaded.backbone.output_shape().items()}
+    model = MasKD(
+        student=instantiate(tiny_fcos(STUDENT_DEPTH, STUDENT_FPN, "GN")),
+        teacher=loaded,
+        tokens=build_level_tokens(channels, 3, True),
+        head_kd=[DenseRegressionKD(weight=1.0, loss="smooth_l1")],
+    )
+    value, reached = head_term(model, "loss_dense_reg_kd")
+    assert value > 0 and all(n.startswith("student.") for n in reached)
+    assert any(n.startswith("student.head.") for n in reached)
 
 
 def test_head_terms_vanish_when_the_student_is_the_teacher(tmp_path):
@@ -95,37 +178,9 @@ def test_head_terms_vanish_when_the_student_is_the_teacher(tmp_path):
         model.student.backbone.inner.bottom_up.load_state_dict(
             teacher.backbone.bottom_up.state_dict()
         )
-        value, _ = head_term(model, key)
+        value, reached = head_term(model, key, gradient=False)
         assert value.item() == pytest.approx(0.0, abs=1e-6), kind
-
-
-def test_dense_regression_kd_retinanet(tmp_path):
-    for loss in ("l1", "smooth_l1"):
-        model, _ = stage2(
-            tmp_path, "retinanet", **{"DENSE_REG_KD.WEIGHT": 1.0, "DENSE_REG_KD.LOSS": loss}
-        )
-        value, reached = head_term(model, "loss_dense_reg_kd")
-        assert value > 0 and all(n.startswith("student.") for n in reached)
-        assert any(n.startswith("student.head.") for n in reached)
-
-
-def test_dense_regression_kd_fcos_lazyconfig(tmp_path):
-    torch.manual_seed(0)
-    node = tiny_fcos(TEACHER_DEPTH, TEACHER_FPN, "BN")
-    teacher = instantiate(node)
-    calibrate_bn(teacher)
-    torch.save({"model": teacher.state_dict()}, tmp_path / "t.pth")
-    model = MasKD(
-        student=instantiate(tiny_fcos(STUDENT_DEPTH, STUDENT_FPN, "GN")),
-        teacher=instantiate(node),
-        teacher_weights=str(tmp_path / "t.pth"),
-        allow_random_tokens=True,
-        dense_reg_kd_weight=1.0,
-        dense_reg_kd_loss="smooth_l1",
-    )
-    value, reached = head_term(model, "loss_dense_reg_kd")
-    assert value > 0 and all(n.startswith("student.") for n in reached)
-    assert any(n.startswith("student.head.") for n in reached)
+        assert not reached, kind  # zero loss, zero gradient
 
 
 def test_inheriting_copies_exactly_the_matching_tensors(tmp_path):
@@ -167,3 +222,51 @@ def test_head_kd_options_check_the_models(tmp_path):
         stage2(tmp_path, "retinanet", teacher_kind="rcnn", **{"ROI_REG_KD.WEIGHT": 1.0})
     with pytest.raises(ValueError, match="DENSE_REG_KD needs RetinaNet/FCOS-style models"):
         stage2(tmp_path, "rcnn", **{"DENSE_REG_KD.WEIGHT": 1.0})
+
+
+class _FeatureNormKD(HeadKD):
+    """A made-up term for the registry test: the mean square of the student's p2 features."""
+
+    CONFIG_KEY = "TEST_NORM_KD"
+    LOSS_NAME = "loss_test_norm_kd"
+
+    @classmethod
+    def add_config(cls, node):
+        node.WEIGHT = 0.0
+
+    @classmethod
+    def from_config(cls, node):
+        return {"weight": node.WEIGHT}
+
+    def check(self, student, teacher):
+        if not hasattr(student, "backbone"):
+            raise ValueError("MODEL.MASKD.TEST_NORM_KD needs a backbone")
+
+    def wrap(self, student):
+        self.wrapped = type(student).__name__
+
+    def forward(self, student, teacher, teacher_features):
+        return self.weight * student.backbone.last_p2.pow(2).mean()
+
+
+def test_a_new_head_term_is_one_class_and_one_registration(tmp_path):
+    HEAD_KD_REGISTRY.register(_FeatureNormKD)
+    try:
+        assert get_maskd_cfg().MODEL.MASKD.TEST_NORM_KD.WEIGHT == 0.0  # its keys, off
+        model, _ = stage2(tmp_path, "rcnn")  # registered, but off by default
+        assert "loss_test_norm_kd" not in [t.LOSS_NAME for t in model.head_kd]
+        model, _ = stage2(tmp_path, "rcnn", **{"TEST_NORM_KD.WEIGHT": 0.5})
+        (term,) = model.head_kd
+        assert isinstance(term, _FeatureNormKD) and term.wrapped == "GeneralizedRCNN"
+        inner = model.student.backbone.forward
+        model.student.backbone.forward = lambda x: _keep_p2(model.student.backbone, inner(x))
+        value, reached = head_term(model, "loss_test_norm_kd")
+        assert value.item() > 0 and all(n.startswith("student.backbone.") for n in reached)
+    finally:
+        HEAD_KD_REGISTRY._obj_map.pop("_FeatureNormKD")
+    assert "TEST_NORM_KD" not in get_maskd_cfg().MODEL.MASKD
+
+
+def _keep_p2(backbone, features):
+    object.__setattr__(backbone, "last_p2", features["p2"])
+    return features

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from maskd.losses import dice_diversity_loss, masked_distillation_loss
-from maskd.naive import (
+from naive import (
     naive_dice_diversity_loss,
     naive_mask_features,
     naive_masked_distillation_loss,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from maskd.losses import dice_diversity_loss, masked_distillation_loss
 from maskd.receptive_tokens import ReceptiveTokens
 
 # (N, T, C, H, W) cases: general, T = 1, H = W = 1, odd sizes.

@@ -25,7 +25,7 @@ from tiny import (
     write_teacher,
 )
 
-from maskd import MasKD, MasKDCheckpointer, MasKDTokenLearner
+from maskd import MasKD, MasKDCheckpointer, MasKDTokenLearner, build_teacher, tokens_from_file
 from maskd.losses import masked_distillation_loss
 
 
@@ -215,21 +215,21 @@ def test_fcos_lazyconfig_both_stages(tmp_path):
     weights = tmp_path / "fcos_teacher.pth"
     torch.save({"model": teacher.state_dict()}, weights)
 
-    stage1 = L(MasKDTokenLearner)(
-        teacher=teacher_node,
-        teacher_weights=str(weights),
-        num_tokens=3,
+    teacher_built = L(build_teacher)(
+        config_file=str(tmp_path / "fcos_teacher.py"), weights=str(weights)
     )
+    (tmp_path / "fcos_teacher.py").write_text(
+        "from tiny import tiny_fcos\n" f"model = tiny_fcos({TEACHER_DEPTH}, {TEACHER_FPN}, 'BN')\n"
+    )
+    stage1 = L(MasKDTokenLearner)(teacher=teacher_built, num_tokens=3)
     model1 = instantiate(stage1)
     assert model1.in_features == ["p3", "p4", "p5", "p6", "p7"]
     stage1_file, tokens = run_stage1(tmp_path, model1, {})
 
     stage2 = L(MasKD)(
         student=tiny_fcos(depth=STUDENT_DEPTH, fpn_channels=STUDENT_FPN, norm="GN"),
-        teacher=teacher_node,
-        teacher_weights=str(weights),
-        tokens_weights=stage1_file,
-        num_tokens=3,
+        teacher=teacher_built,
+        tokens=L(tokens_from_file)(weights=stage1_file, num_tokens=3),
         loss_weight=10.0,
     )
     model2 = instantiate(stage2)

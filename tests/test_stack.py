@@ -1,20 +1,46 @@
-"""The software stack works: detectron2 and maskd import, a tiny detectron2 model trains a step."""
+"""The software stack is the pinned one and works: detectron2 and torch at the versions of the
+requirements files, maskd from this checkout with its models registered, and a tiny detectron2
+model trains a step."""
 
 import math
+import os
+import re
 
 import torch
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import EventStorage
-from tiny import tiny_batch, tiny_rcnn_cfg
+from tiny import ROOT, tiny_batch, tiny_rcnn_cfg
 
 import maskd
 
 
-def test_imports():
-    import detectron2
+def _pins():
+    pins = {}
+    for name in ("requirements.txt", "requirements-detectron2.txt"):
+        with open(os.path.join(ROOT, name)) as f:
+            for line in f:
+                m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line.strip())
+                if m:
+                    pins[m.group(1).lower()] = m.group(2)
+    return pins
 
-    assert detectron2.__version__
-    assert maskd.__name__ == "maskd"
+
+def test_the_installed_stack_is_the_pinned_one():
+    import detectron2
+    import torchvision
+
+    pins = _pins()
+    assert detectron2.__version__ == pins["sal-detectron2"]
+    assert torch.__version__.split("+")[0] == pins["torch"]
+    assert torchvision.__version__.split("+")[0] == pins["torchvision"]
+
+
+def test_maskd_is_this_checkout_and_registers_its_models():
+    here = os.path.join(ROOT, "projects", "MasKD", "maskd", "__init__.py")
+    assert os.path.samefile(maskd.__file__, here)
+    assert META_ARCH_REGISTRY.get("MasKD") is maskd.MasKD
+    assert META_ARCH_REGISTRY.get("MasKDTokenLearner") is maskd.MasKDTokenLearner
+    assert {name for name, _ in maskd.HEAD_KD_REGISTRY} == {"RoIRegressionKD", "DenseRegressionKD"}
 
 
 def test_tiny_faster_rcnn_trains_one_step():

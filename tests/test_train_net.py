@@ -101,12 +101,46 @@ def test_yacs_both_stages_eval_and_export(workspace):
     log = out.stdout + out.stderr
     assert "loss_maskd" in log and "copypaste: Task: bbox" in log
 
-    out = run(
-        [TRAIN_NET, "--config-file", "stage2.yaml", "--eval-only", *register]
-        + ["MODEL.WEIGHTS", str(final)],
-        tmp,
-    )
-    assert "copypaste: Task: bbox" in out.stdout + out.stderr
+    # --eval-only reads only MODEL.WEIGHTS: with the teacher's and the tokens' files moved away,
+    # the stage-2 checkpoint evaluates its student (as its training's last evaluation did), and
+    # the stage-1 checkpoint its masked teacher.
+    hidden = tmp / "hidden"
+    hidden.mkdir()
+    moved = {
+        teacher_weights: hidden / "teacher.pth",
+        str(tmp / "s1" / "model_final.pth"): hidden / "s1.pth",
+    }
+    for src, dst in moved.items():
+        os.rename(src, dst)
+    try:
+        out = run(
+            [TRAIN_NET, "--config-file", "stage2.yaml", "--eval-only", *register]
+            + ["MODEL.WEIGHTS", str(final), "OUTPUT_DIR", "eval2"],
+            tmp,
+        )
+        assert "copypaste: Task: bbox" in out.stdout + out.stderr
+        evaluated = json.loads((tmp / "eval2" / "results.json").read_text())["bbox"]
+        trained = [json.loads(ln) for ln in open(tmp / "s2" / "metrics.json")]
+        trained = [r for r in trained if "bbox/AP" in r][-1]
+        assert evaluated["AP"] == pytest.approx(trained["bbox/AP"], abs=1e-9)
+        out = run(
+            [TRAIN_NET, "--config-file", "stage1.yaml", "--eval-only", *register]
+            + ["MODEL.WEIGHTS", str(hidden / "s1.pth"), "OUTPUT_DIR", "eval1"],
+            tmp,
+        )
+        assert "Stage 1 retention (masked teacher / teacher)" in out.stdout + out.stderr
+        # A checkpoint that lacks weights of the model is an error, not a partly random model.
+        bad = run(
+            [TRAIN_NET, "--config-file", "stage2.yaml", "--eval-only", *register]
+            + ["MODEL.WEIGHTS", str(hidden / "teacher.pth"), "OUTPUT_DIR", "eval3"],
+            tmp,
+            check=False,
+        )
+        assert bad.returncode != 0
+        assert "MODEL.WEIGHTS" in bad.stderr and "missing keys" in bad.stderr
+    finally:
+        for src, dst in moved.items():
+            os.rename(dst, src)
 
     # Tokens export: accepted by TOKENS_WEIGHTS; refuses to overwrite.
     tokens = export_tokens(str(tmp / "s1" / "model_final.pth"), str(tmp / "tokens.pth"))
@@ -174,7 +208,7 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 from fvcore.common.param_scheduler import CosineParamScheduler
-from maskd import {cls}
+from maskd import {cls}, build_teacher, tokens_from_file
 from tiny import tiny_fcos
 
 dataloader = get_config("common/data/coco.py").dataloader
@@ -194,7 +228,7 @@ train.max_iter = 3
 train.eval_period = 0
 train.checkpointer.period = 1000
 train.output_dir = "{out}"
-model = L({cls})(teacher=tiny_fcos({td}, {tf}, "BN"), teacher_weights="{weights}", num_tokens=3)
+model = L({cls})(teacher=L(build_teacher)(config_file="{teacher_cfg}", weights="{weights}"){extra})
 """
 
 
@@ -205,9 +239,14 @@ def test_lazy_both_stages_and_eval(workspace):
     calibrate_bn(teacher)
     weights = tmp / "fcos_teacher.pth"
     torch.save({"model": teacher.state_dict()}, weights)
-    fmt = dict(td=TEACHER_DEPTH, tf=TEACHER_FPN, weights=weights)
+    (tmp / "fcos_teacher.py").write_text(
+        f"from tiny import tiny_fcos\nmodel = tiny_fcos({TEACHER_DEPTH}, {TEACHER_FPN}, 'BN')\n"
+    )
+    fmt = dict(weights=weights, teacher_cfg=tmp / "fcos_teacher.py")
 
-    (tmp / "lazy1.py").write_text(LAZY.format(cls="MasKDTokenLearner", out=tmp / "l1", **fmt))
+    (tmp / "lazy1.py").write_text(
+        LAZY.format(cls="MasKDTokenLearner", out=tmp / "l1", extra=", num_tokens=3", **fmt)
+    )
     out = run([TRAIN_NET, "--config-file", "lazy1.py", *register], tmp)
     stage1_final = tmp / "l1" / "model_final.pth"
     assert os.path.isfile(stage1_final)
@@ -216,10 +255,10 @@ def test_lazy_both_stages_and_eval(workspace):
     assert "Stage 1 retention (masked teacher / teacher): bbox/AP" in log
     assert "MasKD stage 1 finished: retention (masked teacher / teacher) bbox/AP = " in log
 
-    stage2 = LAZY.format(cls="MasKD", out=tmp / "l2", **fmt)
+    stage2 = LAZY.format(cls="MasKD", out=tmp / "l2", extra="", **fmt)
     stage2 += (
         f'model.student = tiny_fcos({STUDENT_DEPTH}, {STUDENT_FPN}, "GN")\n'
-        f'model.tokens_weights = "{stage1_final}"\n'
+        f'model.tokens = L(tokens_from_file)(weights="{stage1_final}")\n'
     )
     (tmp / "lazy2.py").write_text(stage2)
     out = run([TRAIN_NET, "--config-file", "lazy2.py", *register, "model.loss_weight=10"], tmp)

@@ -13,17 +13,23 @@ measurement) over the resident set before it.
 
 import argparse
 import gc
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from maskd.losses import dice_diversity_loss, masked_aggregate, masked_distillation_loss
-from maskd.naive import (
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # naive.py, the reference formulas of the tests
+
+from naive import (  # tests/naive.py: the plain reference formulas
     naive_dice_diversity_loss,
     naive_mask_features,
     naive_masked_distillation_loss,
 )
+
+from maskd.losses import dice_diversity_loss, masked_aggregate, masked_distillation_loss
 from maskd.receptive_tokens import ReceptiveTokens
 
 STRIDES = {"P2": 4, "P3": 8, "P4": 16, "P5": 32, "P6": 64}

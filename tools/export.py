@@ -17,20 +17,10 @@ plain detectron2: tools/train_net.py --config-file student.yaml --eval-only.
 import argparse
 import logging
 
-from detectron2.config import LazyConfig
 from detectron2.utils.logger import setup_logger
 
-from maskd.config import get_maskd_cfg
+from maskd.config import load_config
 from maskd.export import export_student, export_tokens
-
-
-def load_config(path, opts):
-    if path.endswith(".py"):
-        return LazyConfig.apply_overrides(LazyConfig.load(path), opts)
-    cfg = get_maskd_cfg()
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(opts)
-    return cfg
 
 
 def main(argv=None):

@@ -10,7 +10,9 @@ written to <output>/token_statistics.json.
     python tools/visualize_masks.py --config-file ... --checkpoint ... \\
         --dataset coco_2017_val --num 8 --output vis/
 
-A stage-2 config works too (its TOKENS_WEIGHTS are loaded when the model is built).
+With --checkpoint, a stage-1 config needs no teacher weights (the checkpoint holds teacher and
+tokens). A stage-2 config works too: its teacher and TOKENS_WEIGHTS are loaded when the model is
+built (then replaced by --checkpoint's, if given).
 """
 
 import argparse
@@ -20,31 +22,36 @@ import os
 import statistics
 
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import CfgNode, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from maskd.checkpoint import MasKDCheckpointer
-from maskd.config import get_maskd_cfg
-from maskd.engine import register_coco_datasets
+from maskd.config import load_config
+from maskd.engine import build_inference_model, load_inference_weights, register_coco_datasets
 from maskd.visualize import save_mask_grid
 
 logger = logging.getLogger("maskd.visualize_masks")
 
 
 def build(args):
-    if args.config_file.endswith(".py"):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    """The model whose masks are drawn: a stage-1 model (its weights from --checkpoint, or the
+    teacher weights of the config) or a stage-2 model (built with its files)."""
+    cfg = load_config(args.config_file, args.opts)
+    if not isinstance(cfg, CfgNode):
         model = instantiate(cfg.model).to(args.device)
+        if args.checkpoint:
+            load_inference_weights(model, args.checkpoint, "--checkpoint")
         return model, "BGR", args.min_size, args.max_size
-    cfg = get_maskd_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = args.device
-    model = build_model(cfg)
+    if args.checkpoint and cfg.MODEL.META_ARCHITECTURE == "MasKDTokenLearner":
+        model = build_inference_model(cfg)
+    else:
+        model = build_model(cfg)
+    if args.checkpoint:
+        load_inference_weights(model, args.checkpoint, "--checkpoint")
     return model, cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
 
 
@@ -78,8 +85,6 @@ def main(argv=None):
         parser.error(f"image files not found: {missing}")
 
     model, input_format, min_size, max_size = build(args)
-    if args.checkpoint:
-        MasKDCheckpointer(model).load(args.checkpoint)
     model.eval()
     resize = T.ResizeShortestEdge(min_size, max_size)
     os.makedirs(args.output, exist_ok=True)

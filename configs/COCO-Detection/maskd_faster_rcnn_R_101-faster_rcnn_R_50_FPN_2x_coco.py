@@ -8,8 +8,7 @@ the schedule is 2x: 180k iterations at 16 images.
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
-from maskd import MasKD
-from maskd.teacher import build_teacher
+from maskd import MasKD, RoIRegressionKD, build_teacher, tokens_from_file
 
 _zoo = get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
 dataloader = _zoo.dataloader
@@ -23,12 +22,16 @@ dataloader.train.mapper.use_instance_mask = False
 
 model = L(MasKD)(
     student=student,
-    teacher=L(build_teacher)(config_file="COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"),
-    teacher_weights="detectron2://COCO-Detection/faster_rcnn_R_101_FPN_3x/137851257/model_final_f6e8b1.pkl",
-    tokens_weights="output/maskd_faster_rcnn_R_101-faster_rcnn_R_50_FPN_tokens_coco_lazy/model_final.pth",
+    teacher=L(build_teacher)(
+        config_file="COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml",
+        weights="detectron2://COCO-Detection/faster_rcnn_R_101_FPN_3x/137851257/model_final_f6e8b1.pkl",
+    ),
+    tokens=L(tokens_from_file)(
+        weights="output/maskd_faster_rcnn_R_101-faster_rcnn_R_50_FPN_tokens_coco_lazy/model_final.pth"
+    ),
     loss_weight=1.0,
     custom_mask_warmup=7330,
-    roi_reg_kd_weight=1.0,  # the paper's extras for this row, as in the .yaml
+    head_kd=[L(RoIRegressionKD)(weight=1.0)],  # the paper's extras for this row, as in the .yaml
     inherit=True,
 )
 

@@ -24,7 +24,6 @@ train = _stage2.train
 
 model = L(MasKDTokenLearner)(
     teacher=_stage2.model.teacher,
-    teacher_weights=_stage2.model.teacher_weights,
 )
 optimizer.lr = 0.1
 lr_multiplier = L(CosineParamScheduler)(start_value=1.0, end_value=1e-6 / 0.1)

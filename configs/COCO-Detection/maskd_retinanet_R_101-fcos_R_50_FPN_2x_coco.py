@@ -11,8 +11,7 @@ detectron2's fcos_R_50_FPN_1x.py, on a 2x schedule (180k iterations at 16 images
 from detectron2.config import LazyCall as L
 from detectron2.model_zoo import get_config
 
-from maskd import MasKD
-from maskd.teacher import build_teacher
+from maskd import MasKD, build_teacher, tokens_from_file
 
 _zoo = get_config("COCO-Detection/fcos_R_50_FPN_1x.py")
 dataloader = _zoo.dataloader
@@ -22,9 +21,13 @@ lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_2x
 
 model = L(MasKD)(
     student=_zoo.model,
-    teacher=L(build_teacher)(config_file="COCO-Detection/retinanet_R_101_FPN_3x.yaml"),
-    teacher_weights="detectron2://COCO-Detection/retinanet_R_101_FPN_3x/190397697/model_final_971ab9.pkl",
-    tokens_weights="output/maskd_retinanet_R_101-fcos_R_50_FPN_tokens_coco/model_final.pth",
+    teacher=L(build_teacher)(
+        config_file="COCO-Detection/retinanet_R_101_FPN_3x.yaml",
+        weights="detectron2://COCO-Detection/retinanet_R_101_FPN_3x/190397697/model_final_971ab9.pkl",
+    ),
+    tokens=L(tokens_from_file)(
+        weights="output/maskd_retinanet_R_101-fcos_R_50_FPN_tokens_coco/model_final.pth"
+    ),
     loss_weight=10.0,
     custom_mask_warmup=5000,
 )

@@ -20,7 +20,6 @@ train = _stage2.train
 
 model = L(MasKDTokenLearner)(
     teacher=_stage2.model.teacher,
-    teacher_weights=_stage2.model.teacher_weights,
 )
 optimizer = L(torch.optim.Adam)(
     params=L(get_default_optimizer_params)(weight_decay_norm=0.0),

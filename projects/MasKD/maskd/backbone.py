@@ -21,6 +21,7 @@ import torch
 from detectron2.modeling import Backbone
 from torch import nn
 
+from ._compat import register_state_dict_hook
 from .losses import dice_diversity_loss, masked_aggregate
 from .receptive_tokens import ReceptiveTokens
 
@@ -40,7 +41,7 @@ class TransparentWrapper:
         if isinstance(inner, TransparentWrapper):
             raise ValueError(f"{type(inner).__name__} is already wrapped")
         self.inner = inner
-        self._register_state_dict_hook(_hide_inner)
+        register_state_dict_hook(self, _hide_inner)
         self.register_load_state_dict_pre_hook(_expand_inner)
 
     def __getattr__(self, name: str):

@@ -7,25 +7,31 @@ Key layout of MasKD checkpoints (what detectron2's checkpointer writes for the m
 * stage 2 (``MasKD``): ``student.*``, ``teacher.*``, ``tokens.<level>.*``, ``align.<level>.*``;
 * a tokens-only export: ``tokens.<level>.*``.
 
-Student and teacher keys are those of plain detectron2 models under the ``student.`` /
+:func:`load_checkpoint_dict` routes a checkpoint to the right submodule (see
+:class:`MasKDCheckpointer`); :func:`load_weights_strict` loads a file and fails if anything of the
+model is left out. Student and teacher keys are those of plain detectron2 models under the ``student.`` /
 ``teacher.`` prefix (the backbone wrappers are transparent in state dicts).
 """
 
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Dict, Optional
-from urllib.parse import urlparse
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
+
+from ._compat import IncompatibleKeys, load_state_into, read_checkpoint_file
+from .receptive_tokens import ReceptiveTokens
 
 __all__ = [
     "MasKDCheckpointer",
     "read_checkpoint",
+    "load_checkpoint_dict",
+    "load_weights_strict",
     "load_tokens",
+    "tokens_from_file",
     "extract_tokens_state",
     "TOKEN_PREFIXES",
     "atomic_write",
@@ -85,14 +91,7 @@ def read_checkpoint(
     """
     if "://" not in path and not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: file not found: '{path}'")
-    checkpointer = DetectionCheckpointer(model if model is not None else nn.Module())
-    parsed = urlparse(path)
-    checkpointer._parsed_url_during_load = parsed
-    try:
-        local = checkpointer.path_manager.get_local_path(parsed._replace(query="").geturl())
-        return checkpointer._load_file(local)
-    finally:
-        checkpointer._parsed_url_during_load = None
+    return read_checkpoint_file(path)
 
 
 def extract_tokens_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -154,38 +153,169 @@ def load_tokens(tokens: nn.ModuleDict, path: str, what: str = "MODEL.MASKD.TOKEN
     logger.info("Loaded receptive tokens for levels %s from %s", levels_file, path)
 
 
+def tokens_from_file(
+    weights: str,
+    num_tokens: Optional[int] = None,
+    weighted: Optional[bool] = None,
+    what: str = "model.tokens.weights",
+) -> nn.ModuleDict:
+    """Build the learned receptive tokens of a checkpoint, their levels and shapes read from it
+    (a LazyConfig-callable builder for :class:`maskd.MasKD`'s ``tokens``).
+
+    Args:
+        weights: a stage-1 checkpoint, stage-2 checkpoint or tokens export.
+        num_tokens, weighted: if given, what the file must hold (else anything).
+        what: the config key naming the file, for messages.
+
+    Returns:
+        level -> loaded ReceptiveTokens (T, C from the file; weighted if the file has
+        ``weight_head`` tensors), frozen.
+    """
+    state = extract_tokens_state(read_checkpoint(weights, what=what).get("model", {}))
+    if not state:
+        raise ValueError(f"{what}: '{weights}' holds no receptive tokens")
+    channels, counts, heads = {}, {}, {}
+    for key, value in state.items():
+        level, name = key.split(".", 1)
+        if name == "tokens":
+            counts[level], channels[level] = tuple(value.shape)
+        heads[level] = heads.get(level, False) or name.startswith("weight_head.")
+    missing = sorted(set(heads) - set(channels))
+    if missing:
+        raise ValueError(f"{what}: '{weights}' has no token embeddings for levels {missing}")
+    for level in channels:
+        if num_tokens is not None and counts[level] != num_tokens:
+            raise ValueError(
+                f"{what}: '{weights}' has {counts[level]} tokens on level '{level}', "
+                f"{num_tokens} were asked for"
+            )
+        if weighted is not None and heads[level] != weighted:
+            raise ValueError(
+                f"{what}: the tokens of '{weights}' are {'' if heads[level] else 'not '}weighted "
+                f"on level '{level}', weighted={weighted} was asked for"
+            )
+    tokens = nn.ModuleDict(
+        {lv: ReceptiveTokens(channels[lv], counts[lv], heads[lv]) for lv in channels}
+    )
+    load_tokens(tokens, weights, what)
+    return tokens.requires_grad_(False).eval()
+
+
+def load_checkpoint_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> IncompatibleKeys:
+    """Load a checkpoint dict (``{"model": state, ...}``, as detectron2 reads files) into the
+    submodule of ``model`` it is meant for:
+
+    * a MasKD checkpoint (keys ``student.``, ``teacher.``, ``tokens.``, ``align.``) into a
+      MasKD model: the whole model (resume, evaluation);
+    * any other checkpoint into a model with a teacher: it is a student checkpoint (ImageNet
+      weights, a detectron2 model): ``model.student`` only, so name-matching heuristics never
+      reach the teacher; a stage-1 model has no student and ignores it (with a warning);
+    * a stage-2 checkpoint into a plain model (no teacher): its ``student.*`` weights, so a
+      stage-2 checkpoint evaluates with the student's own config;
+    * anything else into a plain model: as detectron2 does.
+    """
+    keys = [k[len("module.") :] if k.startswith("module.") else k for k in checkpoint["model"]]
+    maskd_keys = any(k.startswith(_MASKD_PREFIXES) for k in keys)
+    if not hasattr(model, "teacher"):
+        if maskd_keys and any(k.startswith("student.") for k in keys):
+            logger.info("Loading the student of a MasKD stage-2 checkpoint")
+            checkpoint["model"] = {
+                k.split("student.", 1)[1]: v
+                for k, v in checkpoint["model"].items()
+                if k.split("module.", 1)[-1].startswith("student.")
+            }
+        elif maskd_keys:
+            raise ValueError(
+                "a MasKD stage-1 checkpoint (teacher and tokens) cannot load into a plain "
+                f"{type(model).__name__}; use the stage-1 config, or a stage-2 checkpoint for a "
+                "student"
+            )
+        return load_state_into(model, checkpoint)
+    if maskd_keys:
+        return load_state_into(model, checkpoint)
+    student = getattr(model, "student", None)
+    if student is None:
+        logger.warning(
+            "%s has no student: the weights of a non-MasKD checkpoint are not loaded "
+            "(MODEL.WEIGHTS is for the student of stage 2; the teacher comes from "
+            "MODEL.MASKD.TEACHER.WEIGHTS)",
+            type(model).__name__,
+        )
+        checkpoint.pop("model")
+        return IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
+    logger.info("Loading a student checkpoint into %s.student", type(model).__name__)
+    return load_state_into(student, checkpoint)
+
+
+def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence[str] = ()) -> None:
+    """Load a checkpoint into ``model`` (routed as :func:`load_checkpoint_dict` does) and fail if
+    anything does not fit.
+
+    Accepts every format detectron2's checkpointer reads (.pth with a "model" entry, detectron2
+    model-zoo .pkl, detectron2:// and https:// paths).
+
+    Args:
+        model: the module to load into (e.g. a teacher, or a model to evaluate).
+        path: the checkpoint.
+        what: the config key or argument that named the file, for error messages.
+        ignore: key prefixes of ``model`` that the checkpoint need not hold.
+
+    Raises:
+        FileNotFoundError: if ``path`` is empty or a local file does not exist.
+        ValueError: naming the file and the keys, if keys are missing or shapes differ.
+    """
+    if not path:
+        raise FileNotFoundError(f"{what} is empty")
+    checkpoint = read_checkpoint(path, model, what)
+    if "model" not in checkpoint:
+        raise ValueError(f"{what}: '{path}' holds no model weights")
+    incompatible = load_checkpoint_dict(model, checkpoint)
+    missing = [k for k in incompatible.missing_keys if not k.startswith(tuple(ignore))]
+    # pixel_mean/std are buffers that come from the config; old checkpoints lack them.
+    missing = [k for k in missing if k.split(".")[-1] not in ("pixel_mean", "pixel_std")]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_short(missing)}")
+    if incompatible.incorrect_shapes:
+        shapes = [f"{k} (file {a}, model {b})" for k, a, b in incompatible.incorrect_shapes]
+        problems.append(f"shape mismatches: {_short(shapes)}")
+    if problems:
+        raise ValueError(
+            f"{what}: '{path}' does not fit the model: " + "; ".join(problems) + ". "
+            "Check that the config and the weights describe the same model."
+        )
+    if incompatible.unexpected_keys:
+        logger.warning(
+            "%s: '%s' has keys the model does not use: %s",
+            what,
+            path,
+            _short(incompatible.unexpected_keys),
+        )
+    logger.info("Loaded %s from %s", what, path)
+
+
+def _short(keys: List[str], limit: int = 10) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
 class MasKDCheckpointer(DetectionCheckpointer):
-    """A DetectionCheckpointer that loads outside weights into the right submodule.
+    """A DetectionCheckpointer that loads weights into the submodule they are meant for
+    (:func:`load_checkpoint_dict`) and saves atomically.
 
-    For models without a teacher (plain detectron2 models) it is DetectionCheckpointer.
-
-    A MasKD checkpoint (keys under ``student.``, ``teacher.``, ``tokens.``, ``align.``) loads
-    into the whole model, as usual (resume, evaluation). Any other checkpoint, such as the
-    ImageNet weights or a detectron2 model named by ``MODEL.WEIGHTS``, is a student checkpoint:
-    it loads into ``model.student`` only, so name-matching heuristics can never reach the
-    teacher. The stage-1 model has no student and ignores such a file (with a warning).
+    For plain detectron2 models and plain checkpoints it is DetectionCheckpointer.
     """
 
     def _load_model(self, checkpoint):
-        keys = [k[len("module.") :] if k.startswith("module.") else k for k in checkpoint["model"]]
-        if not hasattr(self.model, "teacher") or any(k.startswith(_MASKD_PREFIXES) for k in keys):
-            return super()._load_model(checkpoint)  # a plain model, or a MasKD checkpoint
-        student = getattr(self.model, "student", None)
-        if student is None:
-            logger.warning(
-                "%s has no student: the weights of a non-MasKD checkpoint are not loaded "
-                "(MODEL.WEIGHTS is for the student of stage 2; the teacher comes from "
-                "MODEL.MASKD.TEACHER.WEIGHTS)",
-                type(self.model).__name__,
-            )
-            checkpoint.pop("model")
-            return _IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
-        logger.info("Loading a student checkpoint into %s.student", type(self.model).__name__)
-        return DetectionCheckpointer(student)._load_model(checkpoint)
+        return load_checkpoint_dict(self.model, checkpoint)
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Like ``Checkpointer.save``, but atomic: a killed job never leaves a truncated
-        checkpoint, and ``last_checkpoint`` only ever names a complete file."""
+        checkpoint, and ``last_checkpoint`` only ever names a complete file.
+
+        Copied from ``fvcore.common.checkpoint.Checkpointer.save`` (fvcore 0.1.5), changed in
+        one point: the file is written by :func:`atomic_write`."""
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
@@ -199,6 +329,7 @@ class MasKDCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """``Checkpointer.tag_last_checkpoint`` (fvcore 0.1.5), written atomically."""
         atomic_write(
             os.path.join(self.save_dir, "last_checkpoint"),
             lambda tmp: write_text(tmp, last_filename_basename),

@@ -1,12 +1,27 @@
-"""yacs configuration of MasKD: ``add_maskd_config(cfg)`` adds ``MODEL.MASKD``."""
+"""Configuration of MasKD: ``add_maskd_config(cfg)`` adds ``MODEL.MASKD`` to a yacs config, and
+:func:`load_config` is the one loader of config files (yacs or LazyConfig, with overrides) that
+``train_net.py``, the tools and the teacher builder share."""
+
+import os
+from typing import Sequence, Union
 
 import yaml
 from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg
+from detectron2.config import LazyConfig, get_cfg
 from detectron2.model_zoo import get_config_file
 from fvcore.common.config import BASE_KEY
+from omegaconf import DictConfig
 
-__all__ = ["add_maskd_config", "get_maskd_cfg", "ZOO_PREFIX"]
+from .head_kd import add_head_kd_config
+
+__all__ = [
+    "add_maskd_config",
+    "get_maskd_cfg",
+    "load_config",
+    "is_lazy_config",
+    "resolve_config_file",
+    "ZOO_PREFIX",
+]
 
 # `_BASE_: "zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"` names a detectron2 model-zoo config,
 # so the project's YAML files hold only their deltas over detectron2's own configs.
@@ -46,6 +61,67 @@ class MasKDCfgNode(CN):
 
         merge_a_into_b(data, merged)
         return merged
+
+
+def resolve_config_file(name_or_path: str, what: str = "MODEL.MASKD.TEACHER.CONFIG_FILE") -> str:
+    """A config path: an existing file, or a detectron2 model-zoo config name.
+
+    Raises:
+        FileNotFoundError: naming ``what`` and the value, if it is neither.
+    """
+    if not name_or_path:
+        raise FileNotFoundError(f"{what} is empty: name the teacher's config file")
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    try:
+        return get_config_file(name_or_path)
+    except RuntimeError:
+        pass
+    raise FileNotFoundError(
+        f"{what} = '{name_or_path}' is neither an existing file nor a detectron2 model-zoo "
+        f"config name (e.g. 'COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml')"
+    )
+
+
+def is_lazy_config(path: str) -> bool:
+    """Whether ``path`` is a LazyConfig: a .py file, or a .yaml that ``LazyConfig.save`` wrote
+    (lower-case top-level keys such as ``model`` and ``train``, where yacs files have ``MODEL``).
+    """
+    if path.endswith(".py"):
+        return True
+    try:
+        with open(path) as f:
+            node = yaml.compose(f, Loader=yaml.SafeLoader)  # no objects built: tags are fine
+    except (yaml.YAMLError, OSError):
+        return False
+    if not isinstance(node, yaml.MappingNode):
+        return False
+    keys = {k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return "model" in keys and "MODEL" not in keys
+
+
+def load_config(path: str, opts: Sequence[str] = ()) -> Union[CN, DictConfig]:
+    """Load a config file with command-line overrides.
+
+    Args:
+        path: a yacs .yaml (detectron2's keys plus ``MODEL.MASKD``; ``_BASE_`` may name a model-zoo
+            config as ``zoo:...``) or a LazyConfig .py / saved .yaml.
+        opts: overrides: yacs ``["KEY", "VALUE", ...]``, LazyConfig ``["key=value", ...]``.
+
+    Returns:
+        a yacs CfgNode (not frozen) or a LazyConfig DictConfig.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: '{path}'")
+    if is_lazy_config(path):
+        return LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
+    cfg = get_maskd_cfg()
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def get_maskd_cfg() -> CN:
@@ -97,18 +173,11 @@ def add_maskd_config(cfg: CN) -> CN:
     # Stage 1: weight of loss_dice (the Dice diversity loss, summed over levels).
     _C.DICE_WEIGHT = 1.0
 
-    # Extras of the paper's detection configs (all off by default; see heads.py, MODEL_ZOO.md).
-    # RoI box-regression KD for R-CNN students: the teacher's box head (first stage of a
-    # Cascade teacher) on the student's sampled proposals, SmoothL1 on the regression outputs.
-    _C.ROI_REG_KD = CN()
-    _C.ROI_REG_KD.WEIGHT = 0.0  # 0 disables; loss key loss_roi_reg_kd
-    _C.ROI_REG_KD.BETA = 1.0  # SmoothL1 beta (0: L1)
-    # Dense-head regression KD for RetinaNet/FCOS students with a teacher of the same head
-    # layout: L1 or SmoothL1 between box-regression outputs at every location.
-    _C.DENSE_REG_KD = CN()
-    _C.DENSE_REG_KD.WEIGHT = 0.0  # 0 disables; loss key loss_dense_reg_kd
-    _C.DENSE_REG_KD.LOSS = "l1"  # "l1" or "smooth_l1"
-    _C.DENSE_REG_KD.BETA = 1.0
+    # Head-level KD terms of the paper's detection configs, all off by default (WEIGHT 0.0):
+    # MODEL.MASKD.ROI_REG_KD (WEIGHT, BETA): RoI box-regression KD for R-CNN students, and
+    # MODEL.MASKD.DENSE_REG_KD (WEIGHT, LOSS "l1" | "smooth_l1", BETA): dense-head regression KD
+    # for RetinaNet/FCOS students. Each term declares its keys in its file in maskd/head_kd/.
+    add_head_kd_config(_C)
     # "Inheriting": start the student's neck (FPN) and heads from the teacher's weights where
     # names and shapes match (logged), before training.
     _C.INHERIT = False

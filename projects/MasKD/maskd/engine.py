@@ -1,10 +1,13 @@
 """Training and evaluation entry points for both config systems, on detectron2's own engine.
 
-* :class:`MasKDTrainer`: detectron2's ``DefaultTrainer`` with the MasKD checkpointer, an Adam
-  option for token learning, evaluators chosen from the dataset metadata, and a DDP wrapper
-  that also works for CPU processes (GLOO).
+* :class:`MasKDTrainer`: detectron2's ``DefaultTrainer``, extended through its overridable
+  methods: the MasKD checkpointer, an Adam option for token learning, evaluators chosen from
+  the dataset metadata, the stage-1 retention, and a DDP wrapper that also works for CPU
+  processes (GLOO).
 * :func:`lazy_train` / :func:`lazy_test`: the LazyConfig path of detectron2's
   ``tools/lazyconfig_train_net.py``, with the same additions.
+* :func:`build_inference_model` / :func:`load_inference_weights`: evaluation of a checkpoint
+  without the files its training read (teacher weights, tokens).
 * :func:`register_coco_datasets`: register COCO-format datasets given on the command line.
 """
 
@@ -26,7 +29,6 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
-from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import (
     COCOEvaluator,
     COCOPanopticEvaluator,
@@ -35,18 +37,23 @@ from detectron2.evaluation import (
     inference_on_dataset,
     print_csv_format,
 )
+from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler as _build_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import MasKDCheckpointer
+from ._compat import cpu_ddp_in_default_trainer
+from .checkpoint import MasKDCheckpointer, load_weights_strict
+from .meta_arch import student_config
 from .token_learner import MasKDTokenLearner
 
 __all__ = [
     "MasKDTrainer",
+    "build_inference_model",
+    "build_lazy_inference_model",
+    "load_inference_weights",
     "create_ddp_model",
     "build_evaluator",
     "register_coco_datasets",
@@ -66,9 +73,9 @@ def create_ddp_model(
 ) -> torch.nn.Module:
     """Wrap ``model`` in DistributedDataParallel when there are several processes.
 
-    Like detectron2's ``create_ddp_model`` (same arguments), but for a CPU model (GLOO
-    processes) it passes no ``device_ids``, which DistributedDataParallel rejects for CPU
-    modules. Frozen parameters (teacher, tokens in stage 2) have ``requires_grad=False`` and are
+    Copied from ``detectron2.engine.defaults.create_ddp_model`` (detectron2 v0.7.2), changed
+    in one point: for a CPU model (GLOO processes) it passes no ``device_ids``, which
+    DistributedDataParallel rejects for CPU modules. Frozen parameters (teacher, tokens in stage 2) have ``requires_grad=False`` and are
     not synchronised as trainable; keep ``find_unused_parameters`` off: every trainable
     parameter gets a gradient in every step.
     """
@@ -239,15 +246,15 @@ def evaluate_with_retention(model: torch.nn.Module, evaluate: Callable[[bool], d
 LOW_RETENTION = 0.95
 
 
-def log_final_retention(results, storage=None) -> None:
-    """The closing log line of a stage-1 run: its retention, if the last evaluation has one.
+def log_final_retention(ratios: Dict[str, float], storage=None) -> None:
+    """The closing log line of a stage-1 run: its retention (``"bbox/AP" -> ratio``, from the
+    last evaluation), if it has one.
 
     Below :data:`LOW_RETENTION` it is a warning, naming the levels whose combined mask
     (``[metric]tokens/<level>/combined`` in ``storage``) passes less than half the features.
     """
-    if not (comm.is_main_process() and isinstance(results, dict) and "retention" in results):
+    if not (comm.is_main_process() and ratios):
         return
-    ratios = results["retention"]
     text = ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())
     if all(v >= LOW_RETENTION for v in ratios.values()):
         logger.info("MasKD stage 1 finished: retention (masked teacher / teacher) %s", text)
@@ -283,27 +290,87 @@ def _retention_text(masked: dict, teacher: dict, ratios: Dict[str, float]) -> st
     return "; ".join(parts) or "no primary metric in the results"
 
 
+def build_inference_model(cfg) -> torch.nn.Module:
+    """The model that evaluates a checkpoint of ``cfg`` (``--eval-only``), built without reading
+    any weights: the checkpoint (:func:`load_inference_weights`) holds all of them.
+
+    * stage 2 (``MasKD``): the student alone, from its own config (MasKD's inference is the
+      student's; teacher and tokens are neither built nor read);
+    * stage 1 (``MasKDTokenLearner``): the masked teacher, its weights not read from
+      ``MODEL.MASKD.TEACHER.WEIGHTS`` (the stage-1 checkpoint holds teacher and tokens);
+    * anything else: ``build_model(cfg)``.
+    """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "MasKD":
+        model = build_model(student_config(cfg))
+    elif arch == "MasKDTokenLearner":
+        model = MasKDTokenLearner(cfg, load_teacher=False)
+        model.to(torch.device(cfg.MODEL.DEVICE))
+    else:
+        return build_model(cfg)
+    logger.info("Model for evaluation (%s checkpoint):\n%s", arch, model)
+    return model
+
+
+def build_lazy_inference_model(cfg) -> torch.nn.Module:
+    """:func:`build_inference_model` for a LazyConfig: ``cfg.model.student`` for a ``MasKD``
+    model, the stage-1 model with ``model.teacher.load=False``; else ``cfg.model``."""
+    node = copy.deepcopy(cfg.model)
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    name = getattr(target, "__name__", str(target).rsplit(".", 1)[-1])
+    if name == "MasKD":
+        node = node.student
+    elif name == "MasKDTokenLearner" and "load" in _callable_args(node.teacher):
+        node.teacher.load = False
+    model = instantiate(node)
+    model.to(cfg.train.device)
+    return model
+
+
+def _callable_args(node) -> List[str]:
+    import inspect
+
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        target = locate(target)
+    try:
+        return list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def load_inference_weights(model: torch.nn.Module, path: str, what: str = "MODEL.WEIGHTS"):
+    """Load the checkpoint to evaluate, strictly: every weight of ``model`` must be in it (a
+    stage-2 checkpoint gives a student-only model its ``student.*`` weights).
+
+    Raises:
+        ValueError: naming the missing keys, rather than evaluating partly random weights.
+    """
+    load_weights_strict(model, path, what)
+
+
 class MasKDTrainer(DefaultTrainer):
-    """detectron2's DefaultTrainer for MasKD models (both stages, and plain students)."""
+    """detectron2's DefaultTrainer for MasKD models (both stages, and plain students).
+
+    Extends it through its overridable methods; ``__init__`` is DefaultTrainer's, run with
+    :func:`create_ddp_model` in place of detectron2's (which fails for CPU processes), and
+    :meth:`build_hooks` installs the :class:`MasKDCheckpointer` before the hooks are made.
+    """
 
     def __init__(self, cfg):
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = MasKDCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        with cpu_ddp_in_default_trainer(create_ddp_model):
+            super().__init__(cfg)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; the
+        # PeriodicCheckpointer hook and resume_or_load use the one set here.
+        self.checkpointer = MasKDCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -335,7 +402,12 @@ class MasKDTrainer(DefaultTrainer):
     def train(self):
         """Train; after a stage-1 run, the last log line states its retention."""
         results = super().train()
-        log_final_retention(getattr(self, "_last_eval_results", None), self.storage)
+        # the evaluation hook put the last evaluation's results, retention included, in storage
+        latest = self.storage.latest()
+        ratios = {
+            k[len("retention/") :]: v for k, (v, _) in latest.items() if k.startswith("retention/")
+        }
+        log_final_retention(ratios, self.storage)
         return results
 
 
@@ -360,6 +432,10 @@ def lazy_test(cfg, model):
 
 def lazy_train(cfg, resume: bool = False):
     """Train from a LazyConfig, as detectron2's ``tools/lazyconfig_train_net.py`` does.
+
+    Adapted from ``do_train`` of detectron2's ``tools/lazyconfig_train_net.py`` (v0.7.2; a
+    script, not importable), changed in: the MasKD checkpointer, :func:`create_ddp_model`, the
+    evaluation through :func:`lazy_test` (stage-1 retention) and the closing retention line.
 
     Keys: ``model``, ``dataloader.train/test/evaluator``, ``optimizer``, ``lr_multiplier``,
     ``train`` (``output_dir``, ``init_checkpoint`` for the student, ``max_iter``, ``amp``,
@@ -404,4 +480,5 @@ def lazy_train(cfg, resume: bool = False):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
-    log_final_retention(last.get("out"), trainer.storage)
+    out = last.get("out")
+    log_final_retention(out.get("retention", {}) if isinstance(out, dict) else {}, trainer.storage)

@@ -19,6 +19,7 @@ import torch
 from detectron2.config import CfgNode, LazyConfig
 
 from .checkpoint import atomic_write, extract_tokens_state, read_checkpoint, write_text
+from .meta_arch import student_config as stage2_student_config
 
 __all__ = ["export_student", "export_tokens", "student_config"]
 
@@ -39,9 +40,7 @@ def student_config(cfg, weights: str):
     becomes ``model.student``. Either way the weights point at the exported file.
     """
     if isinstance(cfg, CfgNode):
-        out = cfg.clone()
-        out.defrost()
-        out.MODEL.META_ARCHITECTURE = cfg.MODEL.MASKD.STUDENT_META_ARCHITECTURE
+        out = stage2_student_config(cfg)
         del out.MODEL["MASKD"]
         if "OPTIMIZER" in out.SOLVER:
             del out.SOLVER["OPTIMIZER"]

@@ -1,7 +1,7 @@
 """Stage 2: masked distillation of a student from a frozen teacher through frozen tokens."""
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -12,19 +12,14 @@ from torch import nn
 from .backbone import RecordingBackbone
 from .checkpoint import load_tokens
 from .diagnostics import level_sizes, put_token_statistics, token_statistics
-from .heads import (
-    RecordingBoxPredictor,
-    RecordingDenseHead,
-    dense_regression_kd_loss,
-    inherit_neck_and_heads,
-    roi_regression_kd_loss,
-)
+from .head_kd import HeadKD, build_head_kd
+from .inherit import inherit_neck_and_heads
 from .losses import masked_distillation_loss, raise_if_not_finite
 from .receptive_tokens import build_level_tokens
-from .teacher import build_teacher, freeze, head_levels, prepare_teacher, preprocess_images
+from .teacher import build_teacher, freeze, head_levels, preprocess_images
 from .token_learner import resolve_in_features
 
-__all__ = ["MasKD"]
+__all__ = ["MasKD", "student_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,54 +51,42 @@ class MasKD(nn.Module):
         *,
         student: nn.Module,
         teacher: nn.Module,
-        in_features: Optional[List[str]] = None,
-        num_tokens: int = 6,
-        weighted: bool = True,
+        tokens: nn.ModuleDict,
         loss_weight: float = 1.0,
         custom_mask_warmup: int = -1,
-        teacher_weights: str = "",
-        tokens_weights: str = "",
-        allow_random_teacher: bool = False,
-        allow_random_tokens: bool = False,
-        roi_reg_kd_weight: float = 0.0,
-        roi_reg_kd_beta: float = 1.0,
-        dense_reg_kd_weight: float = 0.0,
-        dense_reg_kd_loss: str = "l1",
-        dense_reg_kd_beta: float = 1.0,
+        head_kd: Sequence[HeadKD] = (),
         inherit: bool = False,
     ):
         """
         Args:
-            student: a detectron2 meta-architecture with a ``backbone``.
-            teacher: a detectron2 meta-architecture with a ``backbone``, built but not loaded;
-                it may be of another kind than the student.
-            in_features: distilled levels; None or empty: every level the student's backbone
-                produces and the teacher's heads read (the levels stage 1 learns tokens for).
-            num_tokens: tokens per level (must match the stage-1 checkpoint).
-            weighted: whether the tokens have mask-weight heads (must match too).
+            student: a detectron2 meta-architecture with a ``backbone``, built (its initial
+                weights, e.g. ImageNet, are loaded later by the checkpointer from
+                ``MODEL.WEIGHTS``).
+            teacher: a detectron2 meta-architecture with a ``backbone``, with its trained
+                weights loaded (:func:`maskd.teacher.build_teacher`); it may be of another kind
+                than the student. It is frozen here.
+            tokens: level name -> learned :class:`ReceptiveTokens`, loaded (e.g.
+                :func:`maskd.checkpoint.tokens_from_file`); their levels are the distilled
+                levels, which the student must produce and the teacher's heads read. Frozen
+                here.
             loss_weight: weight of ``loss_maskd``.
             custom_mask_warmup: iteration from which student-customised masks are used;
                 negative: never.
-            teacher_weights: the teacher's checkpoint, loaded here.
-            tokens_weights: the learned tokens (stage-1 checkpoint or tokens export), loaded here.
-            allow_random_teacher: accept an empty ``teacher_weights`` (smoke tests only).
-            allow_random_tokens: accept an empty ``tokens_weights`` (an ablation).
-            roi_reg_kd_weight: weight of ``loss_roi_reg_kd`` (R-CNN student and teacher); 0: off.
-            roi_reg_kd_beta: its SmoothL1 beta.
-            dense_reg_kd_weight: weight of ``loss_dense_reg_kd`` (RetinaNet/FCOS student and a
-                teacher with the same head layout); 0: off.
-            dense_reg_kd_loss: "l1" or "smooth_l1"; dense_reg_kd_beta: its beta.
+            head_kd: head-level KD terms (:mod:`maskd.head_kd`), each checked against the pair
+                and installed on the student here.
             inherit: copy the teacher's neck and head weights into the student where names and
-                shapes match, when the model is built.
+                shapes match.
         """
         super().__init__()
-        prepare_teacher(
-            teacher, teacher_weights, allow_random_teacher, "MODEL.MASKD.TEACHER.WEIGHTS"
-        )
+        freeze(teacher)
         t_shapes = teacher.backbone.output_shape()
         s_shapes = student.backbone.output_shape()
+        if not len(tokens):
+            raise ValueError("MasKD needs receptive tokens for at least one level")
         levels = resolve_in_features(
-            in_features, {"student": list(s_shapes), "teacher": head_levels(teacher)}
+            [lv for lv in s_shapes if lv in tokens] + [lv for lv in tokens if lv not in s_shapes],
+            {"student": list(s_shapes), "teacher": head_levels(teacher)},
+            what="the receptive tokens' levels",
         )
         s_format = getattr(student, "input_format", None)
         t_format = getattr(teacher, "input_format", None)
@@ -118,27 +101,76 @@ class MasKD(nn.Module):
                     f"level '{lv}' has stride {s_shapes[lv].stride} in the student and "
                     f"{t_shapes[lv].stride} in the teacher: its features cannot be aligned"
                 )
+            if tokens[lv].channels != t_shapes[lv].channels:
+                raise ValueError(
+                    f"the receptive tokens of level '{lv}' have {tokens[lv].channels} channels, "
+                    f"the teacher's '{lv}' features {t_shapes[lv].channels}: were the tokens "
+                    "learned on another teacher?"
+                )
         self.inherited: List[str] = []
         if inherit:
             self.inherited, _ = inherit_neck_and_heads(student, teacher)
-        self.roi_reg_kd_weight, self.roi_reg_kd_beta = roi_reg_kd_weight, roi_reg_kd_beta
-        if roi_reg_kd_weight > 0:
-            _check_roi_kd(student, teacher)
-            student.roi_heads.box_predictor = RecordingBoxPredictor(student.roi_heads.box_predictor)
-        self.dense_reg_kd_weight = dense_reg_kd_weight
-        self.dense_reg_kd_loss, self.dense_reg_kd_beta = dense_reg_kd_loss, dense_reg_kd_beta
-        if dense_reg_kd_weight > 0:
-            _check_dense_kd(student, teacher)
-            student.head = RecordingDenseHead(student.head)
+        for term in head_kd:
+            term.check(student, teacher)
+            term.wrap(student)
+        names = [term.LOSS_NAME for term in head_kd]
+        if len(set(names)) != len(names):
+            raise ValueError(f"head-level KD terms with the same loss name: {names}")
+        self.head_kd = nn.ModuleList(head_kd)
         student.backbone = RecordingBackbone(student.backbone)
         self.student = student
         self.teacher = teacher
-        self.tokens = build_level_tokens(
-            {lv: t_shapes[lv].channels for lv in levels}, num_tokens, weighted
+        self.tokens = freeze(tokens)
+        self.align = nn.ModuleDict(
+            {
+                lv: nn.Conv2d(s_shapes[lv].channels, t_shapes[lv].channels, kernel_size=1)
+                for lv in levels
+            }
+        ).to(tokens[levels[0]].tokens.device)
+        self.in_features = levels
+        self.loss_weight = loss_weight
+        self.custom_mask_warmup = custom_mask_warmup
+        logger.info(
+            "MasKD: levels %s, %d tokens (weighted=%s), loss weight %s, customised masks from "
+            "iteration %s, head-level KD: %s",
+            levels,
+            tokens[levels[0]].num_tokens,
+            tokens[levels[0]].weighted,
+            loss_weight,
+            custom_mask_warmup if custom_mask_warmup >= 0 else "never",
+            ", ".join(f"{t.LOSS_NAME} ({t.extra_repr()})" for t in head_kd) or "none",
         )
-        if tokens_weights:
-            load_tokens(self.tokens, tokens_weights)
-        elif allow_random_tokens:
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Builds the student from ``MODEL.*``, the teacher (loaded) from
+        ``MODEL.MASKD.TEACHER``, the tokens (loaded) from ``MODEL.MASKD.TOKENS_WEIGHTS`` and
+        the head-level KD terms whose ``WEIGHT`` is positive."""
+        mcfg = cfg.MODEL.MASKD
+        if mcfg.STUDENT_META_ARCHITECTURE in ("MasKD", "MasKDTokenLearner"):
+            raise ValueError(
+                "MODEL.MASKD.STUDENT_META_ARCHITECTURE must name the student's own "
+                f"meta-architecture, got '{mcfg.STUDENT_META_ARCHITECTURE}'"
+            )
+        student = build_model(student_config(cfg))
+        teacher = build_teacher(
+            mcfg.TEACHER.CONFIG_FILE,
+            mcfg.TEACHER.OPTS,
+            cfg.MODEL.DEVICE,
+            weights=mcfg.TEACHER.WEIGHTS,
+            allow_random_init=mcfg.TEACHER.ALLOW_RANDOM_INIT,
+        )
+        levels = resolve_in_features(
+            list(mcfg.IN_FEATURES),
+            {"student": list(student.backbone.output_shape()), "teacher": head_levels(teacher)},
+        )
+        t_shapes = teacher.backbone.output_shape()
+        tokens = build_level_tokens(
+            {lv: t_shapes[lv].channels for lv in levels}, mcfg.NUM_TOKENS, mcfg.WEIGHTED
+        )
+        if mcfg.TOKENS_WEIGHTS:
+            load_tokens(tokens, mcfg.TOKENS_WEIGHTS)
+        elif mcfg.ALLOW_RANDOM_TOKENS:
             logger.warning("MODEL.MASKD.TOKENS_WEIGHTS is empty: distilling with random tokens")
         else:
             raise ValueError(
@@ -146,54 +178,13 @@ class MasKD(nn.Module):
                 "in stage 1 (its model_final.pth, or a tokens export); set "
                 "MODEL.MASKD.ALLOW_RANDOM_TOKENS only for the random-token ablation"
             )
-        freeze(self.tokens)
-        self.align = nn.ModuleDict(
-            {
-                lv: nn.Conv2d(s_shapes[lv].channels, t_shapes[lv].channels, kernel_size=1)
-                for lv in levels
-            }
-        ).to(self.tokens[levels[0]].tokens.device)
-        self.in_features = levels
-        self.loss_weight = loss_weight
-        self.custom_mask_warmup = custom_mask_warmup
-        logger.info(
-            "MasKD: levels %s, %d tokens (weighted=%s), loss weight %s, customised masks from "
-            "iteration %s",
-            levels,
-            num_tokens,
-            weighted,
-            loss_weight,
-            custom_mask_warmup if custom_mask_warmup >= 0 else "never",
-        )
-
-    @classmethod
-    def from_config(cls, cfg):
-        mcfg = cfg.MODEL.MASKD
-        if mcfg.STUDENT_META_ARCHITECTURE in ("MasKD", "MasKDTokenLearner"):
-            raise ValueError(
-                "MODEL.MASKD.STUDENT_META_ARCHITECTURE must name the student's own "
-                f"meta-architecture, got '{mcfg.STUDENT_META_ARCHITECTURE}'"
-            )
-        student_cfg = cfg.clone()
-        student_cfg.defrost()
-        student_cfg.MODEL.META_ARCHITECTURE = mcfg.STUDENT_META_ARCHITECTURE
         return {
-            "student": build_model(student_cfg),
-            "teacher": build_teacher(mcfg.TEACHER.CONFIG_FILE, mcfg.TEACHER.OPTS, cfg.MODEL.DEVICE),
-            "in_features": list(mcfg.IN_FEATURES),
-            "num_tokens": mcfg.NUM_TOKENS,
-            "weighted": mcfg.WEIGHTED,
+            "student": student,
+            "teacher": teacher,
+            "tokens": tokens.to(cfg.MODEL.DEVICE),
             "loss_weight": mcfg.LOSS_WEIGHT,
             "custom_mask_warmup": mcfg.CUSTOM_MASK_WARMUP,
-            "teacher_weights": mcfg.TEACHER.WEIGHTS,
-            "tokens_weights": mcfg.TOKENS_WEIGHTS,
-            "allow_random_teacher": mcfg.TEACHER.ALLOW_RANDOM_INIT,
-            "allow_random_tokens": mcfg.ALLOW_RANDOM_TOKENS,
-            "roi_reg_kd_weight": mcfg.ROI_REG_KD.WEIGHT,
-            "roi_reg_kd_beta": mcfg.ROI_REG_KD.BETA,
-            "dense_reg_kd_weight": mcfg.DENSE_REG_KD.WEIGHT,
-            "dense_reg_kd_loss": mcfg.DENSE_REG_KD.LOSS,
-            "dense_reg_kd_beta": mcfg.DENSE_REG_KD.BETA,
+            "head_kd": build_head_kd(mcfg),
             "inherit": mcfg.INHERIT,
         }
 
@@ -251,27 +242,12 @@ class MasKD(nn.Module):
         return losses
 
     def head_losses(self, teacher_features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The enabled head-level KD terms of this step (weighted), from the student outputs
-        recorded during its forward and the teacher's heads on its own features."""
-        out = {}
-        if self.roi_reg_kd_weight > 0:
-            deltas, proposals = self.student.roi_heads.box_predictor.pop()
-            out["loss_roi_reg_kd"] = self.roi_reg_kd_weight * roi_regression_kd_loss(
-                self.teacher, teacher_features, deltas, proposals, self.roi_reg_kd_beta
-            )
-        if self.dense_reg_kd_weight > 0:
-            student_out = self.student.head.pop()
-            levels = list(self.teacher.head_in_features)
-            with torch.no_grad():
-                teacher_out = self.teacher.head([teacher_features[lv] for lv in levels])
-            out["loss_dense_reg_kd"] = self.dense_reg_kd_weight * dense_regression_kd_loss(
-                student_out[1],
-                teacher_out[1],
-                levels,
-                self.dense_reg_kd_loss,
-                self.dense_reg_kd_beta,
-            )
-        return out
+        """The head-level KD terms of this step (weighted), from what the student recorded in
+        its forward and the teacher's heads on its own features."""
+        return {
+            term.LOSS_NAME: term(self.student, self.teacher, teacher_features)
+            for term in self.head_kd
+        }
 
     def custom_masks_active(self) -> bool:
         """Whether student-customised masks are used at the current iteration."""
@@ -334,30 +310,10 @@ class MasKD(nn.Module):
         return losses
 
 
-def _check_roi_kd(student: nn.Module, teacher: nn.Module) -> None:
-    s_roi, t_roi = getattr(student, "roi_heads", None), getattr(teacher, "roi_heads", None)
-    if s_roi is None or isinstance(
-        getattr(s_roi, "box_predictor", None), (nn.ModuleList, type(None))
-    ):
-        raise ValueError(
-            "MODEL.MASKD.ROI_REG_KD needs an R-CNN student with StandardROIHeads, "
-            f"got {type(student).__name__} / {type(s_roi).__name__}"
-        )
-    if t_roi is None or not hasattr(t_roi, "box_pooler"):
-        raise ValueError(
-            f"MODEL.MASKD.ROI_REG_KD needs an R-CNN teacher, got {type(teacher).__name__}"
-        )
-
-
-def _check_dense_kd(student: nn.Module, teacher: nn.Module) -> None:
-    for who, m in (("student", student), ("teacher", teacher)):
-        if not hasattr(m, "head") or not hasattr(m, "head_in_features"):
-            raise ValueError(
-                f"MODEL.MASKD.DENSE_REG_KD needs RetinaNet/FCOS-style models; the {who} is a "
-                f"{type(m).__name__}"
-            )
-    if list(student.head_in_features) != list(teacher.head_in_features):
-        raise ValueError(
-            f"MODEL.MASKD.DENSE_REG_KD: the student's head reads {student.head_in_features}, "
-            f"the teacher's {teacher.head_in_features}"
-        )
+def student_config(cfg):
+    """The student's own yacs config in a stage-2 config: ``MODEL.META_ARCHITECTURE`` set to
+    ``MODEL.MASKD.STUDENT_META_ARCHITECTURE`` (a copy; ``cfg`` is not changed)."""
+    out = cfg.clone()
+    out.defrost()
+    out.MODEL.META_ARCHITECTURE = cfg.MODEL.MASKD.STUDENT_META_ARCHITECTURE
+    return out

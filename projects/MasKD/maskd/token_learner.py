@@ -10,21 +10,22 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ._compat import NORM_TYPES
 from .backbone import TokenMaskedBackbone
 from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
 from .receptive_tokens import build_level_tokens
-from .teacher import build_teacher, head_levels, prepare_teacher
+from .teacher import build_teacher, freeze, head_levels
 
 __all__ = ["MasKDTokenLearner", "resolve_in_features"]
 
 logger = logging.getLogger(__name__)
 
-_NORM_TYPES = (nn.modules.batchnorm._NormBase,)
-
 
 def resolve_in_features(
-    requested: Optional[List[str]], available: Dict[str, List[str]]
+    requested: Optional[List[str]],
+    available: Dict[str, List[str]],
+    what: str = "MODEL.MASKD.IN_FEATURES",
 ) -> List[str]:
     """The distilled levels: ``requested``, or every level all models produce.
 
@@ -43,7 +44,7 @@ def resolve_in_features(
             for who in names:
                 if level not in available[who]:
                     raise ValueError(
-                        f"MODEL.MASKD.IN_FEATURES names level '{level}', but the {who} "
+                        f"{what} names level '{level}', but the {who} "
                         f"offers only {available[who]}"
                     )
         return list(requested)
@@ -67,7 +68,7 @@ def task_loss_mode(teacher: nn.Module):
     teacher.train()
     teacher.backbone.inner.eval()
     for m in teacher.modules():
-        if isinstance(m, _NORM_TYPES):
+        if isinstance(m, NORM_TYPES):
             m.eval()
     try:
         yield
@@ -100,25 +101,20 @@ class MasKDTokenLearner(nn.Module):
         num_tokens: int = 6,
         weighted: bool = True,
         dice_weight: float = 1.0,
-        teacher_weights: str = "",
-        allow_random_teacher: bool = False,
     ):
         """
         Args:
             teacher: a detectron2 meta-architecture with a ``backbone`` (R-CNN, RetinaNet,
-                FCOS, Panoptic FPN, SemanticSegmentor, ...), built but not loaded.
+                FCOS, Panoptic FPN, SemanticSegmentor, ...), with its trained weights loaded
+                (:func:`maskd.teacher.build_teacher`). It is frozen here.
             in_features: distilled levels; None or empty: every backbone level the teacher's
                 heads read (a level they do not read could not learn from the task loss).
             num_tokens: tokens per level.
             weighted: whether to learn mask-weight heads.
             dice_weight: weight of the Dice diversity loss.
-            teacher_weights: the teacher's checkpoint, loaded here.
-            allow_random_teacher: accept an empty ``teacher_weights`` (smoke tests only).
         """
         super().__init__()
-        prepare_teacher(
-            teacher, teacher_weights, allow_random_teacher, "MODEL.MASKD.TEACHER.WEIGHTS"
-        )
+        freeze(teacher)
         shapes = teacher.backbone.output_shape()
         read = head_levels(teacher)
         levels = resolve_in_features(in_features, {"teacher": read})
@@ -138,16 +134,25 @@ class MasKDTokenLearner(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, load_teacher: bool = True):
+        """Builds the teacher from ``MODEL.MASKD.TEACHER``, with its weights loaded unless
+        ``load_teacher`` is False (``MasKDTokenLearner(cfg, load_teacher=False)``: for the
+        evaluation of a stage-1 checkpoint, which holds the teacher)."""
         mcfg = cfg.MODEL.MASKD
+        teacher = build_teacher(
+            mcfg.TEACHER.CONFIG_FILE,
+            mcfg.TEACHER.OPTS,
+            cfg.MODEL.DEVICE,
+            weights=mcfg.TEACHER.WEIGHTS,
+            allow_random_init=mcfg.TEACHER.ALLOW_RANDOM_INIT,
+            load=load_teacher,
+        )
         return {
-            "teacher": build_teacher(mcfg.TEACHER.CONFIG_FILE, mcfg.TEACHER.OPTS, cfg.MODEL.DEVICE),
+            "teacher": teacher,
             "in_features": list(mcfg.IN_FEATURES),
             "num_tokens": mcfg.NUM_TOKENS,
             "weighted": mcfg.WEIGHTED,
             "dice_weight": mcfg.DICE_WEIGHT,
-            "teacher_weights": mcfg.TEACHER.WEIGHTS,
-            "allow_random_teacher": mcfg.TEACHER.ALLOW_RANDOM_INIT,
         }
 
     @property

@@ -1,0 +1,70 @@
+"""The one place where maskd reaches into private parts of detectron2, fvcore and torch.
+
+Each function names what it relies on; an upstream change breaks here, not across the package.
+"""
+
+import contextlib
+from typing import Any, Dict
+from urllib.parse import urlparse
+
+from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _IncompatibleKeys
+from torch import nn
+
+__all__ = [
+    "IncompatibleKeys",
+    "NORM_TYPES",
+    "load_state_into",
+    "read_checkpoint_file",
+    "cpu_ddp_in_default_trainer",
+    "register_state_dict_hook",
+]
+
+# fvcore.common.checkpoint._IncompatibleKeys: what Checkpointer._load_model returns.
+IncompatibleKeys = _IncompatibleKeys
+
+# Every torch normalisation layer with running statistics (BatchNorm*, InstanceNorm*, SyncBN).
+NORM_TYPES = (nn.modules.batchnorm._NormBase,)
+
+
+def load_state_into(model: nn.Module, checkpoint: Dict[str, Any]) -> IncompatibleKeys:
+    """``DetectionCheckpointer(model)._load_model(checkpoint)``: detectron2's loading of a
+    checkpoint dict (its conversions of model-zoo .pkl files, shape checks), without a file."""
+    return DetectionCheckpointer(model)._load_model(checkpoint)
+
+
+def read_checkpoint_file(path: str) -> Dict[str, Any]:
+    """What ``DetectionCheckpointer.load(path)`` reads before loading: the path manager's local
+    copy (``detectron2://`` and URLs), the ``?matching_heuristics=True`` query honoured, and
+    ``_load_file`` (.pth, detectron2 and Caffe2 .pkl)."""
+    checkpointer = DetectionCheckpointer(nn.Module())
+    parsed = urlparse(path)
+    checkpointer._parsed_url_during_load = parsed
+    try:
+        local = checkpointer.path_manager.get_local_path(parsed._replace(query="").geturl())
+        return checkpointer._load_file(local)
+    finally:
+        checkpointer._parsed_url_during_load = None
+
+
+@contextlib.contextmanager
+def cpu_ddp_in_default_trainer(create_ddp_model):
+    """Inside this block, ``DefaultTrainer.__init__`` wraps the model with ``create_ddp_model``
+    (the argument) instead of detectron2's ``detectron2.engine.defaults.create_ddp_model``,
+    which always passes ``device_ids`` and so fails for CPU models (GLOO processes).
+    ``DefaultTrainer.__init__`` looks the function up in its module at call time."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
+def register_state_dict_hook(module: nn.Module, hook) -> None:
+    """``module._register_state_dict_hook(hook)``: ``hook(module, state_dict, prefix,
+    local_metadata)`` may rename the keys a module's ``state_dict()`` returns (torch has no
+    public form of this hook that may change keys in place)."""
+    module._register_state_dict_hook(hook)
