@@ -1,6 +1,6 @@
 # MasKD for Detectron2. `make test` sets everything up on a bare machine, then lints and tests.
 PY := .venv/bin/python
-SRC := projects tests tools configs train_net.py
+SRC := projects tests tools demo configs train_net.py distill_net.py
 
 .PHONY: setup lint format test benchmark demo benchmark-demo
 
@@ -26,12 +26,12 @@ benchmark: setup
 # The main job: a real distillation on CPU, report in output/demo/report.md.
 # QUICK=1: a tiny run that checks the pipeline. SEEDS=3: the students with three seeds.
 # TEACHER_SEEDS=2, TOKEN_SEEDS=3: more teachers, more stage-1 runs per teacher.
-# `make benchmark-demo`: the perturbation benchmark of the README (about an hour here).
+# `make benchmark-demo`: the perturbation benchmark of the README (about 45 minutes here).
 demo: setup
-	$(PY) tools/demo.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) \
+	$(PY) demo/run_demo.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(TEACHER_SEEDS),--teacher-seeds $(TEACHER_SEEDS)) \
 		$(if $(TOKEN_SEEDS),--token-seeds $(TOKEN_SEEDS)) \
 		$(if $(QUICK),--output output/demo_quick)
 
 benchmark-demo: setup
-	$(PY) tools/demo.py --teacher-seeds 2 --seeds 3 --token-seeds 3 --output output/demo_perturbation
+	$(PY) demo/run_demo.py --teacher-seeds 2 --seeds 3 --token-seeds 3 --output output/demo_perturbation

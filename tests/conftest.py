@@ -4,5 +4,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 # tests/tiny.py and friends are helpers, importable by the test modules; and the tests always
 # exercise this checkout's package, whichever clone the shared environment was installed from.
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "projects", "MasKD"))
+sys.path.insert(0, os.path.join(ROOT, "projects", "MasKD"))
+# The demo (demo/shapes.py, demo/report.py) and the pipeline (distill_net.py) live outside the
+# package, as detectron2 keeps its demo/ and tools/ outside detectron2/.
+sys.path.insert(0, os.path.join(ROOT, "demo"))
+sys.path.insert(0, ROOT)

@@ -1,5 +1,6 @@
-"""`make demo QUICK=1`: the whole pipeline (data, teachers, tokens, baseline and MasKD students,
-evaluation, report) runs; the test checks that the files and numbers exist, not accuracy. The
+"""`make demo QUICK=1`: the whole demo (data, teachers, distill_net.py pipelines, baseline
+students, report) runs; the test checks that every number of the report is the one its runs
+produced (not accuracy). The
 report's arithmetic (deltas, spread, goals, retention) is checked on made-up results."""
 
 import json
@@ -14,53 +15,74 @@ STATS = {"coverage", "constant", "dice", "weight_entropy", "combined"}
 LEVELS = {"p2", "p3", "p4", "p5", "p6"}
 
 
+def _cell(value, signed=False):
+    """How the report writes a number of results.json (None: undefined AP)."""
+    if value is None:
+        return "n/a"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _row(report, name):
+    """The cells of the report's table row whose first cell is ``name``."""
+    line = next(ln for ln in report.splitlines() if ln.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
 def test_quick_demo_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     run(
-        [os.path.join(ROOT, "tools", "demo.py"), "--quick", "--output", str(out)]
+        [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
         + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"],
         tmp_path,
     )
     report = (out / "report.md").read_text()
-    results = json.loads((out / "results.json").read_text())["results"]
-    times = json.loads((out / "results.json").read_text())["times"]
-    assert set(times) == {
-        "student_seed0",
-        "teacher_t0",
-        "tokens_t0_seed0",
-        "tokens_t0_seed1",
-        "maskd_t0_seed0",
-        "teacher_t1",
-        "tokens_t1_seed0",
-        "tokens_t1_seed1",
-        "maskd_t1_seed0",
-    }
+    summary = json.loads((out / "results.json").read_text())
+    results, times = summary["results"], summary["times"]
+    runs = {"student_seed0", "teacher_t0", "tokens_t0_seed0", "tokens_t0_seed1", "maskd_t0_seed0"}
+    runs |= {"teacher_t1", "tokens_t1_seed0", "tokens_t1_seed1", "maskd_t1_seed0"}
+    runs |= {f"maskd_t{t}_seed0 {stage}" for t in (0, 1) for stage in ("export", "evaluate")}
+    assert set(times) == runs and all(v > 0 for v in times.values())
+    # each MasKD student went through distill_net.py's four stages
+    for t in (0, 1):
+        pipeline = json.loads((out / f"maskd_t{t}_seed0" / "pipeline.json").read_text())
+        assert list(pipeline["stages"]) == ["tokens", "student", "export", "evaluate"]
     # the shipped recipe: masked feature loss plus RoI box-regression KD, named in the report
     assert results["distillation losses"] == ["loss_maskd", "loss_roi_reg_kd"]
     assert "`loss_maskd`, `loss_roi_reg_kd`" in report
     assert set(results["teachers"]) == {"0", "1"}
+    base = results["baseline"]["0"]
+    assert _row(report, "baseline student (R18-FPN)")[:3] == [
+        _cell(base[m]) for m in ("AP", "AP50", "AP75")
+    ]
     for t, tr in results["teachers"].items():
         # The teachers train for 40 iterations: they detect something, so AP is a number.
         assert isinstance(tr["teacher"]["AP"], float), t
-        line = next(
-            ln
-            for ln in report.splitlines()
-            if ln.startswith(f"| teacher (R34-FPN), teacher seed {t} |")
-        )
-        assert re.fullmatch(r"\d+\.\d\d", line.split("|")[2].strip()), line
+        cells = _row(report, f"teacher (R34-FPN), teacher seed {t}")
+        assert cells[:3] == [_cell(tr["teacher"][m]) for m in ("AP", "AP50", "AP75")]
+        # the released student scores what stage 2's last evaluation scored
+        assert tr["maskd"]["0"] == tr["maskd in training"]["0"], t
+        cells = _row(report, f"MasKD student (R18-FPN), teacher seed {t}")
+        assert cells[:3] == [_cell(tr["maskd"]["0"][m]) for m in ("AP", "AP50", "AP75")]
+        if tr["maskd"]["0"]["AP"] is not None and base["AP"] is not None:
+            assert cells[3] == _cell(tr["maskd"]["0"]["AP"] - base["AP"], signed=True)
+        else:
+            assert cells[3] == "n/a"
         assert set(tr["tokens"]) == {"0", "1"}
         for k, tok in tr["tokens"].items():
             masked = tok["masked teacher"]["AP"]
-            if masked is not None and tr["teacher"]["AP"]:
+            if masked is None:
+                assert tok["retention"] is None
+            else:
                 assert tok["retention"] == pytest.approx(masked / tr["teacher"]["AP"], rel=1e-6)
-            retention_cell = "n/a" if tok["retention"] is None else f"{tok['retention']:.3f}"
-            assert f"| {t} | {k} | {tr['teacher']['AP']:.2f} |" in report
-            assert report.count(f" | {retention_cell} |") >= 1
+            retention = "n/a" if tok["retention"] is None else f"{tok['retention']:.3f}"
+            row = f"| {t} | {k} | {_cell(tr['teacher']['AP'])} | {_cell(masked)} | {retention} |"
+            assert row in report
             assert set(tok["token statistics"]) == LEVELS
             for level, st in tok["token statistics"].items():
                 assert set(st) == STATS, level
                 assert all(0.0 <= st[s] <= 1.0 for s in STATS - {"combined"}), st
         assert set(tr["maskd"]) == {"0"}
+    assert "equal to the stage-2 runs' final evaluation in all 2 runs" in report
     for level in LEVELS:
         assert re.search(rf"^\| {level} \|( \d\.\d\d\d \|){{5}}$", report, re.M), level
     assert "## Goals" in report and "| total |" in report
@@ -69,9 +91,19 @@ def test_quick_demo_writes_the_report(tmp_path):
     masks = os.listdir(out / "masks")
     assert len([f for f in masks if f.endswith(".png")]) == 2 and "token_statistics.json" in masks
 
+    # Again: every stage is kept (the pipeline's markers), the report is written again.
+    again = run(
+        [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
+        + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"],
+        tmp_path,
+    )
+    # 1 baseline; per teacher: the teacher, 4 pipeline stages, 1 extra stage-1 run
+    assert (again.stdout + again.stderr).count("finished before, kept") == 13
+    assert json.loads((out / "results.json").read_text())["results"] == results
+
 
 def test_report_reads_the_last_evaluation_and_names_missing_ones(tmp_path):
-    from maskd import demo
+    import report as demo
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -82,21 +114,21 @@ def test_report_reads_the_last_evaluation_and_names_missing_ones(tmp_path):
         {"iteration": 19, "bbox/AP": 3.0, "bbox/AP50": 6.0, "bbox/AP75": 1.5},
     ]
     (run_dir / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert demo._final_metrics(str(run_dir)) == {"AP": 3.0, "AP50": 6.0, "AP75": 1.5}
-    assert demo._loss_keys(str(run_dir)) == {"loss_cls", "loss_maskd", "loss_roi_reg_kd"}
-    assert demo._curve(str(run_dir), "total_loss") == ([0, 19], [2.0, 1.0])
+    assert demo.final_metrics(str(run_dir)) == {"AP": 3.0, "AP50": 6.0, "AP75": 1.5}
+    assert demo.loss_keys(str(run_dir)) == {"loss_cls", "loss_maskd", "loss_roi_reg_kd"}
+    assert demo.curve(str(run_dir), "total_loss") == ([0, 19], [2.0, 1.0])
     with pytest.raises(RuntimeError, match=r"no retention in .*metrics\.json"):
-        demo._retention(str(run_dir))
+        demo.retention_of(str(run_dir))
     with pytest.raises(RuntimeError, match=r"no token statistics in .*metrics\.json"):
-        demo._token_statistics(str(run_dir))
+        demo.token_statistics_of(str(run_dir))
 
     (run_dir / "metrics.json").write_text(json.dumps(records[0]) + "\n")
     with pytest.raises(RuntimeError, match=r"no bbox evaluation in .*metrics\.json"):
-        demo._final_metrics(str(run_dir))
+        demo.final_metrics(str(run_dir))
 
 
 def test_report_reads_retention_and_token_statistics_of_stage1(tmp_path):
-    from maskd import demo
+    import report as demo
 
     records = [
         {"iteration": 9, "[metric]tokens/p2/coverage": 0.1, "[metric]tokens/p2/constant": 0.5},
@@ -105,8 +137,8 @@ def test_report_reads_retention_and_token_statistics_of_stage1(tmp_path):
         {"iteration": 19, "bbox/AP": 6.0, "teacher/bbox/AP": 8.0, "retention/bbox/AP": 0.75},
     ]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert demo._retention(str(tmp_path)) == 0.75
-    assert demo._token_statistics(str(tmp_path)) == {"p2": {"coverage": 0.3}, "p3": {"dice": 0.7}}
+    assert demo.retention_of(str(tmp_path)) == 0.75
+    assert demo.token_statistics_of(str(tmp_path)) == {"p2": {"coverage": 0.3}, "p3": {"dice": 0.7}}
 
 
 def _results(teacher_aps, baseline, maskd, retentions):
@@ -139,7 +171,7 @@ def _results(teacher_aps, baseline, maskd, retentions):
 
 
 def test_report_deltas_spread_and_goals(tmp_path):
-    from maskd import demo
+    import report as demo
 
     results = _results(
         teacher_aps=[10.0, 12.0],
@@ -147,7 +179,9 @@ def test_report_deltas_spread_and_goals(tmp_path):
         maskd=[[5.0, 6.0, 6.5], [3.5, 3.0, 7.0]],  # teacher 1: mean +0.5, one seed -1.0
         retentions=[[1.0, 0.96, 0.99], [0.99, 0.94, 1.0]],
     )
-    report = open(demo._report(str(tmp_path), results, {}, 0.0, 1.0, False, demo.DEFAULT)).read()
+    report = open(
+        demo.write_report(str(tmp_path), results, {}, 0.0, 1.0, False, demo.DEFAULT)
+    ).read()
     # teacher 0: deltas +2.0, +2.0, +1.5 -> mean 1.833, sample sd 0.289
     assert (
         "| 0 | 10.00 | 4.00 | 5.83 | +1.83 ± 0.29 (+1.50 .. +2.00) | +2.00, +2.00, +1.50 |"
@@ -185,11 +219,11 @@ def test_report_deltas_spread_and_goals(tmp_path):
 
 
 def test_report_marks_a_model_without_detections_and_writes_strict_json(tmp_path):
-    from maskd import demo
+    import report as demo
 
     nan = float("nan")
     results = _results([8.0], [nan], [[2.0]], [[nan]])
-    path = demo._report(str(tmp_path), results, {"teacher": 1.0}, 0.0, 1.0, True, demo.QUICK)
+    path = demo.write_report(str(tmp_path), results, {"teacher": 1.0}, 0.0, 1.0, True, demo.QUICK)
     report = open(path).read()
     assert not re.search(r"\bnan\b", report)  # Python's rendering of NaN
     assert "| baseline student (R18-FPN) | n/a | n/a | n/a | n/a |" in report
@@ -199,7 +233,7 @@ def test_report_marks_a_model_without_detections_and_writes_strict_json(tmp_path
     assert report.count("NOT reached (undefined: no detections from the baseline student)") == 2
     assert "retention >= 0.95 for every stage-1 seed: NOT reached (n/a)" in report
 
-    safe = demo._json_safe({"results": results, "times": [1.5]})
+    safe = demo.json_safe({"results": results, "times": [1.5]})
     assert safe["results"]["baseline"][0] == {"AP": None, "AP50": None, "AP75": None}
     assert safe["results"]["teachers"][0]["teacher"]["AP"] == 8.0 and safe["times"] == [1.5]
     json.dumps(safe, allow_nan=False)  # raises ValueError if any NaN is left

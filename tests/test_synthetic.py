@@ -7,8 +7,7 @@ import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog
 from pycocotools import mask as mask_util
-
-from maskd.synthetic import CLASSES, generate_split, register_shapes, shapes_dataset
+from shapes import CLASSES, generate_split, register_shapes, shapes_dataset
 
 
 def test_deterministic_and_cached(tmp_path):

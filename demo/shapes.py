@@ -19,7 +19,7 @@ from pycocotools import mask as mask_util
 
 __all__ = ["CLASSES", "generate_split", "register_shapes", "shapes_dataset"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("maskd.demo.shapes")
 
 CLASSES = ["disc", "square", "triangle", "cross", "ring"]
 SEM_IGNORE = 255
@@ -180,7 +180,7 @@ def register_shapes(
     splits: Dict[str, Tuple[str, str]], prefix: str = "maskd_shapes"
 ) -> Dict[str, str]:
     """Register the splits in detectron2's DatasetCatalog as ``<prefix>_<split>``."""
-    from .engine import register_coco_datasets
+    from maskd.engine import register_coco_datasets
 
     names = {split: f"{prefix}_{split}" for split in splits}
     register_coco_datasets([(names[s], *splits[s]) for s in splits])

@@ -1,0 +1,311 @@
+"""The demo's results and report: read from the runs' ``metrics.json`` (and the released
+students' evaluation), written to ``<output>/report.md``."""
+
+import json
+import math
+import os
+import statistics
+from typing import Dict, List, Tuple
+
+# Sizes of a run: dataset, iterations of each stage, seeds of the students.
+DEFAULT = dict(n_train=800, n_val=200, teacher_iter=1000, tokens_iter=100, student_iter=700)
+QUICK = dict(n_train=48, n_val=16, teacher_iter=40, tokens_iter=10, student_iter=30)
+METRICS = ("AP", "AP50", "AP75")
+
+
+def schedule(iters: int) -> List[str]:
+    """Solver overrides for a shortened run: steps at 75% and 92%, warm-up within it."""
+    steps = f"({int(iters * 0.75)}, {int(iters * 0.92)})"
+    return [
+        "SOLVER.MAX_ITER",
+        str(iters),
+        "SOLVER.STEPS",
+        steps,
+        "SOLVER.WARMUP_ITERS",
+        str(min(100, iters // 4)),
+    ]
+
+
+def records(out_dir: str) -> List[dict]:
+    """The records of a run's metrics.json (one dict per logged iteration or evaluation)."""
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_metrics(out_dir: str) -> Dict[str, float]:
+    """The last evaluation in a run's metrics.json: {"AP": ..., "AP50": ..., "AP75": ...}."""
+    evals = [rec for rec in records(out_dir) if "bbox/AP" in rec]
+    if not evals:
+        raise RuntimeError(f"no bbox evaluation in {os.path.join(out_dir, 'metrics.json')}")
+    return {m: evals[-1][f"bbox/{m}"] for m in METRICS}
+
+
+def evaluated_metrics(results: dict) -> Dict[str, float]:
+    """{"AP", "AP50", "AP75"} of an evaluation's results (``train_net.py --eval-only`` writes
+    them to ``results.json``; NaN for a model without detections)."""
+    if "bbox" not in results:
+        raise RuntimeError(f"no bbox results in {sorted(results)}")
+    return {m: math.nan if results["bbox"][m] is None else results["bbox"][m] for m in METRICS}
+
+
+def loss_keys(out_dir: str) -> set:
+    """Names of the losses a run logged in its metrics.json (``loss_*``)."""
+    return {k for rec in records(out_dir) for k in rec if k.startswith("loss_")}
+
+
+def curve(out_dir: str, key: str):
+    """(iterations, values) of one logged scalar."""
+    recs = [rec for rec in records(out_dir) if key in rec]
+    return [rec["iteration"] for rec in recs], [rec[key] for rec in recs]
+
+
+def num(x: float, signed: bool = False) -> str:
+    """A metric for the report; NaN (COCOEvaluator's value for a model without detections) -> n/a."""
+    if math.isnan(x):
+        return "n/a"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def json_safe(obj):
+    """``obj`` with NaN floats replaced by None, so results.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def goal(name: str, threshold: float, better: Tuple[str, float], base: Tuple[str, float]) -> str:
+    """One goal line: is ``better`` AP - ``base`` AP >= threshold; each is (model name, AP)."""
+    missing = [model for model, ap in (better, base) if math.isnan(ap)]
+    if missing:
+        return f"{name}: NOT reached (undefined: no detections from the {' and '.join(missing)})"
+    value = better[1] - base[1]
+    return f"{name}: {'reached' if value >= threshold else 'NOT reached'} ({value:+.2f})"
+
+
+def retention_of(out_dir: str) -> float:
+    """The retention (masked teacher AP / teacher AP) of a stage-1 run's last evaluation."""
+    evals = [rec for rec in records(out_dir) if "retention/bbox/AP" in rec]
+    if not evals:
+        raise RuntimeError(f"no retention in {os.path.join(out_dir, 'metrics.json')}")
+    value = evals[-1]["retention/bbox/AP"]
+    return math.nan if value is None else float(value)
+
+
+def token_statistics_of(out_dir: str) -> Dict[str, Dict[str, float]]:
+    """level -> token statistics, as the last training record of a run logged them (each the
+    median of the metric printer's window of 20 iterations)."""
+    prefix = "[metric]tokens/"
+    recs = [rec for rec in records(out_dir) if any(k.startswith(prefix) for k in rec)]
+    if not recs:
+        raise RuntimeError(f"no token statistics in {os.path.join(out_dir, 'metrics.json')}")
+    out: Dict[str, Dict[str, float]] = {}
+    for key, value in recs[-1].items():
+        if key.startswith(prefix):
+            level, stat = key[len(prefix) :].split("/")
+            out.setdefault(level, {})[stat] = value
+    return out
+
+
+def mean(values) -> float:
+    values = list(values)
+    return statistics.mean(values) if values else math.nan
+
+
+def spread(values: List[float]) -> str:
+    """mean, sample standard deviation and range of a list of numbers, for the report."""
+    if any(math.isnan(v) for v in values):
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):+.2f} ± {sd:.2f} ({min(values):+.2f} .. {max(values):+.2f})"
+
+
+def write_report(output, results, times, data_time, total, quick, size) -> str:
+    teachers = results["teachers"]
+    base_runs = results["baseline"]
+    seeds = list(base_runs)
+    base = {m: mean(base_runs[s][m] for s in seeds) for m in METRICS}
+
+    def maskd_mean(t, m):
+        return mean(teachers[t]["maskd"][s][m] for s in seeds)
+
+    rows = []
+    for t, tr in teachers.items():
+        tag = f", teacher seed {t}" if len(teachers) > 1 else ""
+        rows.append((f"teacher (R34-FPN){tag}", tr["teacher"]))
+        rows.append((f"masked teacher (stage 1){tag}", tr["tokens"][0]["masked teacher"]))
+    rows.append(("baseline student (R18-FPN)", base))
+    for t in teachers:
+        tag = f", teacher seed {t}" if len(teachers) > 1 else ""
+        rows.append((f"MasKD student (R18-FPN){tag}", {m: maskd_mean(t, m) for m in METRICS}))
+    lines = [
+        "# MasKD demo report",
+        "",
+        f"Mode: {'QUICK (pipeline check only; the numbers mean nothing)' if quick else 'default'}."
+        f" Dataset: procedural shapes, {size['n_train']} train / {size['n_val']} val images."
+        f" {len(teachers)} teacher seed(s) x {len(seeds)} student seed(s); student rows are"
+        " means over the student seeds.",
+        "",
+        "| model | AP | AP50 | AP75 | AP vs baseline student |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        cells = [num(r[m]) for m in METRICS] + [num(r["AP"] - base["AP"], signed=True)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any(math.isnan(r[m]) for _, r in rows for m in METRICS):
+        lines += [
+            "",
+            "n/a: no detections above the test score threshold on val, so COCO AP is undefined"
+            " (detectron2's COCOEvaluator reports NaN; results.json has null).",
+        ]
+    overrides = " ".join(results["maskd overrides"]) or "none"
+    lines += [
+        "",
+        "MasKD student: the baseline's losses plus "
+        + ", ".join(f"`{k}`" for k in results["distillation losses"])
+        + f" (configs/Demo/maskd_shapes_R34-R18_2x.yaml; extra overrides: {overrides})."
+        " Its AP is that of the released student (distill_net.py's export) evaluated by plain"
+        " detectron2; " + released_vs_training(teachers) + ".",
+        "",
+        "## MasKD student minus baseline student, per teacher",
+        "",
+        "| teacher seed | teacher AP | baseline AP | MasKD AP | delta: mean ± sd (min .. max) |"
+        " delta per student seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    deltas = {}
+    for t, tr in teachers.items():
+        deltas[t] = [tr["maskd"][s]["AP"] - base_runs[s]["AP"] for s in seeds]
+        lines.append(
+            f"| {t} | {num(tr['teacher']['AP'])} | {num(base['AP'])} | {num(maskd_mean(t, 'AP'))}"
+            f" | {spread(deltas[t])} | " + ", ".join(num(d, signed=True) for d in deltas[t]) + " |"
+        )
+    lines += [
+        "",
+        "Per student seed (AP): "
+        + "; ".join(
+            f"seed {s}: baseline {num(base_runs[s]['AP'])}, "
+            + ", ".join(
+                f"MasKD{f' (teacher {t})' if len(teachers) > 1 else ''}"
+                f" {num(tr['maskd'][s]['AP'])}"
+                f" ({num(tr['maskd'][s]['AP'] - base_runs[s]['AP'], signed=True)})"
+                for t, tr in teachers.items()
+            )
+            for s in seeds
+        ),
+        "",
+        "## Stage 1: retention and token statistics",
+        "",
+        "Retention = masked teacher AP / teacher AP (the stage-1 run evaluates both).",
+        "",
+        "| teacher seed | stage-1 seed | teacher AP | masked teacher AP | retention |",
+        "|---|---|---|---|---|",
+    ]
+    for t, tr in teachers.items():
+        for k, tok in tr["tokens"].items():
+            lines.append(
+                f"| {t} | {k} | {num(tr['teacher']['AP'])} | {num(tok['masked teacher']['AP'])}"
+                f" | {ratio(tok['retention'])} |"
+            )
+    stat_names = ["coverage", "constant", "dice", "weight_entropy", "combined"]
+    lines += [
+        "",
+        "Token statistics of the tokens the students use (stage-1 seed 0), per level, from the"
+        " last iterations of stage 1 (maskd.diagnostics: coverage = mean mask value; constant ="
+        " share of masks with spatial std < 0.05; dice = mean Dice overlap between tokens;"
+        " weight_entropy = token-weight entropy / log T; combined = mean of sum_t w_t M_t, the"
+        " share of the features the teacher's heads see in stage 1).",
+        "",
+    ]
+    for t, tr in teachers.items():
+        lines += [
+            f"Teacher seed {t}:",
+            "",
+            "| level | " + " | ".join(stat_names) + " |",
+            "|---" * (len(stat_names) + 1) + "|",
+        ]
+        for level, st in tr["tokens"][0]["token statistics"].items():
+            lines.append(
+                f"| {level} | "
+                + " | ".join(f"{st[k]:.3f}" if k in st else "-" for k in stat_names)
+                + " |"
+            )
+        lines.append("")
+    lines += ["## Goals", ""]
+    for t, tr in teachers.items():
+        tag = f"teacher seed {t}: " if len(teachers) > 1 else ""
+        lines.append(
+            "- "
+            + tag
+            + goal(
+                "teacher - baseline student >= 5 AP",
+                5.0,
+                ("teacher", tr["teacher"]["AP"]),
+                ("baseline student", base["AP"]),
+            )
+        )
+        lines.append(
+            "- "
+            + tag
+            + goal(
+                "MasKD - baseline student >= +1.0 AP (mean over student seeds)",
+                1.0,
+                ("MasKD student", maskd_mean(t, "AP")),
+                ("baseline student", base["AP"]),
+            )
+        )
+        if any(math.isnan(d) for d in deltas[t]):
+            lines.append(f"- {tag}MasKD > baseline on every seed: NOT reached (undefined AP)")
+        else:
+            ok = all(d > 0 for d in deltas[t])
+            lines.append(
+                f"- {tag}MasKD > baseline on every seed: {'reached' if ok else 'NOT reached'}"
+                f" (smallest {min(deltas[t]):+.2f})"
+            )
+        ret = [tok["retention"] for tok in tr["tokens"].values()]
+        ok = all(r >= 0.95 for r in ret)  # NaN fails
+        lines.append(
+            f"- {tag}retention >= 0.95 for every stage-1 seed: "
+            f"{'reached' if ok else 'NOT reached'} ({', '.join(ratio(r) for r in ret)})"
+        )
+    lines += [
+        "",
+        "| stage | wall time (s) |",
+        "|---|---|",
+        f"| data generation / cache | {data_time:.0f} |",
+    ]
+    lines += [f"| {name} | {t:.0f} |" for name, t in times.items()]
+    lines += [
+        f"| total | {total:.0f} |",
+        "",
+        "Receptive masks of the learned tokens (teacher seed 0, stage-1 seed 0), with their"
+        " statistics per level: `masks/`. Loss curves: `loss_curves.png`.",
+        "",
+    ]
+    path = os.path.join(output, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def released_vs_training(teachers) -> str:
+    """Whether each released student's AP equals the final evaluation of its stage-2 run."""
+    pairs = [
+        (tr["maskd"][s]["AP"], tr["maskd in training"][s]["AP"])
+        for tr in teachers.values()
+        if "maskd in training" in tr
+        for s in tr["maskd"]
+    ]
+    same = [a == b or (math.isnan(a) and math.isnan(b)) for a, b in pairs]
+    if not pairs:
+        return "the stage-2 runs' own evaluations are not in the results"
+    if all(same):
+        return f"equal to the stage-2 runs' final evaluation in all {len(pairs)} runs"
+    return f"DIFFERENT from the stage-2 runs' final evaluation in {same.count(False)} run(s)"
+
+
+def ratio(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"

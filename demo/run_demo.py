@@ -1,0 +1,271 @@
+#!/usr/bin/env python
+"""MasKD end to end on CPU: train a teacher on generated shapes, distil a student from it with
+the pipeline of ``distill_net.py`` (tokens, student, export, evaluation), train the same student
+without distillation, and write ``<output>/report.md``.
+
+    python demo/run_demo.py            # the default run (output/demo)
+    python demo/run_demo.py --quick    # a tiny run that checks the pipeline (numbers mean nothing)
+    python demo/run_demo.py --seeds 3  # the students with 3 seeds
+    python demo/run_demo.py --teacher-seeds 2 --seeds 3 --token-seeds 3
+                                       # the perturbation benchmark: 2 teachers x 3 student
+                                       # seeds, 3 stage-1 seeds per teacher (retention)
+
+Finished stages are kept, as in the pipeline: running the command again resumes an interrupted
+demo; --fresh deletes the output folder first.
+
+Folders under the output: ``student_seed<s>/`` (baseline students), ``teacher_t<t>/``,
+``maskd_t<t>_seed<s>/`` (one distill_net.py pipeline each: ``tokens/`` for seed 0, whose tokens
+the other seeds reuse, ``student/``, ``export/``, ``evaluate/``), ``tokens_t<t>_seed<k>/``
+(the extra stage-1 runs of --token-seeds).
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # distill_net.py
+
+import report as rep  # noqa: E402
+from shapes import shapes_dataset  # noqa: E402
+
+from distill_net import StageRunner, run_pipeline  # noqa: E402
+
+logger = logging.getLogger("maskd.demo")
+
+CONFIGS = os.path.join(ROOT, "configs", "Demo")
+TEACHER_CFG = os.path.join(CONFIGS, "shapes_teacher_R34.yaml")
+STUDENT_CFG = os.path.join(CONFIGS, "shapes_student_R18.yaml")
+TOKENS_CFG = os.path.join(CONFIGS, "maskd_shapes_R34-R18_tokens.yaml")
+MASKD_CFG = os.path.join(CONFIGS, "maskd_shapes_R34-R18_2x.yaml")
+
+
+def run_demo(
+    output: str,
+    quick: bool = False,
+    seeds: int = 1,
+    data_root: Optional[str] = None,
+    fresh: bool = False,
+    maskd_opts: Sequence[str] = (),
+    teacher_seeds: int = 1,
+    token_seeds: int = 1,
+) -> str:
+    """Run the whole demo and write ``<output>/report.md``; returns its path.
+
+    Args:
+        output: the folder for every run and the report.
+        quick: a tiny run that proves the pipeline (a few minutes), not accuracy.
+        seeds: how many seeds to train the baseline and MasKD students with.
+        data_root: where the generated dataset is cached (default ``<root>/datasets/shapes``).
+        fresh: delete ``output`` first (else finished stages are kept; their wall time in the
+            report is the one their first run measured).
+        maskd_opts: extra config overrides of the MasKD students (e.g. a loss weight to try).
+        teacher_seeds: how many teachers to train (seeds 0, 1, ...), each with its own tokens
+            and MasKD students; the baseline students do not depend on the teacher and are
+            trained once per seed. Several teachers emulate what another machine's numerics
+            change.
+        token_seeds: how many stage-1 runs (seeds 0, 1, ...) per teacher, to measure how
+            reliably the tokens keep the teacher's accuracy; the students use seed 0's tokens.
+    """
+    if fresh and os.path.isdir(output):
+        logger.info("[demo] --fresh: removing %s", output)
+        shutil.rmtree(output)
+    size = rep.QUICK if quick else rep.DEFAULT
+    start = time.perf_counter()
+    splits = shapes_dataset(
+        data_root or os.path.join(ROOT, "datasets", "shapes"), size["n_train"], size["n_val"]
+    )
+    register = []
+    for split, (json_file, image_dir) in splits.items():
+        register += ["--register-coco", f"maskd_shapes_{split}", json_file, image_dir]
+    data_time = time.perf_counter() - start
+    runner = StageRunner(register)
+    student_schedule = rep.schedule(size["student_iter"])
+
+    def train(name, config, opts):
+        out_dir = os.path.join(os.path.abspath(output), name)
+        return runner.run(name, out_dir, ["--config-file", config, *opts, "OUTPUT_DIR", out_dir])
+
+    baselines = {
+        s: train(f"student_seed{s}", STUDENT_CFG, student_schedule + ["SEED", str(s)])
+        for s in range(seeds)
+    }
+    teachers = {}
+    for t in range(teacher_seeds):
+        teacher_dir = train(
+            f"teacher_t{t}", TEACHER_CFG, rep.schedule(size["teacher_iter"]) + ["SEED", str(t)]
+        )
+        teacher = dict(
+            teacher_config=TEACHER_CFG,
+            teacher_weights=os.path.join(teacher_dir, "model_final.pth"),
+        )
+        tokens_opts = ["SOLVER.MAX_ITER", str(size["tokens_iter"])]
+        maskd_opts_all = student_schedule + [
+            "MODEL.MASKD.CUSTOM_MASK_WARMUP",
+            str(size["student_iter"] // 2),
+        ]
+        pipelines = {}
+        for s in range(seeds):
+            # seed 0's pipeline learns the tokens (stage-1 seed 0); the others reuse them
+            first = os.path.join(output, f"maskd_t{t}_seed0", "tokens", "model_final.pth")
+            pipelines[s] = run_pipeline(
+                os.path.join(output, f"maskd_t{t}_seed{s}"),
+                TOKENS_CFG,
+                MASKD_CFG,
+                tokens_opts=tokens_opts + ["SEED", "0"],
+                student_opts=maskd_opts_all + ["SEED", str(s)] + list(maskd_opts),
+                tokens_weights=first if s > 0 else "",
+                runner=runner,
+                **teacher,
+            )
+        tokens = {0: pipelines[0]["stages"]["tokens"]["dir"]}
+        for k in range(1, token_seeds):
+            extra = run_pipeline(
+                os.path.join(output, f"tokens_t{t}_seed{k}"),
+                TOKENS_CFG,
+                MASKD_CFG,
+                tokens_opts=tokens_opts + ["SEED", str(k)],
+                stages=("tokens",),
+                runner=runner,
+                **teacher,
+            )
+            tokens[k] = extra["stages"]["tokens"]["dir"]
+        teachers[t] = {"dir": teacher_dir, "tokens": tokens, "maskd": pipelines}
+
+    # The losses the MasKD students add to the baseline's (e.g. loss_maskd, loss_roi_reg_kd).
+    distill = set()
+    for tr in teachers.values():
+        for s, p in tr["maskd"].items():
+            distill |= rep.loss_keys(p["stages"]["student"]["dir"]) - rep.loss_keys(baselines[s])
+    results = {
+        "distillation losses": sorted(distill),
+        "maskd overrides": list(maskd_opts),
+        "baseline": {s: rep.final_metrics(d) for s, d in baselines.items()},
+        "teachers": {
+            t: {
+                "teacher": rep.final_metrics(tr["dir"]),
+                "tokens": {
+                    k: {
+                        "masked teacher": rep.final_metrics(d),
+                        "retention": rep.retention_of(d),
+                        "token statistics": rep.token_statistics_of(d),
+                    }
+                    for k, d in tr["tokens"].items()
+                },
+                # the released student, evaluated by plain detectron2 (the pipeline's last stage)
+                "maskd": {
+                    s: rep.evaluated_metrics(p["stages"]["evaluate"]["results"])
+                    for s, p in tr["maskd"].items()
+                },
+                "maskd in training": {
+                    s: rep.final_metrics(p["stages"]["student"]["dir"])
+                    for s, p in tr["maskd"].items()
+                },
+            }
+            for t, tr in teachers.items()
+        },
+    }
+    first = teachers[0]
+    students = {
+        s: {"baseline": baselines[s], "maskd": first["maskd"][s]["stages"]["student"]["dir"]}
+        for s in baselines
+    }
+    plots(output, first["maskd"][0]["stages"]["tokens"]["dir"], students, splits)
+    total = time.perf_counter() - start
+    times = stage_times(output, baselines, teachers)
+    path = rep.write_report(output, results, times, data_time, total, quick, size)
+    with open(os.path.join(output, "results.json"), "w") as f:
+        summary = {"results": results, "times": times, "total_s": total}
+        json.dump(rep.json_safe(summary), f, indent=1, allow_nan=False)
+    logger.info("[demo] report: %s", path)
+    return path
+
+
+def stage_times(output, baselines, teachers) -> Dict[str, float]:
+    """Wall time of every training stage, as its marker recorded it (stages kept from an
+    earlier run keep the time of the run that made them)."""
+    dirs = {os.path.basename(d): d for d in baselines.values()}
+    for t, tr in teachers.items():
+        dirs[f"teacher_t{t}"] = tr["dir"]
+        for k, d in tr["tokens"].items():
+            dirs[f"tokens_t{t}_seed{k}"] = d
+        for s, p in tr["maskd"].items():
+            dirs[f"maskd_t{t}_seed{s}"] = p["stages"]["student"]["dir"]
+            for stage in ("export", "evaluate"):
+                dirs[f"maskd_t{t}_seed{s} {stage}"] = p["stages"][stage]["dir"]
+    return {name: StageRunner.finished(d)["seconds"] for name, d in dirs.items()}
+
+
+def plots(output, tokens_dir, students, splits):
+    """The loss curves of the students and the receptive masks of the first tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for seed, runs in students.items():
+        for kind, style in (("baseline", "-"), ("maskd", "--")):
+            xs, ys = rep.curve(runs[kind], "total_loss")
+            ax.plot(xs, ys, style, label=f"{kind} student, seed {seed} (total loss)")
+        xs, ys = rep.curve(runs["maskd"], "loss_maskd")
+        ax.plot(xs, ys, ":", label=f"loss_maskd, seed {seed}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "loss_curves.png"), dpi=90)
+    plt.close(fig)
+
+    # the stage-1 run's own config (teacher and overrides included) describes the model
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "visualize_masks.py")]
+    cmd += ["--config-file", os.path.join(tokens_dir, "config.yaml")]
+    cmd += ["--checkpoint", os.path.join(tokens_dir, "model_final.pth")]
+    cmd += ["--dataset", "maskd_shapes_val", "--num", "2", "--output"]
+    cmd += [os.path.join(output, "masks"), "--register-coco", "maskd_shapes_val", *splits["val"]]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def main(argv=None):
+    from detectron2.utils.logger import setup_logger
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=1, help="student seeds")
+    parser.add_argument(
+        "--teacher-seeds", type=int, default=1, help="teachers (each with tokens and students)"
+    )
+    parser.add_argument("--token-seeds", type=int, default=1, help="stage-1 runs per teacher")
+    parser.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
+    parser.add_argument("--data-root", default=os.path.join(ROOT, "datasets", "shapes"))
+    parser.add_argument("--fresh", action="store_true", help="delete --output first")
+    parser.add_argument(
+        "--maskd-opts", nargs="*", default=[], help="overrides of the MasKD students"
+    )
+    args = parser.parse_args(argv)
+    setup_logger(name="maskd")
+    path = run_demo(
+        args.output,
+        quick=args.quick,
+        seeds=args.seeds,
+        data_root=args.data_root,
+        fresh=args.fresh,
+        maskd_opts=args.maskd_opts,
+        teacher_seeds=args.teacher_seeds,
+        token_seeds=args.token_seeds,
+    )
+    with open(path) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""distill_net.py end to end through its command line on generated data: stage 1, stage 2,
+export and evaluation of the released student; a killed stage resumes from its checkpoint,
+finished stages are kept, a changed command is refused; a stage-2 checkpoint evaluates
+without the teacher's or the tokens' files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from tiny import ROOT, maskd_cfg, run, tiny_training, write_coco_dataset, write_teacher
+
+DISTILL_NET = os.path.join(ROOT, "distill_net.py")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Data, teacher and the two stage configs of a tiny R-CNN pair, as files."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
+    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
+    register = ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val]
+    teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
+    # The stage configs name no teacher: the pipeline's --teacher-config/--teacher-weights do.
+    s1 = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", "", ""), tmp / "unused")
+    s1.SOLVER.CHECKPOINT_PERIOD = 2
+    (tmp / "tokens.yaml").write_text(s1.dump())
+    s2 = tiny_training(maskd_cfg("MasKD", "rcnn", "", ""), tmp / "unused")
+    s2.MODEL.MASKD.ROI_REG_KD.WEIGHT = 1.0
+    s2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    (tmp / "student.yaml").write_text(s2.dump())
+    args = ["--tokens-config", "tokens.yaml", "--student-config", "student.yaml"]
+    args += ["--teacher-config", teacher_config, "--teacher-weights", teacher_weights, *register]
+    return tmp, args
+
+
+def _summary(out):
+    with open(os.path.join(out, "pipeline.json")) as f:
+        return json.load(f)
+
+
+def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
+    tmp, args = setup
+    out = tmp / "run"
+    proc = run([DISTILL_NET, *args, "--output", str(out)], tmp)
+    log = proc.stdout + proc.stderr
+    summary = _summary(out)
+    assert list(summary["stages"]) == ["tokens", "student", "export", "evaluate"]
+    stages = summary["stages"]
+    assert os.path.isfile(stages["tokens"]["checkpoint"])
+    assert set(stages["tokens"]["retention"]) == {"bbox/AP"}
+    assert os.path.isfile(stages["student"]["checkpoint"])
+    for key in ("student", "student_config", "tokens"):
+        assert os.path.isfile(stages["export"][key]), key
+    # every artifact is printed
+    for path in (stages["tokens"]["checkpoint"], stages["student"]["checkpoint"]):
+        assert f"[pipeline] " in log and path in log
+    assert f"[pipeline] export: {stages['export']['student']}" in log
+    # stage 2 read the tokens of stage 1, and the teacher given on the command line
+    s2_config = (out / "student" / "config.yaml").read_text()
+    assert f"TOKENS_WEIGHTS: {stages['tokens']['checkpoint']}" in s2_config
+    assert "teacher_rcnn_34.pth" in s2_config
+    # the released student, evaluated by plain detectron2, scores what stage 2's final
+    # evaluation scored
+    released = stages["evaluate"]["results"]["bbox"]
+    trained = stages["student"]["results"]
+    assert released["AP"] == pytest.approx(trained["bbox/AP"], abs=1e-9)
+    assert released["AP50"] == pytest.approx(trained["bbox/AP50"], abs=1e-9)
+    student_yaml = (out / "export" / "student.yaml").read_text()
+    assert "MASKD" not in student_yaml and "GeneralizedRCNN" in student_yaml
+
+    # Run again: every stage is kept, nothing retrains.
+    mtime = os.path.getmtime(stages["student"]["checkpoint"])
+    again = run([DISTILL_NET, *args, "--output", str(out)], tmp)
+    assert (again.stdout + again.stderr).count("finished before, kept") == 4
+    assert os.path.getmtime(stages["student"]["checkpoint"]) == mtime
+    # A changed command for a finished stage is refused, naming the stage; --restart reruns.
+    changed = run(
+        [
+            DISTILL_NET,
+            *args,
+            "--output",
+            str(out),
+            "--student-opts",
+            "MODEL.MASKD.LOSS_WEIGHT",
+            "2.0",
+        ],
+        tmp,
+        check=False,
+    )
+    assert changed.returncode != 0
+    assert "stage 'student'" in changed.stderr and "--restart student" in changed.stderr
+    assert os.path.getmtime(stages["student"]["checkpoint"]) == mtime
+
+
+def test_pipeline_resumes_a_killed_stage_from_its_checkpoint(setup):
+    tmp, args = setup
+    out = tmp / "killed"
+    # Stage 1 of 3 iterations checkpoints every 2; kill the pipeline once the checkpoint of
+    # iteration 2 exists and before the stage finishes.
+    cmd = [sys.executable, DISTILL_NET, *args, "--output", str(out)]
+    cmd += ["--tokens-opts", "SOLVER.MAX_ITER", "40", "TEST.EVAL_PERIOD", "0"]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [os.path.join(ROOT, "tests"), os.path.join(ROOT, "projects", "MasKD")]
+        ),
+    )
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = out / "tokens" / "model_0000001.pth"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "stage 1 wrote no checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "tokens" / "stage.json").exists()  # not marked finished
+    assert not (out / "tokens" / "model_final.pth").exists()
+
+    resumed = run(
+        [DISTILL_NET, *args, "--output", str(out), "--stages", "tokens"]
+        + ["--tokens-opts", "SOLVER.MAX_ITER", "40", "TEST.EVAL_PERIOD", "0"],
+        tmp,
+    )
+    log = resumed.stdout + resumed.stderr
+    assert "tokens: resuming the killed run" in log
+    assert "--resume" in log
+    assert "[Checkpointer] Loading from" in log and "model_0000" in log
+    assert (out / "tokens" / "stage.json").exists()
+    records = [json.loads(ln) for ln in open(out / "tokens" / "metrics.json")]
+    iters = [r["iteration"] for r in records if "total_loss" in r]
+    assert iters[-1] == 39
+
+
+def test_pipeline_with_lazyconfig_configs(setup, tmp_path):
+    import torch
+    from detectron2.config import instantiate
+    from test_train_net import LAZY
+    from tiny import TEACHER_DEPTH, TEACHER_FPN, calibrate_bn, tiny_fcos
+
+    tmp, args = setup
+    register = args[args.index("--register-coco") :]
+    torch.manual_seed(0)
+    teacher = instantiate(tiny_fcos(TEACHER_DEPTH, TEACHER_FPN, "BN"))
+    calibrate_bn(teacher)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "fcos_teacher.pth")
+    (tmp_path / "fcos_teacher.py").write_text(
+        f"from tiny import tiny_fcos\nmodel = tiny_fcos({TEACHER_DEPTH}, {TEACHER_FPN}, 'BN')\n"
+    )
+    # the configs name a teacher that does not exist: the pipeline's arguments replace it
+    fmt = dict(weights="missing.pth", teacher_cfg="missing.py", out=tmp_path / "unused")
+    (tmp_path / "tokens.py").write_text(
+        LAZY.format(cls="MasKDTokenLearner", extra=", num_tokens=3", **fmt)
+    )
+    (tmp_path / "student.py").write_text(
+        LAZY.format(cls="MasKD", extra="", **fmt)
+        + 'model.student = tiny_fcos(18, 16, "GN")\n'
+        + 'model.tokens = L(tokens_from_file)(weights="missing.pth")\n'
+    )
+    out = tmp_path / "run"
+    run(
+        [DISTILL_NET, "--tokens-config", "tokens.py", "--student-config", "student.py"]
+        + ["--teacher-config", "fcos_teacher.py", "--teacher-weights", "fcos_teacher.pth"]
+        + ["--output", str(out), *register],
+        tmp_path,
+    )
+    stages = _summary(out)["stages"]
+    assert list(stages) == ["tokens", "student", "export", "evaluate"]
+    assert "bbox" in stages["evaluate"]["results"]
+    student_cfg = (out / "export" / "student.yaml").read_text()
+    assert "MasKD" not in student_cfg and "FCOS" in student_cfg
