@@ -303,7 +303,8 @@ def released_vs_training(teachers) -> str:
     if not pairs:
         return "the stage-2 runs' own evaluations are not in the results"
     if all(same):
-        return f"equal to the stage-2 runs' final evaluation in all {len(pairs)} runs"
+        n = len(pairs)
+        return f"equal to the stage-2 run's final evaluation in {n} of {n} run(s)"
     return f"DIFFERENT from the stage-2 runs' final evaluation in {same.count(False)} run(s)"
 
 

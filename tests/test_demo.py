@@ -82,7 +82,7 @@ def test_quick_demo_writes_the_report(tmp_path):
                 assert set(st) == STATS, level
                 assert all(0.0 <= st[s] <= 1.0 for s in STATS - {"combined"}), st
         assert set(tr["maskd"]) == {"0"}
-    assert "equal to the stage-2 runs' final evaluation in all 2 runs" in report
+    assert "equal to the stage-2 run's final evaluation in 2 of 2 run(s)" in report
     for level in LEVELS:
         assert re.search(rf"^\| {level} \|( \d\.\d\d\d \|){{5}}$", report, re.M), level
     assert "## Goals" in report and "| total |" in report
