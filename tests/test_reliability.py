@@ -69,6 +69,16 @@ def metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _tagged(out_dir) -> int:
+    """The iteration number in the name last_checkpoint holds (-1 without one)."""
+    try:
+        name = (out_dir / "last_checkpoint").read_text().strip()
+    except FileNotFoundError:
+        return -1
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if name.startswith("model_") and digits else -1
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,7 +114,9 @@ def test_resume_after_kill(ws, stage):
         start_new_session=True,
     )
     deadline = time.time() + 300
-    while not (out_dir / "model_0000003.pth").exists():
+    # kill once last_checkpoint names the checkpoint of iteration 3 or later (the checkpoint
+    # file appears just before last_checkpoint is updated)
+    while _tagged(out_dir) < 3:
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
