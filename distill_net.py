@@ -228,7 +228,8 @@ def run_pipeline(
     runner = runner or StageRunner()
     dirs = {s: os.path.abspath(os.path.join(output, s)) for s in STAGES}
     first_restart = min((STAGES.index(s) for s in restart), default=len(STAGES))
-    for stage in STAGES[first_restart:]:
+    restarted = set(STAGES[first_restart:])  # rerun from scratch, not resumed
+    for stage in restarted:
         unmark(dirs[stage])
     summary: dict = {"output": os.path.abspath(output), "stages": {}}
 
@@ -249,7 +250,7 @@ def run_pipeline(
         if "tokens" in stages:
             args = ["--config-file", tokens_config, *teacher(tokens_config), *opts, *tokens_opts]
             args += override(tokens_config, "output_dir", dirs["tokens"])
-            runner.run("tokens", dirs["tokens"], args)
+            runner.run("tokens", dirs["tokens"], args, resumable="tokens" not in restarted)
         if StageRunner.finished(dirs["tokens"]):
             evals = last_metrics(dirs["tokens"])
             summary["stages"]["tokens"] = {
@@ -270,7 +271,7 @@ def run_pipeline(
             )
         args = student_args + override(student_config, "tokens_weights", tokens_file)
         args += override(student_config, "output_dir", dirs["student"])
-        runner.run("student", dirs["student"], args)
+        runner.run("student", dirs["student"], args, resumable="student" not in restarted)
     if StageRunner.finished(dirs["student"]):
         summary["stages"]["student"] = {
             "dir": dirs["student"],
@@ -377,6 +378,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-machines", type=int, default=1)
     parser.add_argument("--machine-rank", type=int, default=0)
     parser.add_argument("--dist-url", default="", help="as train_net.py's (default: auto)")
+    parser.add_argument("--dist-timeout", type=float, default=0, help="as train_net.py's")
     return parser
 
 
@@ -392,6 +394,8 @@ def main(argv=None) -> dict:
     launch += ["--machine-rank", str(args.machine_rank)]
     if args.dist_url:
         launch += ["--dist-url", args.dist_url]
+    if args.dist_timeout:
+        launch += ["--dist-timeout", str(args.dist_timeout)]
     return run_pipeline(
         args.output,
         args.tokens_config,

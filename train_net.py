@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+from datetime import timedelta
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -125,17 +126,34 @@ def get_parser():
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset under NAME before training (repeatable)",
     )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=30.0,
+        metavar="MINUTES",
+        help="how long the processes of a multi-GPU/multi-machine run wait for each other in a "
+        "collective before failing (detectron2's default: 30). When a rank dies, NCCL ranks on "
+        "other machines may wait this long before they fail",
+    )
     return parser
 
 
-if __name__ == "__main__":
-    args = get_parser().parse_args()
+def cli(argv=None):
+    """Parse the command line and run :func:`main` in every process (detectron2's ``launch``)."""
+    args = get_parser().parse_args(argv)
+    if not args.dist_timeout > 0:
+        raise SystemExit(f"--dist-timeout must be positive, got {args.dist_timeout}")
     print("Command Line Args:", args)
-    launch(
+    return launch(
         main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=timedelta(minutes=args.dist_timeout),
     )
+
+
+if __name__ == "__main__":
+    cli()

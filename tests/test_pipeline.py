@@ -94,6 +94,21 @@ def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
     assert changed.returncode != 0
     assert "stage 'student'" in changed.stderr and "--restart student" in changed.stderr
     assert os.path.getmtime(stages["student"]["checkpoint"]) == mtime
+    # --restart student: stage 2 trains again from scratch (not resumed from its final
+    # checkpoint) with the new command; the export and evaluation follow; stage 1 is kept
+    restarted = run(
+        [DISTILL_NET, *args, "--output", str(out), "--restart", "student"]
+        + ["--student-opts", "MODEL.MASKD.LOSS_WEIGHT", "2.0"],
+        tmp,
+    )
+    log = restarted.stdout + restarted.stderr
+    assert "tokens: finished before, kept" in log and "--resume" not in log
+    assert os.path.getmtime(stages["student"]["checkpoint"]) > mtime
+    assert "LOSS_WEIGHT: 2.0" in (out / "student" / "config.yaml").read_text()
+    records = [json.loads(ln) for ln in open(out / "student" / "metrics.json")]
+    trained_to_the_end = [r for r in records if "total_loss" in r and r["iteration"] == 2]
+    assert len(trained_to_the_end) == 2  # the first run and the rerun trained all 3 iterations
+    assert _summary(out)["stages"]["evaluate"]["results"]["bbox"]
 
 
 def test_pipeline_resumes_a_killed_stage_from_its_checkpoint(setup):

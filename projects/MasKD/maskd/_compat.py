@@ -16,6 +16,7 @@ __all__ = [
     "NORM_TYPES",
     "load_state_into",
     "read_checkpoint_file",
+    "pkl_checkpoint",
     "cpu_ddp_in_default_trainer",
     "register_state_dict_hook",
 ]
@@ -36,15 +37,38 @@ def load_state_into(model: nn.Module, checkpoint: Dict[str, Any]) -> Incompatibl
 def read_checkpoint_file(path: str) -> Dict[str, Any]:
     """What ``DetectionCheckpointer.load(path)`` reads before loading: the path manager's local
     copy (``detectron2://`` and URLs), the ``?matching_heuristics=True`` query honoured, and
-    ``_load_file`` (.pth, detectron2 and Caffe2 .pkl)."""
+    ``_load_file`` (.pth through torch's weights-only loading; detectron2 and Caffe2 .pkl through
+    :func:`pkl_checkpoint`, which runs no code from the file)."""
     checkpointer = DetectionCheckpointer(nn.Module())
     parsed = urlparse(path)
+    local = checkpointer.path_manager.get_local_path(parsed._replace(query="").geturl())
+    if local.endswith(".pkl"):
+        return pkl_checkpoint(local)
     checkpointer._parsed_url_during_load = parsed
     try:
-        local = checkpointer.path_manager.get_local_path(parsed._replace(query="").geturl())
         return checkpointer._load_file(local)
     finally:
         checkpointer._parsed_url_during_load = None
+
+
+def pkl_checkpoint(local: str) -> Dict[str, Any]:
+    """A detectron2 or Caffe2 ``.pkl`` checkpoint, read with :func:`maskd.safe_pickle.load_pkl`.
+
+    Copied from the ``.pkl`` branch of ``DetectionCheckpointer._load_file`` (detectron2 v0.7.2),
+    changed in one point: the restricted unpickler instead of ``pickle.load``.
+    """
+    from .safe_pickle import load_pkl
+
+    data = load_pkl(local)
+    if not isinstance(data, dict):
+        raise ValueError(f"'{local}' holds a {type(data).__name__}, not a checkpoint dict")
+    if "model" in data and "__author__" in data:
+        return data  # detectron2 model zoo format
+    # Caffe2 / Detectron1 model zoo: detection models have "blobs", ImageNet models do not
+    if "blobs" in data:
+        data = data["blobs"]
+    data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
 
 @contextlib.contextmanager

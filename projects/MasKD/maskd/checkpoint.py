@@ -22,8 +22,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ._compat import IncompatibleKeys, load_state_into, read_checkpoint_file
+from ._compat import IncompatibleKeys, load_state_into, pkl_checkpoint, read_checkpoint_file
+from .provenance import FINGERPRINT_KEY, checkpoint_teacher_state, fingerprint, fingerprint_text
 from .receptive_tokens import ReceptiveTokens
+from .safe_pickle import UnsafePickleError
 
 __all__ = [
     "MasKDCheckpointer",
@@ -54,7 +56,8 @@ def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = Fals
         raise FileExistsError(f"'{path}' exists; pass --force (overwrite=True) to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    # ".<name>.<random>.tmp": never matches the patterns of checkpoints (*.pth, model_*.pth)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -85,13 +88,21 @@ def read_checkpoint(
 
     Raises:
         FileNotFoundError: naming ``what`` and the path, if a local file does not exist.
+        UnsafePickleError: a .pkl file asks to run code (:mod:`maskd.safe_pickle`).
+        RuntimeError: naming ``what``, if the file cannot be downloaded or read.
 
     Returns:
         dict with at least a "model" entry (name -> tensor or array).
     """
     if "://" not in path and not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: file not found: '{path}'")
-    return read_checkpoint_file(path)
+    try:
+        return read_checkpoint_file(path)
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{what}: {e}") from None
+    except Exception as e:  # a failed download, a corrupt file: say which setting named it
+        verb = "download" if "://" in path else "read"
+        raise RuntimeError(f"{what}: could not {verb} '{path}': {type(e).__name__}: {e}") from e
 
 
 def extract_tokens_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -150,6 +161,9 @@ def load_tokens(tokens: nn.ModuleDict, path: str, what: str = "MODEL.MASKD.TOKEN
             f"{what}: the receptive tokens in '{path}' do not fit the model: " + "; ".join(problems)
         )
     tokens.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    # where they come from, for the provenance check of stage 2 (maskd.provenance)
+    tokens.source = path
+    tokens.teacher_fingerprint = fingerprint_text(checkpoint["model"].get(FINGERPRINT_KEY))
     logger.info("Loaded receptive tokens for levels %s from %s", levels_file, path)
 
 
@@ -201,50 +215,116 @@ def tokens_from_file(
     return tokens.requires_grad_(False).eval()
 
 
+def checkpoint_kind(keys) -> Optional[str]:
+    """What a checkpoint's keys say it is: "stage 1 (MasKDTokenLearner)", "stage 2 (MasKD)",
+    "a tokens export", or None for any other (non-MasKD) checkpoint."""
+    keys = [k[len("module.") :] if k.startswith("module.") else k for k in keys]
+    if any(k.startswith("student.") for k in keys):
+        return STAGE2
+    if any(k.startswith(TOKEN_PREFIXES[0]) for k in keys):
+        return STAGE1
+    if any(k.startswith(TOKEN_PREFIXES[1]) for k in keys) and not any(
+        k.startswith("teacher.") for k in keys
+    ):
+        return "a tokens export"
+    if any(k.startswith(_MASKD_PREFIXES) for k in keys):
+        return "a MasKD checkpoint"
+    return None
+
+
+STAGE1, STAGE2 = "stage 1 (MasKDTokenLearner)", "stage 2 (MasKD)"
+
+
+def _model_kind(model: nn.Module) -> Optional[str]:
+    if not hasattr(model, "teacher"):
+        return None
+    return STAGE2 if hasattr(model, "student") else STAGE1
+
+
 def load_checkpoint_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> IncompatibleKeys:
     """Load a checkpoint dict (``{"model": state, ...}``, as detectron2 reads files) into the
     submodule of ``model`` it is meant for:
 
-    * a MasKD checkpoint (keys ``student.``, ``teacher.``, ``tokens.``, ``align.``) into a
-      MasKD model: the whole model (resume, evaluation);
+    * a MasKD checkpoint into a MasKD model of the same stage: the whole model (resume,
+      evaluation), except that a teacher loaded from ``TEACHER.WEIGHTS`` stays: the
+      checkpoint's copy must be that teacher (same fingerprint), or this fails; a checkpoint of
+      the other stage fails, naming both;
     * any other checkpoint into a model with a teacher: it is a student checkpoint (ImageNet
       weights, a detectron2 model): ``model.student`` only, so name-matching heuristics never
       reach the teacher; a stage-1 model has no student and ignores it (with a warning);
     * a stage-2 checkpoint into a plain model (no teacher): its ``student.*`` weights, so a
-      stage-2 checkpoint evaluates with the student's own config;
+      stage-2 checkpoint evaluates with the student's own config; a stage-1 checkpoint fails;
     * anything else into a plain model: as detectron2 does.
     """
-    keys = [k[len("module.") :] if k.startswith("module.") else k for k in checkpoint["model"]]
-    maskd_keys = any(k.startswith(_MASKD_PREFIXES) for k in keys)
-    if not hasattr(model, "teacher"):
-        if maskd_keys and any(k.startswith("student.") for k in keys):
+    keys = list(checkpoint["model"])
+    kind, target = checkpoint_kind(keys), _model_kind(model)
+    if target is None:
+        if kind == STAGE2:
             logger.info("Loading the student of a MasKD stage-2 checkpoint")
             checkpoint["model"] = {
                 k.split("student.", 1)[1]: v
                 for k, v in checkpoint["model"].items()
                 if k.split("module.", 1)[-1].startswith("student.")
             }
-        elif maskd_keys:
+        elif kind is not None:
             raise ValueError(
-                "a MasKD stage-1 checkpoint (teacher and tokens) cannot load into a plain "
-                f"{type(model).__name__}; use the stage-1 config, or a stage-2 checkpoint for a "
-                "student"
+                f"a {kind} checkpoint holds no student: it cannot load into a plain "
+                f"{type(model).__name__} (a detectron2 model, or the student a {STAGE2} config "
+                "evaluates); give a stage-2 checkpoint"
             )
         return load_state_into(model, checkpoint)
-    if maskd_keys:
-        return load_state_into(model, checkpoint)
-    student = getattr(model, "student", None)
-    if student is None:
-        logger.warning(
-            "%s has no student: the weights of a non-MasKD checkpoint are not loaded "
-            "(MODEL.WEIGHTS is for the student of stage 2; the teacher comes from "
-            "MODEL.MASKD.TEACHER.WEIGHTS)",
-            type(model).__name__,
+    if kind is None:
+        student = getattr(model, "student", None)
+        if student is None:
+            logger.warning(
+                "%s has no student: the weights of a non-MasKD checkpoint are not loaded "
+                "(MODEL.WEIGHTS is for the student of stage 2; the teacher comes from "
+                "MODEL.MASKD.TEACHER.WEIGHTS)",
+                type(model).__name__,
+            )
+            checkpoint.pop("model")
+            return IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
+        logger.info("Loading a student checkpoint into %s.student", type(model).__name__)
+        return load_state_into(student, checkpoint)
+    if kind != target:
+        raise ValueError(
+            f"this is a {kind} checkpoint, but the model is {target}: give the checkpoint of "
+            "the model's own stage (stage 1 writes the tokens, stage 2 the student)"
         )
-        checkpoint.pop("model")
-        return IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
-    logger.info("Loading a student checkpoint into %s.student", type(model).__name__)
-    return load_state_into(student, checkpoint)
+    if getattr(model, "teacher_from_checkpoint", False):
+        return load_state_into(model, checkpoint)  # the checkpoint brings the teacher
+    _keep_configured_teacher(model, checkpoint)
+    incompatible = load_state_into(model, checkpoint)
+    teacher_keys = {f"teacher.{k}" for k in model.teacher.state_dict()}
+    teacher_keys |= {FINGERPRINT_KEY}
+    # the teacher's keys are not missing: the configured teacher is kept on purpose
+    return incompatible._replace(
+        missing_keys=[
+            k
+            for k in incompatible.missing_keys
+            if k not in teacher_keys or k.startswith(TOKEN_PREFIXES[0])
+        ]
+    )
+
+
+def _keep_configured_teacher(model: nn.Module, checkpoint: Dict[str, Any]) -> None:
+    """Check that the checkpoint's teacher is the configured one, then drop it (and its
+    fingerprint) from the checkpoint, so the configured teacher stays."""
+    state = checkpoint["model"]
+    ours = fingerprint_text(getattr(model, FINGERPRINT_KEY))
+    theirs = fingerprint(checkpoint_teacher_state(state))
+    if ours is not None and theirs != ours:
+        raise ValueError(
+            f"the checkpoint's teacher is not the configured teacher (MODEL.MASKD.TEACHER): "
+            f"fingerprints {theirs[:16]}... (checkpoint) and {ours[:16]}... (configured). Resume "
+            "or evaluate with the teacher the run was made with"
+        )
+    for key in list(state):
+        bare = key[len("module.") :] if key.startswith("module.") else key
+        if bare == FINGERPRINT_KEY or (
+            bare.startswith("teacher.") and not bare.startswith(TOKEN_PREFIXES[0])
+        ):
+            del state[key]
 
 
 def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence[str] = ()) -> None:
@@ -271,8 +351,10 @@ def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence
         raise ValueError(f"{what}: '{path}' holds no model weights")
     incompatible = load_checkpoint_dict(model, checkpoint)
     missing = [k for k in incompatible.missing_keys if not k.startswith(tuple(ignore))]
-    # pixel_mean/std are buffers that come from the config; old checkpoints lack them.
+    # pixel_mean/std are buffers that come from the config; old checkpoints lack them, and the
+    # teacher fingerprint (files made before it was recorded).
     missing = [k for k in missing if k.split(".")[-1] not in ("pixel_mean", "pixel_std")]
+    missing = [k for k in missing if k != FINGERPRINT_KEY]
     problems = []
     if missing:
         problems.append(f"missing keys: {_short(missing)}")
@@ -309,6 +391,12 @@ class MasKDCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         return load_checkpoint_dict(self.model, checkpoint)
+
+    def _load_file(self, filename: str):
+        # .pkl files (model zoo, ImageNet inits) without running code from them
+        if filename.endswith(".pkl"):
+            return pkl_checkpoint(filename)
+        return super()._load_file(filename)
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Like ``Checkpointer.save``, but atomic: a killed job never leaves a truncated

@@ -165,6 +165,9 @@ def add_maskd_config(cfg: CN) -> CN:
     _C.TOKENS_WEIGHTS = ""
     # Stage 2 with untrained random tokens when TOKENS_WEIGHTS is empty (an ablation only).
     _C.ALLOW_RANDOM_TOKENS = False
+    # Stage 2 with tokens whose recorded teacher fingerprint is not this teacher's (experiments
+    # only; by default such tokens are refused, see maskd/provenance.py).
+    _C.ALLOW_TOKENS_OF_OTHER_TEACHER = False
     # Stage 2: weight of loss_maskd (the masked feature loss, summed over levels).
     _C.LOSS_WEIGHT = 1.0
     # Stage 2: from this iteration on, the teacher's masks are multiplied by the student's

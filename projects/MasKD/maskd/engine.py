@@ -47,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ._compat import cpu_ddp_in_default_trainer
 from .checkpoint import MasKDCheckpointer, load_weights_strict
 from .meta_arch import student_config
+from .teacher import thing_classes
 from .token_learner import MasKDTokenLearner
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
     "build_evaluator",
     "register_coco_datasets",
     "check_datasets",
+    "check_class_counts",
+    "check_input_format",
     "lazy_train",
     "lazy_test",
     "PRIMARY_METRICS",
@@ -351,6 +354,43 @@ def load_inference_weights(model: torch.nn.Module, path: str, what: str = "MODEL
     load_weights_strict(model, path, what)
 
 
+def check_class_counts(model: torch.nn.Module, dataset_names: Iterable[str]) -> None:
+    """Fail, naming the numbers, if the model that learns from the training data predicts
+    another number of object classes than the data has: the teacher in stage 1 (its task loss
+    trains the tokens), the student in stage 2 or a plain model. Call it once the datasets are
+    loaded (their metadata then has ``thing_classes``)."""
+    model = _unwrap(model)
+    if isinstance(model, MasKDTokenLearner):
+        who, learner = "the teacher (stage 1 trains the tokens with its task loss)", model.teacher
+    elif hasattr(model, "teacher") and hasattr(model, "student"):
+        who, learner = "the student", model.student
+    else:
+        who, learner = "the model", model
+    predicted = thing_classes(learner)
+    if predicted is None:
+        return
+    for name in dataset_names:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is not None and len(classes) != predicted:
+            raise ValueError(
+                f"{who} predicts {predicted} classes (MODEL.ROI_HEADS.NUM_CLASSES / "
+                f"MODEL.RETINANET.NUM_CLASSES, or num_classes), but the dataset '{name}' has "
+                f"{len(classes)}: {list(classes)[:8]}"
+            )
+
+
+def check_input_format(model: torch.nn.Module, data_format: str, what: str) -> None:
+    """Fail if the teacher of a MasKD model was trained on images of another channel order
+    than the data it now sees (``INPUT.FORMAT`` of the teacher's config vs the run's)."""
+    teacher = getattr(_unwrap(model), "teacher", None)
+    theirs = getattr(teacher, "input_format", None)
+    if teacher is not None and theirs and data_format and theirs != data_format:
+        raise ValueError(
+            f"the teacher reads {theirs} images (its config's INPUT.FORMAT), but this run feeds "
+            f"{data_format} ({what}): use the teacher's channel order"
+        )
+
+
 class MasKDTrainer(DefaultTrainer):
     """detectron2's DefaultTrainer for MasKD models (both stages, and plain students).
 
@@ -363,6 +403,8 @@ class MasKDTrainer(DefaultTrainer):
         check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         with cpu_ddp_in_default_trainer(create_ddp_model):
             super().__init__(cfg)
+        check_class_counts(self.model, cfg.DATASETS.TRAIN)  # the train loader loaded them
+        check_input_format(self.model, cfg.INPUT.FORMAT, "INPUT.FORMAT")
 
     def build_hooks(self):
         # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; the
@@ -447,6 +489,10 @@ def lazy_train(cfg, resume: bool = False):
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
+    names = cfg.dataloader.train.dataset.get("names", ())
+    check_class_counts(model, [names] if isinstance(names, str) else list(names))
+    fmt = cfg.dataloader.train.get("mapper", {}).get("image_format", None)
+    check_input_format(model, fmt, "dataloader.train.mapper.image_format")
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
     trainer = trainer_cls(model, train_loader, optim)

@@ -20,6 +20,13 @@ from detectron2.config import CfgNode, LazyConfig
 
 from .checkpoint import atomic_write, extract_tokens_state, read_checkpoint, write_text
 from .meta_arch import student_config as stage2_student_config
+from .provenance import (
+    FINGERPRINT_KEY,
+    checkpoint_teacher_state,
+    fingerprint,
+    fingerprint_tensor,
+    fingerprint_text,
+)
 
 __all__ = ["export_student", "export_tokens", "student_config"]
 
@@ -77,14 +84,16 @@ def export_student(
             "is it a stage-2 (MasKD) checkpoint?"
         )
     config_path = os.path.splitext(output_path)[0] + ".yaml"
+    if os.path.abspath(config_path) == os.path.abspath(output_path):
+        raise ValueError(
+            f"--output '{output_path}' ends in .yaml, where the student's config goes: name the "
+            "weights file with .pth"
+        )
+    if os.path.exists(output_path) and not overwrite:
+        raise FileExistsError(f"'{output_path}' exists; pass --force to replace it")
     if cfg is not None and os.path.exists(config_path) and not overwrite:
         raise FileExistsError(f"'{config_path}' exists; pass --force to replace it")
-    atomic_write(
-        output_path,
-        lambda tmp: torch.save({"model": student, "__author__": "MasKD export"}, tmp),
-        overwrite,
-    )
-    logger.info("Wrote %d student tensors to %s", len(student), output_path)
+    # The config first, the weights last: a release whose weights file exists is complete.
     if cfg is not None:
         out_cfg = student_config(cfg, os.path.abspath(output_path))
         if isinstance(out_cfg, CfgNode):
@@ -92,6 +101,12 @@ def export_student(
         else:
             atomic_write(config_path, lambda tmp: LazyConfig.save(out_cfg, tmp), True)
         logger.info("Wrote the student's config to %s", config_path)
+    atomic_write(
+        output_path,
+        lambda tmp: torch.save({"model": student, "__author__": "MasKD export"}, tmp),
+        True,
+    )
+    logger.info("Wrote %d student tensors to %s", len(student), output_path)
     return student
 
 
@@ -100,13 +115,30 @@ def export_tokens(
 ) -> Dict[str, torch.Tensor]:
     """Write the receptive tokens of a stage-1 (or stage-2) checkpoint alone.
 
-    The file holds ``{"model": {"tokens.<level>.<param>": tensor}}``, which
-    ``MODEL.MASKD.TOKENS_WEIGHTS`` accepts.
+    The file holds ``{"model": {"tokens.<level>.<param>": tensor, "teacher_fingerprint":
+    ...}}``, which ``MODEL.MASKD.TOKENS_WEIGHTS`` accepts; the fingerprint of the teacher the
+    tokens were learned for (:mod:`maskd.provenance`) is checked against the checkpoint's teacher
+    and kept.
     """
-    tokens = extract_tokens_state(_model_state(checkpoint_path))
+    model_state = _model_state(checkpoint_path)
+    tokens = extract_tokens_state(model_state)
     if not tokens:
         raise ValueError(f"'{checkpoint_path}' holds no receptive tokens")
     state = {f"tokens.{k}": v for k, v in tokens.items()}
+    # provenance: the fingerprint of the teacher the tokens were learned for goes with them,
+    # after checking that it is the checkpoint's own teacher
+    recorded = fingerprint_text(model_state.get(FINGERPRINT_KEY))
+    teacher = checkpoint_teacher_state(model_state)
+    if recorded is None:
+        logger.warning("'%s' records no teacher fingerprint: the export has none", checkpoint_path)
+    else:
+        if teacher and fingerprint(teacher) != recorded:
+            raise ValueError(
+                f"'{checkpoint_path}': its teacher's weights (fingerprint "
+                f"{fingerprint(teacher)[:16]}...) are not those the tokens were learned for "
+                f"({recorded[:16]}...): the checkpoint was altered or assembled from two runs"
+            )
+        state[FINGERPRINT_KEY] = fingerprint_tensor(recorded)
     atomic_write(output_path, lambda tmp: torch.save({"model": state}, tmp), overwrite)
     logger.info("Wrote %d token tensors to %s", len(state), output_path)
     return state

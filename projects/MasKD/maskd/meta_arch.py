@@ -15,6 +15,7 @@ from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .head_kd import HeadKD, build_head_kd
 from .inherit import inherit_neck_and_heads
 from .losses import masked_distillation_loss, raise_if_not_finite
+from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
 from .teacher import build_teacher, freeze, head_levels, preprocess_images
 from .token_learner import resolve_in_features
@@ -56,6 +57,7 @@ class MasKD(nn.Module):
         custom_mask_warmup: int = -1,
         head_kd: Sequence[HeadKD] = (),
         inherit: bool = False,
+        allow_tokens_of_other_teacher: bool = False,
     ):
         """
         Args:
@@ -76,9 +78,14 @@ class MasKD(nn.Module):
                 and installed on the student here.
             inherit: copy the teacher's neck and head weights into the student where names and
                 shapes match.
+            allow_tokens_of_other_teacher: accept tokens whose teacher fingerprint
+                (:mod:`maskd.provenance`) is not this teacher's (experiments only).
         """
         super().__init__()
         freeze(teacher)
+        teacher_print = fingerprint(teacher.state_dict())
+        check_token_provenance(tokens, teacher_print, allow_tokens_of_other_teacher)
+        self.register_buffer(FINGERPRINT_KEY, fingerprint_tensor(teacher_print))
         t_shapes = teacher.backbone.output_shape()
         s_shapes = student.backbone.output_shape()
         if not len(tokens):
@@ -186,6 +193,7 @@ class MasKD(nn.Module):
             "custom_mask_warmup": mcfg.CUSTOM_MASK_WARMUP,
             "head_kd": build_head_kd(mcfg),
             "inherit": mcfg.INHERIT,
+            "allow_tokens_of_other_teacher": mcfg.ALLOW_TOKENS_OF_OTHER_TEACHER,
         }
 
     @property
@@ -317,3 +325,38 @@ def student_config(cfg):
     out.defrost()
     out.MODEL.META_ARCHITECTURE = cfg.MODEL.MASKD.STUDENT_META_ARCHITECTURE
     return out
+
+
+def check_token_provenance(tokens: nn.ModuleDict, teacher_print: str, allow_other: bool) -> None:
+    """Refuse tokens learned for another teacher.
+
+    Args:
+        tokens: level -> ReceptiveTokens; tokens read from a file carry ``source`` (the path)
+            and ``teacher_fingerprint`` (the file's, or None for files made before
+            fingerprints existed).
+        teacher_print: the fingerprint of the teacher at hand.
+        allow_other: only warn on a mismatch.
+    """
+    source = getattr(tokens, "source", None)
+    if source is None:
+        return  # built here (random tokens, an ablation): nothing to compare
+    theirs = getattr(tokens, "teacher_fingerprint", None)
+    if theirs is None:
+        logger.warning(
+            "the tokens of '%s' carry no teacher fingerprint (a file made before MasKD recorded "
+            "it): cannot verify that they were learned for this teacher",
+            source,
+        )
+        return
+    if theirs == teacher_print:
+        return
+    message = (
+        f"the receptive tokens of '{source}' were learned for another teacher: their teacher "
+        f"fingerprint is {theirs[:16]}..., this teacher's is {teacher_print[:16]}... (SHA-256 of "
+        "the weights). Tokens only make sense on the features of their own teacher: learn "
+        "them for this one (stage 1), or set MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER for an "
+        "experiment"
+    )
+    if not allow_other:
+        raise ValueError(message)
+    logger.warning("%s (allowed by ALLOW_TOKENS_OF_OTHER_TEACHER)", message)

@@ -56,8 +56,14 @@ def build_teacher(
     if isinstance(cfg, CfgNode):
         cfg.MODEL.DEVICE = device
         model = build_model(cfg)
+        fmt = cfg.INPUT.FORMAT
     else:
         model = instantiate(cfg.model).to(device)
+        fmt = _lazy_image_format(cfg)
+    if getattr(model, "input_format", None) is None and fmt:
+        # models without the attribute (FCOS, semantic FPN): what its config feeds it, so that
+        # MasKD can check the student's data against it
+        model.input_format = fmt
     if not load:
         pass
     elif weights:
@@ -125,3 +131,22 @@ def head_levels(model: nn.Module) -> List[str]:
                 used.update(value)
     levels = [lv for lv in produced if lv in used]
     return levels or produced
+
+
+def thing_classes(model: nn.Module):
+    """The number of object classes a detector predicts (R-CNN ROI heads, RetinaNet, FCOS), or
+    None for a model without one (semantic segmentation, whose classes include stuff)."""
+    roi = getattr(model, "roi_heads", None)
+    if roi is not None and hasattr(roi, "num_classes"):
+        return int(roi.num_classes)
+    if hasattr(model, "head") and hasattr(model, "num_classes"):
+        return int(model.num_classes)
+    return None
+
+
+def _lazy_image_format(cfg):
+    """``dataloader.train.mapper.image_format`` of a LazyConfig, if it has one."""
+    try:
+        return cfg.dataloader.train.mapper.image_format
+    except (AttributeError, KeyError):
+        return None

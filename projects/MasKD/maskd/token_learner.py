@@ -14,6 +14,7 @@ from ._compat import NORM_TYPES
 from .backbone import TokenMaskedBackbone
 from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
+from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
 from .teacher import build_teacher, freeze, head_levels
 
@@ -101,6 +102,7 @@ class MasKDTokenLearner(nn.Module):
         num_tokens: int = 6,
         weighted: bool = True,
         dice_weight: float = 1.0,
+        teacher_from_checkpoint: bool = False,
     ):
         """
         Args:
@@ -112,9 +114,21 @@ class MasKDTokenLearner(nn.Module):
             num_tokens: tokens per level.
             weighted: whether to learn mask-weight heads.
             dice_weight: weight of the Dice diversity loss.
+            teacher_from_checkpoint: the teacher's weights are not loaded yet but come with the
+                checkpoint to be loaded (evaluation of a stage-1 checkpoint): its fingerprint is
+                then taken from that checkpoint instead of checked against it.
         """
         super().__init__()
+        if num_tokens < 2 and dice_weight > 0:
+            raise ValueError(
+                f"MODEL.MASKD.NUM_TOKENS = {num_tokens}: the Dice loss compares pairs of tokens, so "
+                "with one token it is always 0; use at least 2 tokens, or DICE_WEIGHT 0.0"
+            )
         freeze(teacher)
+        # which teacher the tokens are learned for (all zeros: not known yet)
+        digest = fingerprint_tensor(fingerprint(teacher.state_dict()))
+        self.register_buffer(FINGERPRINT_KEY, digest * 0 if teacher_from_checkpoint else digest)
+        self.teacher_from_checkpoint = teacher_from_checkpoint
         shapes = teacher.backbone.output_shape()
         read = head_levels(teacher)
         levels = resolve_in_features(in_features, {"teacher": read})
@@ -153,6 +167,7 @@ class MasKDTokenLearner(nn.Module):
             "num_tokens": mcfg.NUM_TOKENS,
             "weighted": mcfg.WEIGHTED,
             "dice_weight": mcfg.DICE_WEIGHT,
+            "teacher_from_checkpoint": not load_teacher,
         }
 
     @property

@@ -130,6 +130,15 @@ class RoIRegressionKD(HeadKD):
             raise ValueError(
                 f"MODEL.MASKD.ROI_REG_KD needs an R-CNN teacher, got {type(teacher).__name__}"
             )
+        s_classes, t_classes = getattr(s_roi, "num_classes", None), getattr(
+            t_roi, "num_classes", None
+        )
+        if s_classes != t_classes:
+            raise ValueError(
+                f"MODEL.MASKD.ROI_REG_KD compares box regression per class, but the student has "
+                f"{s_classes} classes (MODEL.ROI_HEADS.NUM_CLASSES) and the teacher {t_classes}: "
+                "the teacher must be trained for the student's classes"
+            )
 
     def wrap(self, student: nn.Module) -> None:
         student.roi_heads.box_predictor = RecordingBoxPredictor(student.roi_heads.box_predictor)

@@ -1,0 +1,361 @@
+"""Trust and provenance: no code runs from a weights file, tokens stay bound to their teacher,
+checkpoints of the wrong stage or pair are refused, class counts and channel orders are checked,
+temporary files and half releases never pass for real ones. Through train_net.py and
+tools/export.py where users meet them."""
+
+import fnmatch
+import fractions
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from tiny import (
+    ROOT,
+    TRAIN_NET,
+    maskd_cfg,
+    run,
+    tiny_training,
+    write_coco_dataset,
+    write_teacher,
+)
+
+import maskd.checkpoint
+from maskd.checkpoint import MasKDCheckpointer, load_weights_strict, read_checkpoint
+from maskd.engine import MasKDTrainer, register_coco_datasets
+from maskd.export import export_student, export_tokens
+from maskd.provenance import FINGERPRINT_KEY, fingerprint, fingerprint_text
+from maskd.safe_pickle import UNSAFE_PICKLE_ENV, UnsafePickleError, load_pkl
+from maskd.teacher import build_teacher
+
+EXPORT = os.path.join(ROOT, "tools", "export.py")
+
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, "w"): the file exists afterwards if the code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _evil_pkl(folder, name="evil.pkl"):
+    marker = os.path.join(folder, f"{name}.ran")
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"w": _CreatesAFile(marker)}, "__author__": "x"}, f)
+    return path, marker
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trust")
+    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
+    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
+    # in-process trainers use the names; other test modules may have registered them (with
+    # the same generated content) already
+    if "tiny_train" not in DatasetCatalog.list():
+        register_coco_datasets([("tiny_train", *train), ("tiny_val", *val)])
+    teacher = write_teacher(tmp, "rcnn", seed=0, name="teacher_a")
+    other = write_teacher(tmp, "rcnn", seed=1, name="teacher_b")
+    stage1 = maskd_cfg("MasKDTokenLearner", "rcnn", *teacher[:2])
+    MasKDCheckpointer(build_model(stage1), save_dir=str(tmp)).save("tokens_a")
+    return {
+        "tmp": tmp,
+        "register": ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val],
+        "teacher": teacher[:2],
+        "other": other[:2],
+        "tokens": str(tmp / "tokens_a.pth"),
+    }
+
+
+def _write(ws, cfg, name):
+    path = ws["tmp"] / name
+    path.write_text(cfg.dump())
+    return name
+
+
+# --- no code from weights files -------------------------------------------------------------
+
+
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path):
+    path, marker = _evil_pkl(str(tmp_path))
+    with pytest.raises(UnsafePickleError, match=r"evil\.pkl.*io\.open"):
+        load_pkl(path)
+    assert not os.path.exists(marker)
+    with pytest.raises(UnsafePickleError, match=r"MODEL\.MASKD\.TEACHER\.WEIGHTS: .*io\.open"):
+        read_checkpoint(path, what="MODEL.MASKD.TEACHER.WEIGHTS")
+    assert not os.path.exists(marker)
+
+
+def test_model_zoo_pickles_still_load(tmp_path):
+    state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float64(2.5)}
+    with open(tmp_path / "d2.pkl", "wb") as f:
+        pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f)
+    with open(tmp_path / "caffe2.pkl", "wb") as f:
+        pickle.dump({"blobs": {"conv1_w": np.ones(3), "conv1_w_momentum": np.ones(3)}}, f)
+    d2 = read_checkpoint(str(tmp_path / "d2.pkl"))
+    assert np.array_equal(d2["model"]["a"], state["a"]) and d2["model"]["b"] == 2.5
+    c2 = read_checkpoint(str(tmp_path / "caffe2.pkl"))
+    assert list(c2["model"]) == ["conv1_w"] and c2["matching_heuristics"]
+
+
+def test_arbitrary_pickles_only_with_the_opt_in(tmp_path, monkeypatch):
+    with open(tmp_path / "odd.pkl", "wb") as f:
+        pickle.dump({"model": {}, "__author__": "me", "ratio": fractions.Fraction(1, 3)}, f)
+    with pytest.raises(UnsafePickleError, match="fractions.Fraction"):
+        load_pkl(str(tmp_path / "odd.pkl"))
+    monkeypatch.setenv(UNSAFE_PICKLE_ENV, "1")
+    assert load_pkl(str(tmp_path / "odd.pkl"))["ratio"] == fractions.Fraction(1, 3)
+
+
+def test_a_model_zoo_style_teacher_pkl_loads_strictly(ws, tmp_path):
+    config, weights = ws["teacher"]
+    state = torch.load(weights, weights_only=True)["model"]
+    with open(tmp_path / "teacher.pkl", "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "zoo"}, f)
+    teacher = build_teacher(config, weights=str(tmp_path / "teacher.pkl"))
+    assert fingerprint(teacher.state_dict()) == fingerprint(state)
+
+
+@pytest.mark.parametrize(
+    "key", ["MODEL.MASKD.TEACHER.WEIGHTS", "MODEL.MASKD.TOKENS_WEIGHTS", "MODEL.WEIGHTS"]
+)
+def test_train_net_refuses_a_code_running_pickle_in_every_weights_key(ws, key):
+    tmp = ws["tmp"]
+    path, marker = _evil_pkl(str(tmp), f"evil_{key.replace('.', '_')}.pkl")
+    cfg = tiny_training(maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]), tmp / "evil")
+    cfg.merge_from_list([key, path])
+    out = run(
+        [TRAIN_NET, "--config-file", _write(ws, cfg, "evil.yaml"), *ws["register"]],
+        tmp,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "io.open" in out.stderr and "refused" in out.stderr
+    assert not os.path.exists(marker)
+
+
+# --- provenance of the tokens ---------------------------------------------------------------
+
+
+def test_stage1_checkpoints_record_their_teacher(ws):
+    state = torch.load(ws["tokens"], weights_only=True)["model"]
+    teacher_a = torch.load(ws["teacher"][1], weights_only=True)["model"]
+    model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+    assert fingerprint_text(state[FINGERPRINT_KEY]) == fingerprint(model.teacher.state_dict())
+    assert fingerprint_text(state[FINGERPRINT_KEY]) != fingerprint(
+        build_teacher(ws["other"][0], weights=ws["other"][1]).state_dict()
+    )
+    assert teacher_a  # the teacher file itself is unchanged: the fingerprint is of the model
+
+
+def test_tokens_of_another_teacher_are_refused_by_train_net(ws):
+    tmp = ws["tmp"]
+    cfg = tiny_training(maskd_cfg("MasKD", "rcnn", *ws["other"], ws["tokens"]), tmp / "other")
+    out = run(
+        [TRAIN_NET, "--config-file", _write(ws, cfg, "other.yaml"), *ws["register"]],
+        tmp,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "were learned for another teacher" in out.stderr
+    ours = fingerprint(build_teacher(ws["other"][0], weights=ws["other"][1]).state_dict())
+    theirs = fingerprint_text(torch.load(ws["tokens"], weights_only=True)["model"][FINGERPRINT_KEY])
+    assert ours[:16] in out.stderr and theirs[:16] in out.stderr
+    # the explicit override for experiments
+    cfg.MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER = True
+    model = build_model(cfg)
+    assert fingerprint_text(getattr(model, FINGERPRINT_KEY)) == ours
+
+
+def test_token_export_keeps_the_fingerprint_and_checks_it(ws, tmp_path):
+    state = export_tokens(ws["tokens"], str(tmp_path / "tokens.pth"))
+    recorded = torch.load(ws["tokens"], weights_only=True)["model"][FINGERPRINT_KEY]
+    assert torch.equal(state[FINGERPRINT_KEY], recorded)
+    # the export is accepted by stage 2 with the same teacher, refused with the other
+    cfg = maskd_cfg("MasKD", "rcnn", *ws["teacher"], str(tmp_path / "tokens.pth"))
+    build_model(cfg)
+    cfg = maskd_cfg("MasKD", "rcnn", *ws["other"], str(tmp_path / "tokens.pth"))
+    with pytest.raises(ValueError, match="learned for another teacher"):
+        build_model(cfg)
+    # a stage-1 checkpoint whose teacher was swapped is refused by tools/export.py
+    ckpt = torch.load(ws["tokens"], weights_only=False)
+    other = torch.load(ws["other"][1], weights_only=True)["model"]
+    for k, v in other.items():
+        if f"teacher.{k}" in ckpt["model"]:
+            ckpt["model"][f"teacher.{k}"] = v
+    torch.save(ckpt, tmp_path / "swapped.pth")
+    out = run(
+        [EXPORT, "tokens", "--checkpoint", str(tmp_path / "swapped.pth"), "--output", "t2.pth"],
+        tmp_path,
+        check=False,
+    )
+    assert out.returncode != 0 and "not those the tokens were learned for" in out.stderr
+    assert not (tmp_path / "t2.pth").exists()
+
+
+# --- checkpoints of the wrong stage or pair -------------------------------------------------
+
+
+def test_a_stage1_checkpoint_in_stage2_evaluation_names_both_stages(ws):
+    tmp = ws["tmp"]
+    cfg = maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"])
+    cfg = tiny_training(cfg, tmp / "eval_wrong")
+    out = run(
+        [TRAIN_NET, "--eval-only", "--config-file", _write(ws, cfg, "s2.yaml"), *ws["register"]]
+        + ["MODEL.WEIGHTS", ws["tokens"]],
+        tmp,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "stage 1 (MasKDTokenLearner)" in out.stderr and "stage 2 (MasKD)" in out.stderr
+
+
+def test_a_stage2_checkpoint_is_refused_by_a_stage1_model(ws, tmp_path):
+    stage2 = build_model(maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]))
+    MasKDCheckpointer(stage2, save_dir=str(tmp_path)).save("s2")
+    stage1 = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+    with pytest.raises(ValueError, match=r"stage 2 \(MasKD\) checkpoint.*stage 1"):
+        MasKDCheckpointer(stage1).load(str(tmp_path / "s2.pth"))
+
+
+def test_resume_keeps_the_configured_teacher_and_checks_the_checkpoints_copy(ws, tmp_path):
+    cfg = maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"])
+    model = build_model(cfg)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    MasKDCheckpointer(model, save_dir=str(tmp_path)).save("s2")
+    # a checkpoint whose teacher copy was changed: refused, naming the fingerprints
+    ckpt = torch.load(tmp_path / "s2.pth", weights_only=False)
+    key = next(k for k in ckpt["model"] if k.startswith("teacher.") and k.endswith("weight"))
+    ckpt["model"][key] = ckpt["model"][key] + 1
+    torch.save(ckpt, tmp_path / "changed.pth")
+    with pytest.raises(ValueError, match="not the configured teacher.*fingerprints"):
+        MasKDCheckpointer(model).load(str(tmp_path / "changed.pth"))
+    # the matching checkpoint loads; the teacher stays the configured one, bit for bit
+    MasKDCheckpointer(model).load(str(tmp_path / "s2.pth"))
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+
+
+# --- class counts, channel order ------------------------------------------------------------
+
+
+def test_stage1_teacher_with_other_classes_than_the_data_is_refused(ws, tmp_path):
+    config, weights, _ = write_teacher(tmp_path, "rcnn", opts=["MODEL.ROI_HEADS.NUM_CLASSES", "5"])
+    cfg = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", config, weights), tmp_path / "o")
+    with pytest.raises(ValueError, match=r"teacher.*predicts 5 classes.*'tiny_train' has 3"):
+        MasKDTrainer(cfg)
+
+
+def test_stage2_student_with_other_classes_than_the_data_is_refused(ws, tmp_path):
+    cfg = tiny_training(maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]), tmp_path / "s")
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    with pytest.raises(ValueError, match=r"the student predicts 5 classes.*'tiny_train' has 3"):
+        MasKDTrainer(cfg)
+
+
+def test_roi_kd_teacher_with_other_classes_than_the_student_is_refused(ws, tmp_path):
+    config, weights, _ = write_teacher(tmp_path, "rcnn", opts=["MODEL.ROI_HEADS.NUM_CLASSES", "5"])
+    cfg = maskd_cfg("MasKD", "rcnn", config, weights)
+    cfg.MODEL.MASKD.ALLOW_RANDOM_TOKENS = True
+    cfg.MODEL.MASKD.ROI_REG_KD.WEIGHT = 1.0
+    with pytest.raises(ValueError, match=r"ROI_REG_KD.*student has 3 classes.*teacher 5"):
+        build_model(cfg)
+
+
+def test_teacher_of_another_channel_order_is_refused(ws, tmp_path):
+    config, weights, _ = write_teacher(tmp_path, "semantic", opts=["INPUT.FORMAT", "RGB"])
+    cfg = tiny_training(maskd_cfg("MasKDTokenLearner", "semantic", config, weights), tmp_path / "f")
+    with pytest.raises(ValueError, match="teacher reads RGB images.*feeds BGR"):
+        MasKDTrainer(cfg)
+
+
+# --- leftovers and half releases ------------------------------------------------------------
+
+
+def test_temporary_files_never_look_like_checkpoints(ws, tmp_path, monkeypatch):
+    model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+    names = []
+
+    def killed(obj, f):
+        names.append(os.path.basename(f))
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(maskd.checkpoint.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MasKDCheckpointer(model, save_dir=str(tmp_path)).save("model_0000099")
+    (name,) = names
+    assert "model_0000099" in name
+    for pattern in ("*.pth", "model_*", "*.pkl", "*.yaml"):
+        assert not fnmatch.fnmatch(name, pattern), (name, pattern)
+
+
+def test_student_export_is_complete_or_absent(ws, tmp_path, monkeypatch):
+    cfg = maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"])
+    MasKDCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("s2")
+    with pytest.raises(ValueError, match=r"ends in \.yaml"):
+        export_student(str(tmp_path / "s2.pth"), str(tmp_path / "student.yaml"), cfg)
+    assert not (tmp_path / "student.yaml").exists()
+
+    def failing(obj, f):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(maskd.export.torch, "save", failing)
+    with pytest.raises(OSError):
+        export_student(str(tmp_path / "s2.pth"), str(tmp_path / "rel" / "student.pth"), cfg)
+    assert not (tmp_path / "rel" / "student.pth").exists()  # no weights: not a release
+    monkeypatch.undo()
+    export_student(str(tmp_path / "s2.pth"), str(tmp_path / "rel" / "student.pth"), cfg, True)
+    assert (tmp_path / "rel" / "student.pth").exists() and (
+        tmp_path / "rel" / "student.yaml"
+    ).exists()
+
+
+# --- smaller items --------------------------------------------------------------------------
+
+
+def test_one_token_with_the_dice_loss_is_refused(ws):
+    cfg = maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"])
+    cfg.MODEL.MASKD.NUM_TOKENS = 1
+    with pytest.raises(ValueError, match="NUM_TOKENS = 1.*Dice"):
+        build_model(cfg)
+    cfg.MODEL.MASKD.DICE_WEIGHT = 0.0
+    build_model(cfg)  # without the Dice loss, one token is a choice
+
+
+def test_an_invalid_dense_kd_loss_fails_when_the_model_is_built(tmp_path):
+    config, weights, _ = write_teacher(tmp_path, "retinanet")
+    cfg = maskd_cfg("MasKD", "retinanet", config, weights)
+    cfg.MODEL.MASKD.ALLOW_RANDOM_TOKENS = True
+    cfg.MODEL.MASKD.DENSE_REG_KD.WEIGHT = 1.0
+    cfg.MODEL.MASKD.DENSE_REG_KD.LOSS = "l2"
+    with pytest.raises(ValueError, match="'l1' or 'smooth_l1', got 'l2'"):
+        build_model(cfg)
+
+
+def test_a_failed_download_names_the_config_key(ws):
+    with pytest.raises(RuntimeError, match=r"MODEL\.MASKD\.TEACHER\.WEIGHTS: could not download"):
+        load_weights_strict(
+            torch.nn.Linear(1, 1), "http://127.0.0.1:9/teacher.pkl", "MODEL.MASKD.TEACHER.WEIGHTS"
+        )
+
+
+def test_the_collective_timeout_is_a_flag(monkeypatch):
+    # NCCL ranks on other machines may notice a dead peer only after the collective timeout;
+    # train_net.py makes it a flag.
+    import train_net
+
+    seen = {}
+    monkeypatch.setattr(train_net, "launch", lambda *a, **k: seen.update(k))
+    train_net.cli(["--config-file", "x.yaml", "--num-gpus", "8", "--dist-timeout", "5"])
+    assert seen["timeout"].total_seconds() == 300
+    train_net.cli(["--config-file", "x.yaml"])
+    assert seen["timeout"].total_seconds() == 1800  # detectron2's default
+    with pytest.raises(SystemExit, match="must be positive"):
+        train_net.cli(["--config-file", "x.yaml", "--dist-timeout", "0"])
