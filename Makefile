@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SRC := projects tests tools demo configs train_net.py distill_net.py
 
-.PHONY: setup lint format test benchmark demo benchmark-demo
+.PHONY: setup lint format test benchmark demo benchmark-demo gpu-check
 
 setup:
 	@bash tools/setup_env.sh
@@ -35,3 +35,8 @@ demo: setup
 
 benchmark-demo: setup
 	$(PY) demo/run_demo.py --teacher-seeds 2 --seeds 3 --token-seeds 3 --output output/demo_perturbation
+
+# On a machine with a CUDA device: both stages (fp32 and AMP) and the benchmarks on the GPU, one
+# summary; exit status 3 where there is no CUDA device. tools/gpu_check.py --dry-run: on CPU.
+gpu-check: setup
+	$(PY) tools/gpu_check.py

@@ -5,24 +5,24 @@ Both run side by side in one process, at detection shapes: N=2 images, C=256 cha
 tokens, the FPN levels P2-P6 of an 800x1344 input. Measured per configuration: forward+backward
 of the stage-2 loss (masked distillation; the student requires grad, masks and weights come
 from frozen tokens) and of the stage-1 losses (masked aggregate + Dice; masks and weights require
-grad). Masks and weights are computed once beforehand: they are the losses' inputs. Peak memory is the rise of the process's peak resident set (Linux VmHWM, reset before each
-measurement) over the resident set before it.
+grad). Masks and weights are computed once beforehand: they are the losses' inputs. Peak memory
+(tools/measure.py): on CPU the rise of the process's peak resident set (Linux VmHWM, reset before
+each measurement) over the resident set before it; on CUDA the rise of max_memory_allocated.
 
-    python tools/benchmark_losses.py [--repeats 3] [--levels P2 all]
+    python tools/benchmark_losses.py [--repeats 3] [--device cuda]
 """
 
 import argparse
-import gc
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # naive.py, the reference formulas of the tests
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # measure.py
 
+from measure import measure
 from naive import (  # tests/naive.py: the plain reference formulas
     naive_dice_diversity_loss,
     naive_mask_features,
@@ -40,42 +40,18 @@ def level_shape(level, height=800, width=1344):
     return (height + s - 1) // s, (width + s - 1) // s
 
 
-def _status_kb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def measure(fn, repeats):
-    """Returns (median seconds, peak MiB above the resident set at the start) of fn()."""
-    fn()  # warm-up
-    times, peaks = [], []
-    for _ in range(repeats):
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        start_rss = _status_kb("VmRSS")
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        peaks.append((_status_kb("VmHWM") - start_rss) / 1024)
-    return statistics.median(times), max(peaks)
-
-
-def make_inputs(levels, n=2, c=256, t=6, seed=0):
+def make_inputs(levels, n=2, c=256, t=6, seed=0, device="cpu"):
     """Per level: teacher and student features (N, C, H, W), masks (N, T, H, W) and weights
     (N, T) from real receptive tokens (computed once: they are the losses' inputs)."""
     torch.manual_seed(seed)
     feats = []
     for level in levels:
         h, w = level_shape(level)
-        rt = ReceptiveTokens(c, t, weighted=True)
-        teacher = torch.randn(n, c, h, w)
+        rt = ReceptiveTokens(c, t, weighted=True).to(device)
+        teacher = torch.randn(n, c, h, w, device=device)
         with torch.no_grad():
             masks, weights = rt.masks(teacher), rt.weights(teacher)
-        feats.append((teacher, torch.randn(n, c, h, w), masks, weights))
+        feats.append((teacher, torch.randn(n, c, h, w, device=device), masks, weights))
     return feats
 
 
@@ -103,14 +79,19 @@ def stage1_step(feats, aggregate_fn, dice_fn):
     return total
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N=2 C=256 T=6, 800x1344")
+    where = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"{torch.get_num_threads()} threads"
+    )
+    print(f"torch {torch.__version__}, {args.device} ({where}), N=2 C=256 T=6, 800x1344")
     header = (
         f"{'case':<22}{'ours s':>9}{'plain s':>9}{'time ratio':>12}"
         f"{'ours MiB':>10}{'plain MiB':>11}{'mem ratio':>11}"
@@ -118,7 +99,7 @@ def main():
     print(header)
     print("-" * len(header))
     for name, levels in [("P2", ["P2"]), ("P2-P6", list(STRIDES))]:
-        feats = make_inputs(levels)
+        feats = make_inputs(levels, device=args.device)
         for stage, ours_fn, plain_fn in [
             (
                 "distill",
@@ -134,8 +115,8 @@ def main():
             ours_val, plain_val = ours_fn(), plain_fn()
             if abs(ours_val - plain_val) > 1e-4 * abs(plain_val):
                 raise RuntimeError(f"values differ: ours {ours_val}, plain {plain_val}")
-            t_o, m_o = measure(ours_fn, args.repeats)
-            t_p, m_p = measure(plain_fn, args.repeats)
+            t_o, m_o = measure(ours_fn, args.repeats, args.device)
+            t_p, m_p = measure(plain_fn, args.repeats, args.device)
             print(
                 f"{stage + ' ' + name:<22}{t_o:>9.3f}{t_p:>9.3f}{t_o / t_p:>12.3f}"
                 f"{m_o:>10.0f}{m_p:>11.0f}{m_o / m_p:>11.3f}"

@@ -85,7 +85,8 @@ class MasKD(nn.Module):
         freeze(teacher)
         teacher_print = fingerprint(teacher.state_dict())
         check_token_provenance(tokens, teacher_print, allow_tokens_of_other_teacher)
-        self.register_buffer(FINGERPRINT_KEY, fingerprint_tensor(teacher_print))
+        device = tokens[next(iter(tokens))].tokens.device
+        self.register_buffer(FINGERPRINT_KEY, fingerprint_tensor(teacher_print).to(device))
         t_shapes = teacher.backbone.output_shape()
         s_shapes = student.backbone.output_shape()
         if not len(tokens):

@@ -127,14 +127,16 @@ class MasKDTokenLearner(nn.Module):
         freeze(teacher)
         # which teacher the tokens are learned for (all zeros: not known yet)
         digest = fingerprint_tensor(fingerprint(teacher.state_dict()))
-        self.register_buffer(FINGERPRINT_KEY, digest * 0 if teacher_from_checkpoint else digest)
+        device = next(teacher.parameters()).device  # the tokens live with the teacher
+        digest = (digest * 0 if teacher_from_checkpoint else digest).to(device)
+        self.register_buffer(FINGERPRINT_KEY, digest)
         self.teacher_from_checkpoint = teacher_from_checkpoint
         shapes = teacher.backbone.output_shape()
         read = head_levels(teacher)
         levels = resolve_in_features(in_features, {"teacher": read})
         tokens = build_level_tokens(
             {lv: shapes[lv].channels for lv in levels}, num_tokens, weighted
-        )
+        ).to(device)
         # The wrapper is built here, once, and is part of the module tree: no hooks.
         teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens)
         self.teacher = teacher
