@@ -117,7 +117,12 @@ def extract_tokens_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch
     return {}
 
 
-def load_tokens(tokens: nn.ModuleDict, path: str, what: str = "MODEL.MASKD.TOKENS_WEIGHTS"):
+def load_tokens(
+    tokens: nn.ModuleDict,
+    path: str,
+    what: str = "MODEL.MASKD.TOKENS_WEIGHTS",
+    checkpoint: Optional[Dict[str, Any]] = None,
+):
     """Load learned receptive tokens (one ``ReceptiveTokens`` per level) from a checkpoint.
 
     Args:
@@ -125,12 +130,14 @@ def load_tokens(tokens: nn.ModuleDict, path: str, what: str = "MODEL.MASKD.TOKEN
         path: a stage-1 checkpoint as detectron2's checkpointer writes it, a stage-2 checkpoint,
             or a tokens-only export.
         what: the config key or argument naming the file, for messages.
+        checkpoint: the file's contents if already read (:func:`read_checkpoint`).
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: naming the file, the levels and the shapes, if the tokens do not fit.
     """
-    checkpoint = read_checkpoint(path, what=what)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path, what=what)
     state = extract_tokens_state(checkpoint.get("model", {}))
     if not state:
         raise ValueError(
@@ -185,7 +192,8 @@ def tokens_from_file(
         level -> loaded ReceptiveTokens (T, C from the file; weighted if the file has
         ``weight_head`` tensors), frozen.
     """
-    state = extract_tokens_state(read_checkpoint(weights, what=what).get("model", {}))
+    checkpoint = read_checkpoint(weights, what=what)
+    state = extract_tokens_state(checkpoint.get("model", {}))
     if not state:
         raise ValueError(f"{what}: '{weights}' holds no receptive tokens")
     channels, counts, heads = {}, {}, {}
@@ -211,7 +219,7 @@ def tokens_from_file(
     tokens = nn.ModuleDict(
         {lv: ReceptiveTokens(channels[lv], counts[lv], heads[lv]) for lv in channels}
     )
-    load_tokens(tokens, weights, what)
+    load_tokens(tokens, weights, what, checkpoint)  # the file is read once
     return tokens.requires_grad_(False).eval()
 
 

@@ -132,10 +132,11 @@ def export_tokens(
     if recorded is None:
         logger.warning("'%s' records no teacher fingerprint: the export has none", checkpoint_path)
     else:
-        if teacher and fingerprint(teacher) != recorded:
+        actual = fingerprint(teacher) if teacher else recorded
+        if actual != recorded:
             raise ValueError(
                 f"'{checkpoint_path}': its teacher's weights (fingerprint "
-                f"{fingerprint(teacher)[:16]}...) are not those the tokens were learned for "
+                f"{actual[:16]}...) are not those the tokens were learned for "
                 f"({recorded[:16]}...): the checkpoint was altered or assembled from two runs"
             )
         state[FINGERPRINT_KEY] = fingerprint_tensor(recorded)

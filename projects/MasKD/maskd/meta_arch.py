@@ -17,7 +17,7 @@ from .inherit import inherit_neck_and_heads
 from .losses import masked_distillation_loss, raise_if_not_finite
 from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
-from .teacher import build_teacher, freeze, head_levels, preprocess_images
+from .teacher import freeze, head_levels, preprocess_images, teacher_from_config
 from .token_learner import resolve_in_features
 
 __all__ = ["MasKD", "student_config"]
@@ -161,13 +161,7 @@ class MasKD(nn.Module):
                 f"meta-architecture, got '{mcfg.STUDENT_META_ARCHITECTURE}'"
             )
         student = build_model(student_config(cfg))
-        teacher = build_teacher(
-            mcfg.TEACHER.CONFIG_FILE,
-            mcfg.TEACHER.OPTS,
-            cfg.MODEL.DEVICE,
-            weights=mcfg.TEACHER.WEIGHTS,
-            allow_random_init=mcfg.TEACHER.ALLOW_RANDOM_INIT,
-        )
+        teacher = teacher_from_config(cfg)
         levels = resolve_in_features(
             list(mcfg.IN_FEATURES),
             {"student": list(student.backbone.output_shape()), "teacher": head_levels(teacher)},

@@ -13,6 +13,7 @@ from .config import load_config, resolve_config_file
 
 __all__ = [
     "build_teacher",
+    "teacher_from_config",
     "load_weights_strict",
     "freeze",
     "preprocess_images",
@@ -64,18 +65,30 @@ def build_teacher(
         # models without the attribute (FCOS, semantic FPN): what its config feeds it, so that
         # MasKD can check the student's data against it
         model.input_format = fmt
-    if not load:
-        pass
-    elif weights:
+    if load and weights:
         load_weights_strict(model, weights, what)
-    elif allow_random_init:
+    elif load and allow_random_init:
         logger.warning("%s is empty: the teacher keeps its random initialisation", what)
-    else:
+    elif load:
         raise ValueError(
             f"{what} is empty: a teacher needs trained weights (set it to the teacher's "
             "checkpoint; only smoke tests set MODEL.MASKD.TEACHER.ALLOW_RANDOM_INIT)"
         )
     return freeze(model)
+
+
+def teacher_from_config(cfg, load: bool = True) -> nn.Module:
+    """:func:`build_teacher` from a MasKD yacs config's ``MODEL.MASKD.TEACHER`` keys (both
+    stages' ``from_config``), on ``MODEL.DEVICE``."""
+    t = cfg.MODEL.MASKD.TEACHER
+    return build_teacher(
+        t.CONFIG_FILE,
+        t.OPTS,
+        cfg.MODEL.DEVICE,
+        weights=t.WEIGHTS,
+        allow_random_init=t.ALLOW_RANDOM_INIT,
+        load=load,
+    )
 
 
 def freeze(module: nn.Module) -> nn.Module:

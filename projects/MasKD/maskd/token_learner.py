@@ -16,7 +16,7 @@ from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
 from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
-from .teacher import build_teacher, freeze, head_levels
+from .teacher import freeze, head_levels, teacher_from_config
 
 __all__ = ["MasKDTokenLearner", "resolve_in_features"]
 
@@ -125,11 +125,14 @@ class MasKDTokenLearner(nn.Module):
                 "with one token it is always 0; use at least 2 tokens, or DICE_WEIGHT 0.0"
             )
         freeze(teacher)
-        # which teacher the tokens are learned for (all zeros: not known yet)
-        digest = fingerprint_tensor(fingerprint(teacher.state_dict()))
+        # which teacher the tokens are learned for (all zeros: not known yet, the checkpoint to
+        # be loaded brings it)
         device = next(teacher.parameters()).device  # the tokens live with the teacher
-        digest = (digest * 0 if teacher_from_checkpoint else digest).to(device)
-        self.register_buffer(FINGERPRINT_KEY, digest)
+        if teacher_from_checkpoint:
+            digest = torch.zeros(32, dtype=torch.uint8)
+        else:
+            digest = fingerprint_tensor(fingerprint(teacher.state_dict()))
+        self.register_buffer(FINGERPRINT_KEY, digest.to(device))
         self.teacher_from_checkpoint = teacher_from_checkpoint
         shapes = teacher.backbone.output_shape()
         read = head_levels(teacher)
@@ -155,16 +158,8 @@ class MasKDTokenLearner(nn.Module):
         ``load_teacher`` is False (``MasKDTokenLearner(cfg, load_teacher=False)``: for the
         evaluation of a stage-1 checkpoint, which holds the teacher)."""
         mcfg = cfg.MODEL.MASKD
-        teacher = build_teacher(
-            mcfg.TEACHER.CONFIG_FILE,
-            mcfg.TEACHER.OPTS,
-            cfg.MODEL.DEVICE,
-            weights=mcfg.TEACHER.WEIGHTS,
-            allow_random_init=mcfg.TEACHER.ALLOW_RANDOM_INIT,
-            load=load_teacher,
-        )
         return {
-            "teacher": teacher,
+            "teacher": teacher_from_config(cfg, load=load_teacher),
             "in_features": list(mcfg.IN_FEATURES),
             "num_tokens": mcfg.NUM_TOKENS,
             "weighted": mcfg.WEIGHTED,
