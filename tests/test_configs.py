@@ -33,16 +33,20 @@ NO_WEIGHTS = [
 ]
 
 
+STAGE_TAGS = ("_tokens_", "_2x_")
+
+
 def _name(path):
     return os.path.relpath(path, ROOT)
 
 
 def test_configs_exist():
-    # 6 pairs x 2 stages + the feature-only ablation; FCOS exists in detectron2 as LazyConfig only
-    assert len(YAML) == 13 and len(LAZY) == 4
+    # 6 pairs x 2 stages + the feature-only ablation; FCOS exists in detectron2 as LazyConfig
+    # only, as do the heterogeneous teachers (ViTDet, Swin, LSJ baseline): 2 + 3 LazyConfig pairs
+    assert len(YAML) == 13 and len(LAZY) == 10
     for path in YAML + LAZY:
         name = os.path.basename(path)
-        assert name.startswith("maskd") and ("_tokens_" in name or "_2x_" in name), name
+        assert name.startswith("maskd") and any(k in name for k in STAGE_TAGS), name
 
 
 @pytest.mark.parametrize("path", YAML, ids=_name)
@@ -91,6 +95,95 @@ def test_lazy_config_builds(path):
         )
     model = instantiate(cfg.model)
     assert isinstance(model, (MasKD, MasKDTokenLearner))
+    # the data's channel order is the one the model was built for (train_net checks it too)
+    assert model.input_format == cfg.dataloader.train.mapper.image_format
+
+
+# Heterogeneous pairs: teacher config, the teacher's published weights (detectron2's ViTDet
+# project README; MODEL_ZOO.md "new baselines"), and what must be aligned: the teacher's channel
+# order if it differs from the data's, whether the loss keeps to the image area (padding differs).
+HETEROGENEOUS = {
+    "maskd_vitdet_b-": (
+        "Teachers/mask_rcnn_vitdet_b_100ep.py",
+        "detectron2://ViTDet/COCO/mask_rcnn_vitdet_b/f325346929/model_final_61ccd1.pkl",
+        "RGB",
+        True,
+    ),
+    "maskd_swin_b-": (
+        "Teachers/cascade_mask_rcnn_swin_b_in21k_50ep.py",
+        "detectron2://ViTDet/COCO/cascade_mask_rcnn_swin_b_in21k/f342979038/"
+        "model_final_246a82.pkl",
+        "RGB",
+        True,
+    ),
+    "maskd_mask_rcnn_R_101_LSJ-": (
+        "new_baselines/mask_rcnn_R_101_FPN_400ep_LSJ.py",
+        "detectron2://new_baselines/mask_rcnn_R_101_FPN_400ep_LSJ/42073830/model_final_f96b26.pkl",
+        None,
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("prefix", sorted(HETEROGENEOUS))
+def test_heterogeneous_pairs(prefix):
+    config, weights, teacher_format, image_area_only = HETEROGENEOUS[prefix]
+    base = os.path.join(ROOT, "COCO-Detection", prefix + "faster_rcnn_R_50_FPN")
+    stage2 = LazyConfig.load(base + "_2x_coco.py")
+    stage1 = LazyConfig.load(base + "_tokens_coco.py")
+    for cfg in (stage1, stage2):
+        teacher = cfg.model.teacher
+        assert os.path.realpath(resolve_config_file(teacher.config_file)) == os.path.realpath(
+            resolve_config_file(os.path.join(ROOT, config))
+            if config.startswith("Teachers/")
+            else resolve_config_file(config)
+        )
+        assert teacher.weights == weights
+    # stage 1 reads the tokens' levels from the teacher's own data; stage 2 reads stage 1's output
+    assert stage2.model.tokens.weights == stage1.train.output_dir + "/model_final.pth"
+    assert (stage1.train.max_iter, stage1.optimizer.lr, stage2.train.max_iter) == (
+        2000,
+        0.1,
+        180000,
+    )
+    assert stage2.model.student.backbone.bottom_up.stages.depth == 50
+    assert stage2.dataloader.train.mapper.image_format == "BGR"  # the student's data
+    if image_area_only:  # a 1024 square: the training images must fit it
+        crop = stage2.dataloader.train.mapper.augmentations[-1]
+        assert tuple(crop.crop_size) == (1024, 1024) and crop.pad is False
+    cfg = stage2
+    cfg.model.teacher.weights = ""
+    cfg.model.teacher.allow_random_init = True
+    cfg.model.tokens = L(build_level_tokens)(
+        channels={lv: 256 for lv in ["p2", "p3", "p4", "p5", "p6"]}, num_tokens=6, weighted=True
+    )
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    assert model.teacher_format == teacher_format
+    assert model.image_area_only == image_area_only
+    assert model.in_features == ["p2", "p3", "p4", "p5", "p6"]
+    assert not model.inherited
+
+
+@pytest.mark.parametrize(
+    "name", ["mask_rcnn_vitdet_b_100ep", "cascade_mask_rcnn_swin_b_in21k_50ep"]
+)
+def test_teacher_configs_build(name):
+    cfg = LazyConfig.load(os.path.join(ROOT, "Teachers", name + ".py"))
+    assert cfg.train.init_checkpoint.startswith(
+        "detectron2://ViTDet/COCO/" + name.rsplit("_", 1)[0]
+    )
+    assert cfg.model.input_format == cfg.dataloader.train.mapper.image_format == "RGB"
+    model = instantiate(cfg.model)
+    shapes = model.backbone.output_shape()
+    assert {lv: s.stride for lv, s in shapes.items()} == {
+        "p2": 4,
+        "p3": 8,
+        "p4": 16,
+        "p5": 32,
+        "p6": 64,
+    }
+    assert model.backbone.padding_constraints["square_size"] == 1024
 
 
 # The paper's official detection settings (method.md, "Official settings"), written from the
@@ -121,6 +214,7 @@ PAPER = {
         False,
     ),
 }
+OTHER_ROWS = {}
 # Ablations of the project, stated as changes to a paper row.
 ABLATIONS = {"maskd-featonly_": {"head": None, "inherit": False}}
 # The FCOS row (loss weight 10, warm-up 5000, no head KD), for the LazyConfig FCOS student.
@@ -138,7 +232,7 @@ def _head_kd(m):
     return (on[0], loss, node.WEIGHT)
 
 
-STAGE2 = [p for p in YAML if "_2x_" in os.path.basename(p)]
+STAGE2 = [p for p in YAML if "_tokens_" not in os.path.basename(p)]
 
 
 @pytest.mark.parametrize("path", STAGE2, ids=_name)
@@ -148,10 +242,11 @@ def test_stage2_configs_follow_the_paper(path):
     m = cfg.MODEL.MASKD
     key = (m.STUDENT_META_ARCHITECTURE, m.TEACHER.CONFIG_FILE)
     got = (m.LOSS_WEIGHT, m.CUSTOM_MASK_WARMUP, _head_kd(m), m.INHERIT)
-    if key not in PAPER:  # a pair the paper has no detection row for: the method's defaults
+    rows = {**PAPER, **OTHER_ROWS}
+    if key not in rows:  # a pair the paper has no detection row for: the method's defaults
         assert "segmentation" in path.lower() or "semantic" in path.lower(), key
         return
-    loss_weight, warmup, head, inherit = PAPER[key]
+    loss_weight, warmup, head, inherit = rows[key]
     for prefix, change in ABLATIONS.items():
         if os.path.basename(path).startswith(prefix):
             head, inherit = change["head"], change["inherit"]
@@ -187,7 +282,7 @@ def test_stage1_configs_follow_the_official_token_schedule(path):
     else:
         assert (s.OPTIMIZER, s.BASE_LR, s.WEIGHT_DECAY) == ("ADAM", 0.01, 1e-3)
     assert m.DICE_WEIGHT == 1.0
-    if "semantic" not in path:
+    if "semantic" not in path.lower():
         assert (m.NUM_TOKENS, m.WEIGHTED) == (6, True)
 
 

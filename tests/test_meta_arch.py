@@ -1,3 +1,5 @@
+import logging
+
 """Both stages on tiny CPU models of every supported kind, and the invariants of issue 4."""
 
 import math
@@ -186,25 +188,25 @@ def test_cascade_teacher_faster_rcnn_student(tmp_path):
     run_stage2(model2, NEEDS["rcnn"], tokens)
 
 
-def test_retinanet_student_rcnn_teacher_distils_common_levels(tmp_path):
+def test_retinanet_student_rcnn_teacher_distils_common_levels(tmp_path, caplog):
     teacher_config, teacher_weights, _ = write_teacher(tmp_path, "rcnn")
     cfg1 = maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights)
     model1 = build_model(cfg1)
     assert model1.in_features == ["p2", "p3", "p4", "p5", "p6"]
-    DetectionCheckpointer(model1, save_dir=str(tmp_path)).save("p2p6")
-    cfg2 = maskd_cfg("MasKD", "retinanet", teacher_config, teacher_weights, "")
-    cfg2.MODEL.MASKD.TOKENS_WEIGHTS = str(tmp_path / "p2p6.pth")
-    # By default the levels both produce: P2 is R-CNN's only, P7 RetinaNet's only.
-    with pytest.raises(ValueError, match=r"levels \['p2', 'p3', 'p4', 'p5', 'p6'\].*\['p3', 'p4'"):
-        build_model(cfg2)
-
-    cfg1.MODEL.MASKD.IN_FEATURES = ["p3", "p4", "p5", "p6"]
-    model1 = build_model(cfg1)
     stage1_file, tokens = run_stage1(tmp_path, model1, {})
-    cfg2.MODEL.MASKD.TOKENS_WEIGHTS = stage1_file
-    model2 = build_model(cfg2)
+    cfg2 = maskd_cfg("MasKD", "retinanet", teacher_config, teacher_weights, stage1_file)
+    # By default the token levels the student has at the same stride: P2 is R-CNN's only (left
+    # out, with a warning that names it), P7 RetinaNet's only.
+    with caplog.at_level(logging.WARNING, logger="maskd.pairing"):
+        model2 = build_model(cfg2)
     assert model2.in_features == ["p3", "p4", "p5", "p6"]
-    run_stage2(model2, {}, tokens)
+    assert "'p2' (the student has no level 'p2')" in caplog.text
+    assert sorted(model2.tokens.keys()) == ["p3", "p4", "p5", "p6"]
+    run_stage2(model2, {}, {k: v for k, v in tokens.items() if not k.startswith("p2.")})
+    # Asked for explicitly, a level the student lacks is an error naming both level sets.
+    cfg2.MODEL.MASKD.IN_FEATURES = ["p2", "p3"]
+    with pytest.raises(ValueError, match=r"'p2' cannot be aligned.*student levels \{p3: stride 8"):
+        build_model(cfg2)
 
 
 def test_fcos_lazyconfig_both_stages(tmp_path):
@@ -404,14 +406,16 @@ def test_tokens_weights_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_model(cfg)
     cfg.MODEL.MASKD.TOKENS_WEIGHTS = str(tmp_path / "t8.pth")
-    with pytest.raises(ValueError, match=r"t8.pth.*p2\.tokens: file \(8, 32\), model \(4, 32\)"):
+    with pytest.raises(ValueError, match=r"t8.pth' has 8 tokens on level 'p2', 4 were asked for"):
         build_model(cfg)
     # Tokens of another channel count (a crafted export: 4 tokens x 16 channels per level).
     crafted = {f"tokens.{lv}.tokens": torch.zeros(4, 16) for lv in ["p2", "p3", "p4", "p5", "p6"]}
     torch.save({"model": crafted}, tmp_path / "c16.pth")
     cfg.MODEL.MASKD.TOKENS_WEIGHTS = str(tmp_path / "c16.pth")
     cfg.MODEL.MASKD.WEIGHTED = False
-    with pytest.raises(ValueError, match=r"c16.pth.*p2\.tokens: file \(4, 16\), model \(4, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"level 'p2' in '.*c16.pth' have 16 channels.*features 32"
+    ):
         build_model(cfg)
     cfg.MODEL.MASKD.WEIGHTED = True
     cfg.MODEL.MASKD.TOKENS_WEIGHTS = teacher_weights  # a checkpoint without tokens

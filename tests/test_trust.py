@@ -18,6 +18,7 @@ from tiny import (
     TRAIN_NET,
     maskd_cfg,
     run,
+    tiny_batch,
     tiny_training,
     write_coco_dataset,
     write_teacher,
@@ -25,11 +26,12 @@ from tiny import (
 
 import maskd.checkpoint
 from maskd.checkpoint import MasKDCheckpointer, load_weights_strict, read_checkpoint
-from maskd.engine import MasKDTrainer, register_coco_datasets
+from maskd.engine import MasKDTrainer, check_input_format, register_coco_datasets
 from maskd.export import export_student, export_tokens
 from maskd.provenance import FINGERPRINT_KEY, fingerprint, fingerprint_text
 from maskd.safe_pickle import UNSAFE_PICKLE_ENV, UnsafePickleError, load_pkl
 from maskd.teacher import build_teacher
+from maskd.visualize import receptive_masks
 
 EXPORT = os.path.join(ROOT, "tools", "export.py")
 
@@ -269,11 +271,54 @@ def test_roi_kd_teacher_with_other_classes_than_the_student_is_refused(ws, tmp_p
         build_model(cfg)
 
 
-def test_teacher_of_another_channel_order_is_refused(ws, tmp_path):
+def test_teacher_of_another_channel_order_gets_the_batch_in_its_order(ws, tmp_path):
+    # An RGB teacher on a BGR run (the case that once trained silently on swapped channels):
+    # stage 1 hands the teacher every image with its channels reversed, in training and in
+    # evaluation; the data themselves are left as loaded.
     config, weights, _ = write_teacher(tmp_path, "semantic", opts=["INPUT.FORMAT", "RGB"])
-    cfg = tiny_training(maskd_cfg("MasKDTokenLearner", "semantic", config, weights), tmp_path / "f")
-    with pytest.raises(ValueError, match="teacher reads RGB images.*feeds BGR"):
-        MasKDTrainer(cfg)
+    cfg = maskd_cfg("MasKDTokenLearner", "semantic", config, weights)
+    assert cfg.INPUT.FORMAT == "BGR"
+    model = build_model(cfg)
+    assert (model.input_format, model.teacher.input_format) == ("BGR", "RGB")
+    seen = []
+    original = model.teacher.backbone.forward
+
+    def spy(x):
+        seen.append(x.clone())
+        return original(x)
+
+    model.teacher.backbone.forward = spy
+    batch = tiny_batch(2, 64, seed=3, with_sem_seg=True)
+    originals = [x["image"].clone() for x in batch]
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    mean, std = model.teacher.pixel_mean, model.teacher.pixel_std
+    for i, image in enumerate(originals):
+        expected = (image.flip(0).float() - mean) / std  # RGB, the teacher's normalisation
+        torch.testing.assert_close(seen[0][i, :, :64, :64], expected)
+        assert torch.equal(batch[i]["image"], image)  # the batch itself is not changed
+    # tools/visualize_masks.py draws the masks the teacher makes on its own channel order too
+    inner = model.teacher.backbone.inner
+    inner_forward = inner.forward
+    inner.forward = lambda x: seen.append(x.clone()) or inner_forward(x)
+    receptive_masks(model, batch[0])
+    expected = (originals[0].flip(0).float() - mean) / std
+    torch.testing.assert_close(seen[-1][0, :, :64, :64], expected)
+    # A run whose data are in neither RGB nor BGR order cannot be converted: refused by name.
+    cfg.INPUT.FORMAT = "YUV-BT.601"
+    with pytest.raises(ValueError, match="teacher reads RGB images but the data are YUV-BT.601"):
+        build_model(cfg)
+
+
+def test_model_built_for_another_channel_order_than_the_run_is_refused(ws, tmp_path):
+    # LazyConfig runs name the data's order twice (model.input_format, the mapper's
+    # image_format); the trainer refuses a run where they differ.
+    cfg = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]), tmp_path / "f")
+    model = build_model(cfg)
+    check_input_format(model, "BGR", "INPUT.FORMAT")
+    with pytest.raises(ValueError, match="built for BGR images.*feeds RGB \\(image_format\\)"):
+        check_input_format(model, "RGB", "image_format")
 
 
 # --- leftovers and half releases ------------------------------------------------------------

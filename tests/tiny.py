@@ -69,6 +69,51 @@ def tiny_fcos(depth=18, fpn_channels=32, norm="FrozenBN"):
     return model
 
 
+def tiny_vitdet(square_pad=128, channels=32):
+    """A LazyConfig model node of a tiny ViTDet Faster R-CNN: plain ViT (patch 16, 2 blocks, one
+    with window attention, relative positions) + SimpleFeaturePyramid, as detectron2's
+    ``common/models/mask_rcnn_vitdet.py`` builds it, without the mask head.
+
+    Its differences from the tiny R-FPN students of these tests: RGB input with ImageNet
+    mean/std, a ``square_pad`` square, and levels p3-p6 only (scale factors 2, 1, 1/2 of the
+    stride-16 ViT map, plus max-pool P6).
+    """
+    from detectron2.layers import ShapeSpec
+    from detectron2.model_zoo import get_config
+
+    model = get_config("common/models/mask_rcnn_vitdet.py").model
+    net = model.backbone.net
+    net.update(
+        img_size=128,
+        embed_dim=channels,
+        depth=2,
+        num_heads=2,
+        drop_path_rate=0.0,
+        window_size=4,
+        window_block_indexes=[0],
+    )
+    model.backbone.update(out_channels=channels, scale_factors=(2.0, 1.0, 0.5))
+    model.backbone.square_pad = square_pad
+    levels = ["p3", "p4", "p5", "p6"]
+    rpn = model.proposal_generator
+    rpn.in_features = levels
+    rpn.head.in_channels = channels
+    rpn.anchor_generator.update(sizes=[[16], [32], [64], [128]], strides=[8, 16, 32, 64])
+    rpn.batch_size_per_image = 32
+    rpn.post_nms_topk = (64, 32)
+    roi = model.roi_heads
+    roi.update(mask_in_features=None, mask_pooler=None, mask_head=None)
+    roi.num_classes = NUM_CLASSES
+    roi.batch_size_per_image = 16
+    roi.box_in_features = levels[:3]
+    roi.box_pooler.scales = (1.0 / 8, 1.0 / 16, 1.0 / 32)
+    roi.box_head.update(
+        input_shape=ShapeSpec(channels=channels, height=7, width=7), conv_dims=[16], fc_dims=[32]
+    )
+    roi.box_predictor.input_shape = ShapeSpec(channels=32)
+    return model
+
+
 def shrink_cfg(cfg, depth=18, fpn_channels=32):
     """Make a detectron2 FPN config tiny, in place: small ResNet, thin FPN, few samples."""
     cfg.MODEL.DEVICE = "cpu"

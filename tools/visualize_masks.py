@@ -44,7 +44,7 @@ def build(args):
         model = instantiate(cfg.model).to(args.device)
         if args.checkpoint:
             load_inference_weights(model, args.checkpoint, "--checkpoint")
-        return model, "BGR", args.min_size, args.max_size
+        return model, model.input_format or "BGR", args.min_size, args.max_size
     cfg.MODEL.DEVICE = args.device
     if args.checkpoint and cfg.MODEL.META_ARCHITECTURE == "MasKDTokenLearner":
         model = build_inference_model(cfg)

@@ -30,6 +30,7 @@ model = L(MasKD)(
     ),
     loss_weight=10.0,
     custom_mask_warmup=5000,
+    input_format="${dataloader.train.mapper.image_format}",  # FCOS does not declare one
 )
 
 train.max_iter = 180000

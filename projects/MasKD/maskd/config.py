@@ -155,8 +155,17 @@ def add_maskd_config(cfg: CN) -> CN:
     # smoke runs only: distilling from an untrained teacher is never what a user wants.
     _C.TEACHER.ALLOW_RANDOM_INIT = False
 
-    # The distilled feature levels; empty: every level both teacher and student produce.
+    # The distilled feature levels (the teacher's names); empty: stage 1 every level the
+    # teacher's heads read, stage 2 every level of the tokens that the student has at the same
+    # stride (under the same name, or the one LEVEL_MAP gives).
     _C.IN_FEATURES = []
+    # Stage 2, teacher and student levels of equal stride but different names:
+    # ["TEACHER_LEVEL:STUDENT_LEVEL", ...], e.g. ["p4:res4"].
+    _C.LEVEL_MAP = []
+    # Stage 2: the loss and the masks over the image area only, never the padding. Always on when
+    # teacher and student pad differently (e.g. a ViTDet teacher's 1024 square); off otherwise,
+    # as in the published method, where both see the same padded batch.
+    _C.IMAGE_AREA_ONLY = False
     # Receptive tokens per level (T), and whether a head predicts per-image token weights.
     _C.NUM_TOKENS = 6
     _C.WEIGHTED = True

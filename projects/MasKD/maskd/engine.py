@@ -380,14 +380,18 @@ def check_class_counts(model: torch.nn.Module, dataset_names: Iterable[str]) -> 
 
 
 def check_input_format(model: torch.nn.Module, data_format: str, what: str) -> None:
-    """Fail if the teacher of a MasKD model was trained on images of another channel order
-    than the data it now sees (``INPUT.FORMAT`` of the teacher's config vs the run's)."""
-    teacher = getattr(_unwrap(model), "teacher", None)
-    theirs = getattr(teacher, "input_format", None)
-    if teacher is not None and theirs and data_format and theirs != data_format:
+    """Fail if a MasKD model was built for images of another channel order than the data this
+    run loads (its ``input_format`` vs ``INPUT.FORMAT`` / the mapper's ``image_format``). The
+    teacher may read another order than the data: the model converts for it
+    (:mod:`maskd.pairing`), which is why the model must know the data's."""
+    inner = _unwrap(model)
+    if getattr(inner, "teacher", None) is None:
+        return
+    expects = getattr(inner, "input_format", None)
+    if expects and data_format and expects != data_format:
         raise ValueError(
-            f"the teacher reads {theirs} images (its config's INPUT.FORMAT), but this run feeds "
-            f"{data_format} ({what}): use the teacher's channel order"
+            f"the MasKD model was built for {expects} images (its input_format), but this run "
+            f"feeds {data_format} ({what}): give the model the data's channel order"
         )
 
 

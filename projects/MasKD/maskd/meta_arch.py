@@ -10,11 +10,20 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .backbone import RecordingBackbone
-from .checkpoint import load_tokens
+from .checkpoint import tokens_from_file
 from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .head_kd import HeadKD, build_head_kd
 from .inherit import inherit_neck_and_heads
 from .losses import masked_distillation_loss, raise_if_not_finite
+from .pairing import (
+    check_channel_orders,
+    check_square_pad,
+    image_area,
+    padding_of,
+    pair_levels,
+    parse_level_map,
+    to_channel_order,
+)
 from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
 from .teacher import freeze, head_levels, preprocess_images, teacher_from_config
@@ -58,6 +67,10 @@ class MasKD(nn.Module):
         head_kd: Sequence[HeadKD] = (),
         inherit: bool = False,
         allow_tokens_of_other_teacher: bool = False,
+        input_format: Optional[str] = None,
+        in_features: Optional[Sequence[str]] = None,
+        level_map: Optional[Dict[str, str]] = None,
+        image_area_only: bool = False,
     ):
         """
         Args:
@@ -80,6 +93,17 @@ class MasKD(nn.Module):
                 shapes match.
             allow_tokens_of_other_teacher: accept tokens whose teacher fingerprint
                 (:mod:`maskd.provenance`) is not this teacher's (experiments only).
+            input_format: the channel order of the batch ("BGR", "RGB"; ``INPUT.FORMAT``);
+                None: the student's ``input_format``. The student must read it; a teacher that
+                reads the other of RGB/BGR gets the batch converted (:mod:`maskd.pairing`).
+            in_features: the teacher levels to distil (each must be aligned); None or empty:
+                every level of ``tokens`` that can be aligned with a student level.
+            level_map: teacher level -> student level for levels named differently; a level
+                not in it goes with the student level of its own name. Paired levels must have
+                the same stride.
+            image_area_only: compute the loss and masks over the image area only. Always on
+                when teacher and student pad differently (then their padded areas differ);
+                off otherwise, as in the published method (padding included).
         """
         super().__init__()
         freeze(teacher)
@@ -91,29 +115,74 @@ class MasKD(nn.Module):
         s_shapes = student.backbone.output_shape()
         if not len(tokens):
             raise ValueError("MasKD needs receptive tokens for at least one level")
-        levels = resolve_in_features(
-            [lv for lv in s_shapes if lv in tokens] + [lv for lv in tokens if lv not in s_shapes],
-            {"student": list(s_shapes), "teacher": head_levels(teacher)},
-            what="the receptive tokens' levels",
-        )
-        s_format = getattr(student, "input_format", None)
-        t_format = getattr(teacher, "input_format", None)
-        if s_format and t_format and s_format != t_format:
-            raise ValueError(
-                f"the student reads {s_format} images but the teacher {t_format}: both see the "
-                "same input tensors, so they must use the same INPUT.FORMAT"
-            )
-        for lv in levels:
-            if s_shapes[lv].stride != t_shapes[lv].stride:
+        read = head_levels(teacher)
+        if in_features:
+            missing = [lv for lv in in_features if lv not in tokens]
+            if missing:
                 raise ValueError(
-                    f"level '{lv}' has stride {s_shapes[lv].stride} in the student and "
-                    f"{t_shapes[lv].stride} in the teacher: its features cannot be aligned"
+                    f"MODEL.MASKD.IN_FEATURES names levels {missing}, but the receptive tokens "
+                    f"are for levels {list(tokens)}"
                 )
+        pairs = pair_levels(
+            {lv: t_shapes[lv] for lv in read},
+            s_shapes,
+            (
+                list(in_features)
+                if in_features
+                else [lv for lv in read if lv in tokens] + [lv for lv in tokens if lv not in read]
+            ),
+            level_map,
+            explicit=bool(in_features),
+        )
+        source = getattr(tokens, "source", None)
+        levels = list(pairs)
+        dropped = [lv for lv in tokens if lv not in pairs]
+        if dropped:
+            logger.info("MasKD: the tokens of levels %s are not used", dropped)
+            tokens = nn.ModuleDict({lv: tokens[lv] for lv in levels})
+        for lv in levels:
             if tokens[lv].channels != t_shapes[lv].channels:
                 raise ValueError(
-                    f"the receptive tokens of level '{lv}' have {tokens[lv].channels} channels, "
+                    f"the receptive tokens of level '{lv}'"
+                    + (f" in '{source}'" if source else "")
+                    + f" have {tokens[lv].channels} channels, "
                     f"the teacher's '{lv}' features {t_shapes[lv].channels}: were the tokens "
                     "learned on another teacher?"
+                )
+        s_format = getattr(student, "input_format", None)
+        input_format = input_format or s_format
+        if s_format and input_format and s_format != input_format:
+            raise ValueError(
+                f"the student reads {s_format} images but the data are {input_format} "
+                "(INPUT.FORMAT): the student is trained on the data as they are loaded"
+            )
+        t_format = getattr(teacher, "input_format", None)
+        if not input_format:
+            logger.warning(
+                "neither input_format nor the student's input_format is set: assuming the data "
+                "are in the teacher's channel order (%s)",
+                t_format,
+            )
+            input_format = t_format
+        self.input_format = input_format
+        self.teacher_format = (
+            t_format if check_channel_orders(input_format, t_format, "the teacher") else None
+        )
+        if not t_format:
+            logger.warning(
+                "the teacher declares no input_format: assuming it reads the data's channel "
+                "order (%s)",
+                input_format,
+            )
+        forced = padding_of(teacher) != padding_of(student)
+        self.image_area_only = bool(image_area_only or forced)
+        for term in head_kd:
+            if self.image_area_only and term.SAME_GRID:
+                raise ValueError(
+                    f"{term.LOSS_NAME} compares the teacher's and the student's dense head outputs "
+                    "cell by cell, which needs both to pad alike; teacher "
+                    f"{padding_of(teacher)} and student {padding_of(student)} do not, or "
+                    "IMAGE_AREA_ONLY is set"
                 )
         self.inherited: List[str] = []
         if inherit:
@@ -131,22 +200,26 @@ class MasKD(nn.Module):
         self.tokens = freeze(tokens)
         self.align = nn.ModuleDict(
             {
-                lv: nn.Conv2d(s_shapes[lv].channels, t_shapes[lv].channels, kernel_size=1)
+                lv: nn.Conv2d(s_shapes[pairs[lv]].channels, t_shapes[lv].channels, kernel_size=1)
                 for lv in levels
             }
         ).to(tokens[levels[0]].tokens.device)
-        self.in_features = levels
+        self.in_features = levels  # the teacher's levels (tokens, align convs, losses)
+        self.student_levels = pairs  # teacher level -> student level
+        self.strides = {lv: t_shapes[lv].stride for lv in levels}
         self.loss_weight = loss_weight
         self.custom_mask_warmup = custom_mask_warmup
         logger.info(
             "MasKD: levels %s, %d tokens (weighted=%s), loss weight %s, customised masks from "
-            "iteration %s, head-level KD: %s",
-            levels,
+            "iteration %s, head-level KD: %s; teacher input: %s, loss over %s",
+            ", ".join(lv if pairs[lv] == lv else f"{lv} <- student {pairs[lv]}" for lv in levels),
             tokens[levels[0]].num_tokens,
             tokens[levels[0]].weighted,
             loss_weight,
             custom_mask_warmup if custom_mask_warmup >= 0 else "never",
             ", ".join(f"{t.LOSS_NAME} ({t.extra_repr()})" for t in head_kd) or "none",
+            f"converted {input_format} -> {t_format}" if self.teacher_format else "as loaded",
+            "the image area" if self.image_area_only else "the padded batch",
         )
 
     @classmethod
@@ -162,18 +235,18 @@ class MasKD(nn.Module):
             )
         student = build_model(student_config(cfg))
         teacher = teacher_from_config(cfg)
-        levels = resolve_in_features(
-            list(mcfg.IN_FEATURES),
-            {"student": list(student.backbone.output_shape()), "teacher": head_levels(teacher)},
-        )
-        t_shapes = teacher.backbone.output_shape()
-        tokens = build_level_tokens(
-            {lv: t_shapes[lv].channels for lv in levels}, mcfg.NUM_TOKENS, mcfg.WEIGHTED
-        )
         if mcfg.TOKENS_WEIGHTS:
-            load_tokens(tokens, mcfg.TOKENS_WEIGHTS)
+            # levels and shapes from the file; the constructor keeps those it can align
+            tokens = tokens_from_file(
+                mcfg.TOKENS_WEIGHTS, mcfg.NUM_TOKENS, mcfg.WEIGHTED, "MODEL.MASKD.TOKENS_WEIGHTS"
+            )
         elif mcfg.ALLOW_RANDOM_TOKENS:
             logger.warning("MODEL.MASKD.TOKENS_WEIGHTS is empty: distilling with random tokens")
+            t_shapes = teacher.backbone.output_shape()
+            levels = resolve_in_features(list(mcfg.IN_FEATURES), {"teacher": head_levels(teacher)})
+            tokens = build_level_tokens(
+                {lv: t_shapes[lv].channels for lv in levels}, mcfg.NUM_TOKENS, mcfg.WEIGHTED
+            )
         else:
             raise ValueError(
                 "MODEL.MASKD.TOKENS_WEIGHTS is empty: stage 2 needs the receptive tokens learned "
@@ -189,6 +262,10 @@ class MasKD(nn.Module):
             "head_kd": build_head_kd(mcfg),
             "inherit": mcfg.INHERIT,
             "allow_tokens_of_other_teacher": mcfg.ALLOW_TOKENS_OF_OTHER_TEACHER,
+            "input_format": cfg.INPUT.FORMAT,
+            "in_features": list(mcfg.IN_FEATURES),
+            "level_map": parse_level_map(mcfg.LEVEL_MAP),
+            "image_area_only": mcfg.IMAGE_AREA_ONLY,
         }
 
     @property
@@ -216,20 +293,30 @@ class MasKD(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
         with torch.no_grad():
-            images = preprocess_images(self.teacher, batched_inputs)
+            images = preprocess_images(self.teacher, self.teacher_inputs(batched_inputs))
             teacher_features = self.teacher.backbone(images.tensor)
         losses = self.student(batched_inputs)
         student_features = self.student.backbone.pop_features()
-        masks = self.teacher_masks(teacher_features)
-        per_level = self.distillation_losses(student_features, teacher_features, masks)
         storage = get_event_storage()
-        padded = tuple(images.tensor.shape[-2:])
+        if self.image_area_only:
+            pairs, masks, sizes = self.image_area_pairs(
+                student_features, teacher_features, images.image_sizes
+            )
+            per_level = self.distillation_losses(*pairs, masks)
+        else:
+            masks = self.teacher_masks(teacher_features)
+            per_level = self.distillation_losses(
+                {lv: student_features[s] for lv, s in self.student_levels.items()},
+                teacher_features,
+                masks,
+            )
+            padded = tuple(images.tensor.shape[-2:])
+            sizes = {
+                lv: level_sizes(images.image_sizes, padded, m.shape[-2:])
+                for lv, (m, _) in masks.items()
+            }
         put_token_statistics(
-            storage,
-            {
-                lv: token_statistics(m, w, level_sizes(images.image_sizes, padded, m.shape[-2:]))
-                for lv, (m, w) in masks.items()
-            },
+            storage, {lv: token_statistics(m, w, sizes[lv]) for lv, (m, w) in masks.items()}
         )
         raise_if_not_finite(losses, "the student's task losses", storage.iter)
         raise_if_not_finite(per_level, "loss_maskd (per level)", storage.iter)
@@ -243,6 +330,53 @@ class MasKD(nn.Module):
             raise KeyError(f"the student already returns losses named {sorted(clash)}")
         losses.update(extra)
         return losses
+
+    def teacher_inputs(self, batched_inputs):
+        """The batch as the teacher reads it: in its channel order (a converted shallow copy
+        when it differs from the data's), and checked against the square it pads to."""
+        if self.teacher_format:
+            batched_inputs = to_channel_order(
+                batched_inputs, self.input_format, self.teacher_format
+            )
+        if self.image_area_only:
+            check_square_pad(
+                self.teacher, [tuple(x["image"].shape[-2:]) for x in batched_inputs], "the teacher"
+            )
+        return batched_inputs
+
+    @torch.no_grad()
+    def _image_area_masks(self, level, teacher, valid, sizes):
+        rt = self.tokens[level]
+        masks = rt.masks(teacher) * valid  # (N, T, H, W), zero outside the image
+        weights = None
+        if rt.weighted:  # pooled over each image's own area
+            weights = torch.cat(
+                [rt.weights(teacher[i : i + 1, :, :h, :w]) for i, (h, w) in enumerate(sizes)]
+            )  # (N, T)
+        return masks, weights
+
+    def image_area_pairs(self, student_features, teacher_features, image_sizes):
+        """Cut every distilled level to the common grid of both models (a pair that pads
+        differently) and make the masks over the image area only.
+
+        Args:
+            student_features: student level -> (N, C_s, H_s, W_s).
+            teacher_features: teacher level -> (N, C_t, H_t, W_t).
+            image_sizes: N (h, w) sizes of the images before padding.
+
+        Returns:
+            ((teacher level -> (N, C_s, H, W) student features, teacher level -> (N, C_t, H, W)
+            teacher features), teacher level -> ((N, T, H, W) masks, zero outside the image,
+            (N, T) weights or None), teacher level -> N (h_l, w_l) image-area sizes).
+        """
+        students, teachers, masks, sizes = {}, {}, {}, {}
+        for lv, s_lv in self.student_levels.items():
+            t, s, valid, sizes[lv] = image_area(
+                teacher_features[lv], student_features[s_lv], image_sizes, self.strides[lv]
+            )
+            students[lv], teachers[lv] = s, t
+            masks[lv] = self._image_area_masks(lv, t, valid, sizes[lv])
+        return (students, teachers), masks, sizes
 
     def head_losses(self, teacher_features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The head-level KD terms of this step (weighted), from what the student recorded in
@@ -285,9 +419,11 @@ class MasKD(nn.Module):
         """The masked distillation loss of every level (unweighted).
 
         Args:
-            student_features: level -> (N, C_s, H, W) student features.
+            student_features: teacher level -> (N, C_s, H, W) features of the student level
+                paired with it (the same level name in a homogeneous pair).
             teacher_features: level -> (N, C_t, H, W) teacher features.
-            teacher_masks: :meth:`teacher_masks` of ``teacher_features`` if already computed.
+            teacher_masks: :meth:`teacher_masks` of ``teacher_features`` if already computed
+                (or the image-area masks of :meth:`image_area_pairs`).
 
         Returns:
             level -> scalar loss.
@@ -302,7 +438,8 @@ class MasKD(nn.Module):
                 raise ValueError(
                     f"level '{level}': student features {tuple(s.shape)} and teacher features "
                     f"{tuple(t.shape)} differ in batch or spatial size; student and teacher must "
-                    "see the same padded images (same size divisibility)"
+                    "see the same padded images (same size divisibility), or set "
+                    "MODEL.MASKD.IMAGE_AREA_ONLY"
                 )
             aligned = self.align[level](s)  # (N, C_t, H, W)
             masks, weights = teacher_masks[level]  # (N, T, H, W), (N, T) or None

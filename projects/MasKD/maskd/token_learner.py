@@ -14,6 +14,7 @@ from ._compat import NORM_TYPES
 from .backbone import TokenMaskedBackbone
 from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
+from .pairing import check_channel_orders, check_square_pad, to_channel_order
 from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
 from .teacher import freeze, head_levels, teacher_from_config
@@ -103,6 +104,7 @@ class MasKDTokenLearner(nn.Module):
         weighted: bool = True,
         dice_weight: float = 1.0,
         teacher_from_checkpoint: bool = False,
+        input_format: Optional[str] = None,
     ):
         """
         Args:
@@ -117,6 +119,9 @@ class MasKDTokenLearner(nn.Module):
             teacher_from_checkpoint: the teacher's weights are not loaded yet but come with the
                 checkpoint to be loaded (evaluation of a stage-1 checkpoint): its fingerprint is
                 then taken from that checkpoint instead of checked against it.
+            input_format: the channel order of the batch ("BGR", "RGB"; ``INPUT.FORMAT``);
+                None: the teacher's. A teacher that reads the other of RGB/BGR gets the batch
+                converted (:mod:`maskd.pairing`), in training and in evaluation.
         """
         super().__init__()
         if num_tokens < 2 and dice_weight > 0:
@@ -140,6 +145,13 @@ class MasKDTokenLearner(nn.Module):
         tokens = build_level_tokens(
             {lv: shapes[lv].channels for lv in levels}, num_tokens, weighted
         ).to(device)
+        t_format = getattr(teacher, "input_format", None)
+        self.input_format = input_format or t_format
+        self.teacher_format = (
+            t_format if check_channel_orders(self.input_format, t_format, "the teacher") else None
+        )
+        if self.teacher_format:
+            logger.info("the %s batch is converted to %s for the teacher", input_format, t_format)
         # The wrapper is built here, once, and is part of the module tree: no hooks.
         teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens)
         self.teacher = teacher
@@ -165,6 +177,7 @@ class MasKDTokenLearner(nn.Module):
             "weighted": mcfg.WEIGHTED,
             "dice_weight": mcfg.DICE_WEIGHT,
             "teacher_from_checkpoint": not load_teacher,
+            "input_format": cfg.INPUT.FORMAT,
         }
 
     @property
@@ -204,6 +217,13 @@ class MasKDTokenLearner(nn.Module):
                 event storage.
             inference: the teacher's outputs on masked features, one dict per image.
         """
+        if self.teacher_format:
+            batched_inputs = to_channel_order(
+                batched_inputs, self.input_format, self.teacher_format
+            )
+        check_square_pad(
+            self.teacher, [tuple(x["image"].shape[-2:]) for x in batched_inputs], "the teacher"
+        )
         if not self.training:
             return self.teacher(batched_inputs)
         with task_loss_mode(self.teacher):

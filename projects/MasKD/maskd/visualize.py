@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .backbone import unwrap_backbone
 from .diagnostics import level_sizes, token_statistics
+from .pairing import to_channel_order
 from .teacher import preprocess_images
 
 __all__ = ["receptive_masks", "mask_grid", "save_mask_grid", "format_statistics"]
@@ -32,6 +33,10 @@ def receptive_masks(model, batched_input: dict, with_statistics: bool = False):
         with ``with_statistics``, a pair (masks, level -> {statistic: float}).
     """
     teacher = model.teacher
+    if getattr(model, "teacher_format", None):  # the teacher reads the other channel order
+        batched_input = to_channel_order([batched_input], model.input_format, model.teacher_format)[
+            0
+        ]
     images = preprocess_images(teacher, [batched_input])
     features = unwrap_backbone(teacher.backbone)(images.tensor)
     h, w = images.image_sizes[0]

@@ -26,6 +26,8 @@ class HeadKD(nn.Module):
     Class attributes:
         CONFIG_KEY: its node under ``MODEL.MASKD`` (``WEIGHT`` 0 there disables it).
         LOSS_NAME: the key of its loss in the training loss dict.
+        SAME_GRID: whether it compares teacher and student outputs cell by cell, so that both
+            must pad the batch alike (MasKD refuses it for a pair that pads differently).
 
     Subclasses implement :meth:`add_config`, :meth:`from_config` (keyword arguments of
     ``__init__`` from the node), :meth:`check`, :meth:`wrap` and :meth:`forward`.
@@ -33,6 +35,7 @@ class HeadKD(nn.Module):
 
     CONFIG_KEY = ""
     LOSS_NAME = ""
+    SAME_GRID = False
 
     def __init__(self, weight: float):
         super().__init__()

@@ -77,6 +77,7 @@ class DenseRegressionKD(HeadKD):
 
     CONFIG_KEY = "DENSE_REG_KD"
     LOSS_NAME = "loss_dense_reg_kd"
+    SAME_GRID = True  # compares outputs cell by cell: teacher and student must pad alike
 
     def __init__(self, weight: float = 1.0, loss: str = "l1", beta: float = 1.0):
         """

@@ -1,0 +1,249 @@
+"""Heterogeneous teacher-student pairs: what is aligned between two models, and how.
+
+A teacher may differ from its student in
+
+- **channel order** (``input_format``: a ViTDet or Swin teacher reads RGB, detectron2's
+  caffe-style ResNets BGR): the batch is handed to each model in its own order
+  (:func:`to_channel_order`); normalisation (pixel mean/std) is each model's own already, as
+  each one's ``preprocess_image`` applies it;
+- **padding** (ViTDet pads to a 1024 square, FPN to a multiple of 32): the two feature maps of
+  a level are cut to their common top-left grid and only the cells over the image area enter the
+  loss and the masks (:func:`image_area`);
+- **level names and strides**: a teacher level is distilled into the student level of the same
+  name, or the one ``LEVEL_MAP`` names, if both have the same stride (:func:`pair_levels`);
+- **channels**: the 1x1 align conv of each level maps student to teacher channels.
+"""
+
+import logging
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from detectron2.layers import ShapeSpec
+from torch import nn
+
+__all__ = [
+    "CHANNEL_ORDERS",
+    "check_channel_orders",
+    "to_channel_order",
+    "padding_of",
+    "check_square_pad",
+    "parse_level_map",
+    "pair_levels",
+    "image_area",
+]
+
+logger = logging.getLogger(__name__)
+
+# The channel orders one can convert into each other by reversing the channel axis.
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+
+def check_channel_orders(data_format: Optional[str], model_format: Optional[str], who: str) -> bool:
+    """Whether images of ``data_format`` must be converted for a model that reads
+    ``model_format``.
+
+    Args:
+        data_format: the channel order of the batch (``INPUT.FORMAT`` of the run).
+        model_format: the model's ``input_format`` (None: not declared).
+        who: "the teacher" / "the student", for messages.
+
+    Raises:
+        ValueError: the two differ and are not both RGB/BGR (e.g. "L" or "YUV-BT.601").
+    """
+    if not data_format or not model_format or data_format == model_format:
+        return False
+    if data_format in CHANNEL_ORDERS and model_format in CHANNEL_ORDERS:
+        return True
+    raise ValueError(
+        f"{who} reads {model_format} images but the data are {data_format}: MasKD converts only "
+        f"between {' and '.join(CHANNEL_ORDERS)}; load the data in {model_format}"
+    )
+
+
+def to_channel_order(batched_inputs: Sequence[dict], src: str, dst: str) -> List[dict]:
+    """The batch with every ``image`` (C, H, W) in channel order ``dst`` (shallow copies of the
+    dicts; the other entries are shared). ``src == dst`` returns the inputs as they are."""
+    if src == dst:
+        return list(batched_inputs)
+    check_channel_orders(src, dst, "the model")
+    return [{**x, "image": x["image"].flip(0)} for x in batched_inputs]
+
+
+def padding_of(model: nn.Module) -> Tuple[int, Tuple[Tuple[str, int], ...]]:
+    """How a meta-architecture pads its batch: (backbone ``size_divisibility``, sorted
+    ``padding_constraints`` items). Two models with equal values pad every batch alike."""
+    backbone = model.backbone
+    constraints = getattr(backbone, "padding_constraints", None) or {}
+    return int(backbone.size_divisibility), tuple(sorted(constraints.items()))
+
+
+def check_square_pad(model: nn.Module, image_sizes: Sequence[Tuple[int, int]], who: str) -> None:
+    """Fail if an image is larger than the square a model pads to (``square_size`` of its
+    backbone's ``padding_constraints``): detectron2's ImageList would cut it silently.
+
+    Args:
+        image_sizes: N (h, w) sizes of the images before padding.
+    """
+    square = (getattr(model.backbone, "padding_constraints", None) or {}).get("square_size", 0)
+    if square <= 0:
+        return
+    for h, w in image_sizes:
+        if h > square or w > square:
+            raise ValueError(
+                f"an image of {h}x{w} pixels is larger than the {square}x{square} square that "
+                f"{who} pads to (its backbone's padding_constraints['square_size']): it would be "
+                "cut. Resize the data to at most that size (e.g. ResizeShortestEdge with "
+                f"max_size={square}, or an LSJ crop of {square})"
+            )
+
+
+def parse_level_map(entries: Sequence[str]) -> Dict[str, str]:
+    """``MODEL.MASKD.LEVEL_MAP`` entries ``"TEACHER_LEVEL:STUDENT_LEVEL"`` -> dict.
+
+    Raises:
+        ValueError: an entry of another form, or a teacher level named twice.
+    """
+    out: Dict[str, str] = {}
+    for entry in entries:
+        parts = str(entry).split(":")
+        if len(parts) != 2 or not all(p.strip() for p in parts):
+            raise ValueError(
+                f"MODEL.MASKD.LEVEL_MAP entry '{entry}': expected 'TEACHER_LEVEL:STUDENT_LEVEL', "
+                "e.g. 'p4:res4'"
+            )
+        t, s = (p.strip() for p in parts)
+        if t in out:
+            raise ValueError(f"MODEL.MASKD.LEVEL_MAP names teacher level '{t}' twice")
+        out[t] = s
+    return out
+
+
+def _describe(shapes: Mapping[str, ShapeSpec]) -> str:
+    return "{" + ", ".join(f"{k}: stride {v.stride}" for k, v in shapes.items()) + "}"
+
+
+def pair_levels(
+    teacher: Mapping[str, ShapeSpec],
+    student: Mapping[str, ShapeSpec],
+    levels: Sequence[str],
+    level_map: Optional[Mapping[str, str]] = None,
+    explicit: bool = False,
+) -> Dict[str, str]:
+    """Which student level each distilled teacher level is aligned with.
+
+    Teacher level ``t`` goes with student level ``level_map.get(t, t)`` when the student has it at
+    the same stride. Levels without such a partner are an error if they were asked for
+    (``explicit``, or named in ``level_map``) and otherwise left out (logged).
+
+    Args:
+        teacher: the teacher's backbone output shapes (level -> ShapeSpec with ``stride``).
+        student: the student's backbone output shapes.
+        levels: the candidate teacher levels, in distillation order (the tokens' levels, or
+            ``IN_FEATURES``).
+        level_map: teacher level -> student level, for levels named differently.
+        explicit: ``levels`` were named by the user: every one must be paired.
+
+    Returns:
+        teacher level -> student level, in the order of ``levels``.
+
+    Raises:
+        ValueError: naming the levels and strides of both models, if a requested level cannot
+            be aligned, ``level_map`` names a level a model lacks, or nothing can be aligned.
+    """
+    level_map = dict(level_map or {})
+    both = f"teacher levels {_describe(teacher)}, student levels {_describe(student)}"
+    for t, s in level_map.items():
+        if t not in teacher or s not in student:
+            missing = f"the teacher has no level '{t}'" if t not in teacher else ""
+            missing = missing or f"the student has no level '{s}'"
+            raise ValueError(f"MODEL.MASKD.LEVEL_MAP maps '{t}' to '{s}', but {missing} ({both})")
+    pairs: Dict[str, str] = {}
+    left_out: List[str] = []
+    for t in levels:
+        if t not in teacher:
+            raise ValueError(f"level '{t}' is not produced by the teacher ({both})")
+        s = level_map.get(t, t)
+        if s in student and student[s].stride == teacher[t].stride:
+            pairs[t] = s
+            continue
+        if s not in student:
+            why = f"the student has no level '{s}'"
+        else:
+            why = (
+                f"the student's level '{s}' has stride {student[s].stride}, the teacher's "
+                f"'{t}' stride {teacher[t].stride}"
+            )
+        if explicit or t in level_map:
+            raise ValueError(
+                f"teacher level '{t}' cannot be aligned with the student: {why} ({both}); "
+                "distil levels of the same stride, naming differently named ones in "
+                "MODEL.MASKD.LEVEL_MAP ('TEACHER_LEVEL:STUDENT_LEVEL')"
+            )
+        left_out.append(f"'{t}' ({why})")
+    if not pairs:
+        raise ValueError(
+            f"no feature level of the teacher can be aligned with one of the student ({both}): "
+            "levels are aligned by name at equal stride; map differently named levels of the "
+            "same stride with MODEL.MASKD.LEVEL_MAP ('TEACHER_LEVEL:STUDENT_LEVEL')"
+        )
+    if left_out:
+        logger.warning("teacher levels not distilled: %s", "; ".join(left_out))
+    return pairs
+
+
+def image_area(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    image_sizes: Sequence[Tuple[int, int]],
+    stride: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[Tuple[int, int]]]:
+    """Cut one level's teacher and student features to their common top-left grid and mark the
+    cells over the image area.
+
+    Both models see the same images at the same resolution, only padded differently at the
+    bottom and right, so cell (i, j) of a level of stride ``s`` covers the same pixels
+    ``[i*s, (i+1)*s) x [j*s, (j+1)*s)`` in both; a cell belongs to the image area of an h x w
+    image if ``i < ceil(h / s)`` and ``j < ceil(w / s)``.
+
+    Args:
+        teacher: (N, C_t, H_t, W_t) teacher features.
+        student: (N, C_s, H_s, W_s) student features.
+        image_sizes: N (h, w) image sizes before padding.
+        stride: the level's stride in both models.
+
+    Returns:
+        (N, C_t, H, W) teacher and (N, C_s, H, W) student features (views) with H = min(H_t,
+        H_s), W = min(W_t, W_s); the (N, 1, H, W) 0/1 mask of the image area (teacher dtype);
+        the N (h_l, w_l) sizes of the image area at this level.
+
+    Raises:
+        ValueError: the batch sizes differ, or an image reaches beyond the common grid.
+    """
+    if teacher.shape[0] != student.shape[0] or teacher.shape[0] != len(image_sizes):
+        raise ValueError(
+            f"teacher features {tuple(teacher.shape)}, student features {tuple(student.shape)} "
+            f"and {len(image_sizes)} images: the batch sizes differ"
+        )
+    height = min(teacher.shape[2], student.shape[2])
+    width = min(teacher.shape[3], student.shape[3])
+    sizes = [(math.ceil(h / stride), math.ceil(w / stride)) for h, w in image_sizes]
+    for (h, w), (hl, wl) in zip(image_sizes, sizes):
+        if hl > height or wl > width:
+            raise ValueError(
+                f"an image of {h}x{w} pixels covers {hl}x{wl} cells at stride {stride}, but the "
+                f"teacher's features are {tuple(teacher.shape[2:])} and the student's "
+                f"{tuple(student.shape[2:])}: the models do not see the same images"
+            )
+    rows = torch.arange(height, device=teacher.device)
+    cols = torch.arange(width, device=teacher.device)
+    limits = torch.tensor(sizes, device=teacher.device)  # (N, 2)
+    valid = (rows[None, :, None] < limits[:, 0, None, None]) & (
+        cols[None, None, :] < limits[:, 1, None, None]
+    )  # (N, H, W)
+    valid = valid[:, None].to(_float_dtype(teacher.dtype))
+    return teacher[:, :, :height, :width], student[:, :, :height, :width], valid, sizes
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype.is_floating_point else torch.float32
