@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -10,13 +11,14 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 
 from maskd import MasKD, MasKDTokenLearner
-from maskd.config import get_maskd_cfg, resolve_config_file
+from maskd.config import get_maskd_cfg, load_config, resolve_config_file
 from maskd.receptive_tokens import build_level_tokens
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 YAML = sorted(
     glob.glob(os.path.join(ROOT, "COCO-*", "*.yaml"))
     + glob.glob(os.path.join(ROOT, "Misc", "*.yaml"))
+    + glob.glob(os.path.join(ROOT, "Cityscapes-*", "*.yaml"))
 )
 LAZY = sorted(glob.glob(os.path.join(ROOT, "COCO-*", "*.py")))  # configs/Demo: tests/test_demo.py
 NO_WEIGHTS = [
@@ -33,7 +35,13 @@ NO_WEIGHTS = [
 ]
 
 
-STAGE_TAGS = ("_tokens_", "_2x_")
+STAGE_TAGS = ("_tokens_", "_2x_", "_90k_")
+try:
+    from detectron2 import _C  # noqa: F401  (compiled ops, e.g. deformable convolution)
+
+    _HAS_COMPILED_OPS = True
+except ImportError:
+    _HAS_COMPILED_OPS = False
 
 
 def _name(path):
@@ -41,9 +49,9 @@ def _name(path):
 
 
 def test_configs_exist():
-    # 6 pairs x 2 stages + the feature-only ablation; FCOS exists in detectron2 as LazyConfig
+    # 8 pairs x 2 stages + the feature-only ablation; FCOS exists in detectron2 as LazyConfig
     # only, as do the heterogeneous teachers (ViTDet, Swin, LSJ baseline): 2 + 3 LazyConfig pairs
-    assert len(YAML) == 13 and len(LAZY) == 10
+    assert len(YAML) == 17 and len(LAZY) == 10
     for path in YAML + LAZY:
         name = os.path.basename(path)
         assert name.startswith("maskd") and any(k in name for k in STAGE_TAGS), name
@@ -60,7 +68,9 @@ def test_yacs_config_builds(path):
     weights = cfg.MODEL.MASKD.TEACHER.WEIGHTS
     assert weights.startswith("detectron2://") or "semantic" in path, "zoo teacher weights"
     if stage == "MasKD":
-        assert cfg.MODEL.MASKD.TOKENS_WEIGHTS.endswith("_tokens_coco/model_final.pth")
+        assert re.search(
+            r"_tokens_(coco|cityscapes)/model_final.pth$", cfg.MODEL.MASKD.TOKENS_WEIGHTS
+        )
         # Every stage-2 config reads the output of a stage-1 config beside it.
         tokens_name = cfg.MODEL.MASKD.TOKENS_WEIGHTS.split("/")[1]
         tokens_cfg = os.path.join(os.path.dirname(path), tokens_name + ".yaml")
@@ -68,10 +78,18 @@ def test_yacs_config_builds(path):
         stage1 = get_maskd_cfg()
         stage1.merge_from_file(tokens_cfg)
         assert cfg.MODEL.MASKD.TOKENS_WEIGHTS == os.path.join(stage1.OUTPUT_DIR, "model_final.pth")
-        assert cfg.SOLVER.MAX_ITER == 180000  # 2x
+        # 2x, or the DeepLab project's 90k on Cityscapes
+        assert cfg.SOLVER.MAX_ITER == (90000 if "cityscapes" in path else 180000)
     else:
         assert cfg.SOLVER.MAX_ITER == 2000 and cfg.MODEL.WEIGHTS == ""
     cfg.merge_from_list(NO_WEIGHTS)
+    teacher = load_config(resolve_config_file(cfg.MODEL.MASKD.TEACHER.CONFIG_FILE))
+    if any(teacher.MODEL.RESNETS.DEFORM_ON_PER_STAGE) and not _HAS_COMPILED_OPS:
+        # the Cascade X152 teacher: detectron2 says what is missing, then it builds without DCN
+        with pytest.raises(ImportError, match="DeformConv"):
+            build_model(cfg)
+        no_dcn = ["MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, False, False, False]"]
+        cfg.MODEL.MASKD.TEACHER.OPTS = list(cfg.MODEL.MASKD.TEACHER.OPTS) + no_dcn
     torch.manual_seed(0)
     model = build_model(cfg)
     assert isinstance(model, MasKD if stage == "MasKD" else MasKDTokenLearner)
@@ -205,8 +223,19 @@ PAPER = {
         ("DENSE_REG_KD", "l1", 1),
         True,
     ),
-    # Faster R-CNN R50 <- a stronger two-stage X101 teacher (the paper's Cascade Mask R-CNN X101
-    # is not in detectron2's zoo): SmoothL1 on RoI box regression, no inheriting named
+    # Faster R-CNN R50 <- a stronger Cascade Mask R-CNN teacher (the paper's X101 is not in
+    # detectron2's zoo; its strongest Cascade Mask R-CNN with FPN levels is the X152):
+    # SmoothL1 on RoI box regression, no inheriting named
+    ("GeneralizedRCNN", "Misc/cascade_mask_rcnn_X_152_32x8d_FPN_IN5k_gn_dconv.yaml"): (
+        1,
+        5000,
+        ("ROI_REG_KD", "smooth_l1", 1),
+        False,
+    ),
+}
+# Rows of the project that take a paper row's settings with another teacher: the stronger-teacher
+# row with a two-stage X101 teacher that needs no compiled ops (the X152 uses deformable conv).
+OTHER_ROWS = {
     ("GeneralizedRCNN", "COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml"): (
         1,
         5000,
@@ -214,7 +243,6 @@ PAPER = {
         False,
     ),
 }
-OTHER_ROWS = {}
 # Ablations of the project, stated as changes to a paper row.
 ABLATIONS = {"maskd-featonly_": {"head": None, "inherit": False}}
 # The FCOS row (loss weight 10, warm-up 5000, no head KD), for the LazyConfig FCOS student.

@@ -12,6 +12,7 @@ from detectron2.model_zoo import get_config_file
 from fvcore.common.config import BASE_KEY
 from omegaconf import DictConfig
 
+from .deeplab import add_deeplab_config
 from .head_kd import add_head_kd_config
 
 __all__ = [
@@ -196,4 +197,6 @@ def add_maskd_config(cfg: CN) -> CN:
 
     # "SGD" (detectron2's), "ADAM" or "ADAMW": the paper learns tokens with Adam.
     cfg.SOLVER.OPTIMIZER = "SGD"
+    # DeepLabV3/V3+ teachers and students: the keys of detectron2's DeepLab project
+    add_deeplab_config(cfg)
     return cfg

@@ -12,6 +12,7 @@
 """
 
 import copy
+import importlib.util
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from detectron2.engine import (
     hooks,
 )
 from detectron2.evaluation import (
+    CityscapesSemSegEvaluator,
     COCOEvaluator,
     COCOPanopticEvaluator,
     DatasetEvaluators,
@@ -38,7 +40,6 @@ from detectron2.evaluation import (
     print_csv_format,
 )
 from detectron2.modeling import build_model
-from detectron2.solver import build_lr_scheduler as _build_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from omegaconf import DictConfig
@@ -46,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._compat import cpu_ddp_in_default_trainer
 from .checkpoint import MasKDCheckpointer, load_weights_strict
+from .deeplab import build_deeplab_train_loader, build_lr_scheduler, is_deeplab
 from .meta_arch import student_config
 from .teacher import thing_classes
 from .token_learner import MasKDTokenLearner
@@ -61,6 +63,7 @@ __all__ = [
     "check_datasets",
     "check_class_counts",
     "check_input_format",
+    "check_evaluation_dependencies",
     "lazy_train",
     "lazy_test",
     "PRIMARY_METRICS",
@@ -131,6 +134,21 @@ def check_datasets(names: Iterable[str]) -> None:
         )
 
 
+def check_evaluation_dependencies(dataset_names: Iterable[str]) -> None:
+    """Fail before a run whose evaluation would fail: detectron2's CityscapesSemSegEvaluator
+    (datasets of ``evaluator_type`` "cityscapes_sem_seg") imports the official Cityscapes scripts
+    only when it evaluates, after training. An optional dependency of MasKD
+    (``pip install "maskd-detectron2[cityscapes]"``)."""
+    for name in dataset_names:
+        kind = getattr(MetadataCatalog.get(name), "evaluator_type", None)
+        if kind == "cityscapes_sem_seg" and importlib.util.find_spec("cityscapesscripts") is None:
+            raise ImportError(
+                f"dataset '{name}' is evaluated with detectron2's CityscapesSemSegEvaluator (the "
+                "official Cityscapes scripts), which needs the 'cityscapesscripts' package: "
+                "pip install cityscapesscripts"
+            )
+
+
 def build_evaluator(cfg, dataset_name: str, output_folder=None):
     """detectron2's evaluator for a dataset, chosen from its metadata ``evaluator_type``.
 
@@ -143,6 +161,9 @@ def build_evaluator(cfg, dataset_name: str, output_folder=None):
     evaluators = []
     if evaluator_type in ("sem_seg", "coco_panoptic_seg"):
         evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if evaluator_type == "cityscapes_sem_seg":
+        check_evaluation_dependencies([dataset_name])
+        evaluators.append(CityscapesSemSegEvaluator(dataset_name))
     if evaluator_type in ("coco", "coco_panoptic_seg"):
         evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
     if evaluator_type == "coco_panoptic_seg":
@@ -405,6 +426,7 @@ class MasKDTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        check_evaluation_dependencies(cfg.DATASETS.TEST)
         with cpu_ddp_in_default_trainer(create_ddp_model):
             super().__init__(cfg)
         check_class_counts(self.model, cfg.DATASETS.TRAIN)  # the train loader loaded them
@@ -424,7 +446,13 @@ class MasKDTrainer(DefaultTrainer):
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
-        return _build_lr_scheduler(cfg, optimizer)
+        return build_lr_scheduler(cfg, optimizer)  # detectron2's, plus DeepLab's WarmupPolyLR
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if is_deeplab(cfg):  # the DeepLab project's augmentation (resize, then crop)
+            return build_deeplab_train_loader(cfg)
+        return super().build_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -497,6 +525,8 @@ def lazy_train(cfg, resume: bool = False):
     check_class_counts(model, [names] if isinstance(names, str) else list(names))
     fmt = cfg.dataloader.train.get("mapper", {}).get("image_format", None)
     check_input_format(model, fmt, "dataloader.train.mapper.image_format")
+    tests = cfg.dataloader.get("test", {}).get("dataset", {}).get("names", ())
+    check_evaluation_dependencies([tests] if isinstance(tests, str) else list(tests))
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
     trainer = trainer_cls(model, train_loader, optim)

@@ -16,9 +16,10 @@ import os
 from typing import Dict
 
 import torch
-from detectron2.config import CfgNode, LazyConfig
+from detectron2.config import CfgNode, LazyConfig, get_cfg
 
 from .checkpoint import atomic_write, extract_tokens_state, read_checkpoint, write_text
+from .deeplab import add_deeplab_config, is_deeplab
 from .meta_arch import student_config as stage2_student_config
 from .provenance import (
     FINGERPRINT_KEY,
@@ -42,21 +43,34 @@ def _model_state(checkpoint_path: str) -> Dict[str, torch.Tensor]:
 def student_config(cfg, weights: str):
     """The student's own config from a stage-2 config (yacs CfgNode or LazyConfig).
 
-    yacs: ``MODEL.META_ARCHITECTURE`` becomes ``MODEL.MASKD.STUDENT_META_ARCHITECTURE`` and the
-    keys only MasKD knows are dropped, so plain ``get_cfg()`` reads it. LazyConfig: ``model``
-    becomes ``model.student``. Either way the weights point at the exported file.
+    yacs: ``MODEL.META_ARCHITECTURE`` becomes ``MODEL.MASKD.STUDENT_META_ARCHITECTURE`` and every
+    key plain detectron2 does not know is dropped (``MODEL.MASKD``, ``SOLVER.OPTIMIZER``, and the
+    DeepLab project's keys unless the student is a DeepLab model, whose config then loads as the
+    DeepLab project's own do: ``add_deeplab_config(get_cfg())``), so ``get_cfg()`` reads it.
+    LazyConfig: ``model`` becomes ``model.student``. Either way the weights point at the exported
+    file.
     """
     if isinstance(cfg, CfgNode):
         out = stage2_student_config(cfg)
-        del out.MODEL["MASKD"]
-        if "OPTIMIZER" in out.SOLVER:
-            del out.SOLVER["OPTIMIZER"]
+        reference = get_cfg()
+        if is_deeplab(out):
+            add_deeplab_config(reference)
+        _keep_known_keys(out, reference)
         out.MODEL.WEIGHTS = weights
         return CfgNode(out)  # a plain detectron2 CfgNode
     out = copy.deepcopy(cfg)
     out.model = cfg.model.student
     out.train.init_checkpoint = weights
     return out
+
+
+def _keep_known_keys(node: CfgNode, reference: CfgNode) -> None:
+    """Delete, in place, the keys of ``node`` that ``reference`` lacks (recursively)."""
+    for key in list(node.keys()):
+        if key not in reference:
+            del node[key]
+        elif isinstance(node[key], CfgNode) and isinstance(reference[key], CfgNode):
+            _keep_known_keys(node[key], reference[key])
 
 
 def export_student(
