@@ -106,6 +106,8 @@ class MasKD(nn.Module):
                 off otherwise, as in the published method (padding included).
         """
         super().__init__()
+        if not len(tokens):
+            raise ValueError("MasKD needs receptive tokens for at least one level")
         freeze(teacher)
         teacher_print = fingerprint(teacher.state_dict())
         check_token_provenance(tokens, teacher_print, allow_tokens_of_other_teacher)
@@ -113,8 +115,6 @@ class MasKD(nn.Module):
         self.register_buffer(FINGERPRINT_KEY, fingerprint_tensor(teacher_print).to(device))
         t_shapes = teacher.backbone.output_shape()
         s_shapes = student.backbone.output_shape()
-        if not len(tokens):
-            raise ValueError("MasKD needs receptive tokens for at least one level")
         read = head_levels(teacher)
         if in_features:
             missing = [lv for lv in in_features if lv not in tokens]
@@ -123,14 +123,21 @@ class MasKD(nn.Module):
                     f"MODEL.MASKD.IN_FEATURES names levels {missing}, but the receptive tokens "
                     f"are for levels {list(tokens)}"
                 )
+        candidates = (
+            list(in_features)
+            if in_features
+            else [lv for lv in read if lv in tokens] + [lv for lv in tokens if lv not in read]
+        )
+        unread = [lv for lv in candidates if lv not in read]
+        if unread:
+            raise ValueError(
+                f"receptive tokens for levels {unread}, which the teacher's heads do not read "
+                f"(they read {read}): were the tokens learned on another teacher?"
+            )
         pairs = pair_levels(
             {lv: t_shapes[lv] for lv in read},
             s_shapes,
-            (
-                list(in_features)
-                if in_features
-                else [lv for lv in read if lv in tokens] + [lv for lv in tokens if lv not in read]
-            ),
+            candidates,
             level_map,
             explicit=bool(in_features),
         )
@@ -168,7 +175,7 @@ class MasKD(nn.Module):
         self.teacher_format = (
             t_format if check_channel_orders(input_format, t_format, "the teacher") else None
         )
-        if not t_format:
+        if not t_format and input_format:
             logger.warning(
                 "the teacher declares no input_format: assuming it reads the data's channel "
                 "order (%s)",
