@@ -149,12 +149,11 @@ def test_heterogeneous_pairs(prefix):
     base = os.path.join(ROOT, "COCO-Detection", prefix + "faster_rcnn_R_50_FPN")
     stage2 = LazyConfig.load(base + "_2x_coco.py")
     stage1 = LazyConfig.load(base + "_tokens_coco.py")
+    expected = os.path.join(ROOT, config) if config.startswith("Teachers/") else config
     for cfg in (stage1, stage2):
         teacher = cfg.model.teacher
         assert os.path.realpath(resolve_config_file(teacher.config_file)) == os.path.realpath(
-            resolve_config_file(os.path.join(ROOT, config))
-            if config.startswith("Teachers/")
-            else resolve_config_file(config)
+            resolve_config_file(expected)
         )
         assert teacher.weights == weights
     # stage 1 reads the tokens' levels from the teacher's own data; stage 2 reads stage 1's output

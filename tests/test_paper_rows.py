@@ -7,8 +7,6 @@ process has no group to synchronise with) and plain for deformable convolutions 
 sal-detectron2 wheel has no compiled ops).
 """
 
-import json
-import math
 import os
 
 import numpy as np
@@ -23,7 +21,14 @@ from detectron2.model_zoo import get_config_file
 from detectron2.modeling import build_model
 from detectron2.projects.deeplab import add_deeplab_config
 from PIL import Image
-from tiny import calibrate_bn, shrink_cfg, tiny_training, write_coco_dataset
+from tiny import (
+    calibrate_bn,
+    finite_loss_records,
+    read_metrics,
+    shrink_cfg,
+    tiny_training,
+    write_coco_dataset,
+)
 
 import maskd.engine
 from maskd.config import get_maskd_cfg, load_config
@@ -127,13 +132,8 @@ def _train(cfg):
     trainer = MasKDTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    records = [json.loads(line) for line in open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))]
-    losses = [r for r in records if "total_loss" in r]
-    assert losses, records
-    for r in losses:
-        values = {k: v for k, v in r.items() if k.startswith("loss_") or k == "total_loss"}
-        assert all(math.isfinite(v) for v in values.values()), values
-    return trainer, records
+    finite_loss_records(cfg.OUTPUT_DIR)
+    return trainer, read_metrics(cfg.OUTPUT_DIR)
 
 
 def _assert_same(a, b):

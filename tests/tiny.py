@@ -286,6 +286,27 @@ def run(args, tmp, check=True):
     return proc
 
 
+def read_metrics(folder):
+    """The records of a training run's ``metrics.json`` (one JSON object per line)."""
+    import json
+
+    with open(os.path.join(folder, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+def finite_loss_records(folder):
+    """The records of a run's ``metrics.json`` that hold losses, after asserting that there are
+    some and that every ``loss_*`` and ``total_loss`` in them is finite."""
+    import math
+
+    records = [r for r in read_metrics(folder) if "total_loss" in r]
+    assert records, f"no loss records in {folder}/metrics.json"
+    for r in records:
+        losses = {k: v for k, v in r.items() if k.startswith("loss_") or k == "total_loss"}
+        assert all(math.isfinite(v) for v in losses.values()), losses
+    return records
+
+
 def tiny_training(cfg, output_dir):
     """Make a config train 3 iterations on the tiny datasets (tiny_train, tiny_val)."""
     cfg.DATASETS.TRAIN = ("tiny_train",)

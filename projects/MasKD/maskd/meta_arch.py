@@ -17,12 +17,11 @@ from .inherit import inherit_neck_and_heads
 from .losses import masked_distillation_loss, raise_if_not_finite
 from .pairing import (
     check_channel_orders,
-    check_square_pad,
     image_area,
     padding_of,
     pair_levels,
     parse_level_map,
-    to_channel_order,
+    teacher_batch,
 )
 from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
@@ -300,7 +299,12 @@ class MasKD(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
         with torch.no_grad():
-            images = preprocess_images(self.teacher, self.teacher_inputs(batched_inputs))
+            # the teacher's channel order; its square checked where the image area is cut out
+            square = self.teacher if self.image_area_only else None
+            teacher_inputs = teacher_batch(
+                batched_inputs, self.input_format, self.teacher_format, square
+            )
+            images = preprocess_images(self.teacher, teacher_inputs)
             teacher_features = self.teacher.backbone(images.tensor)
         losses = self.student(batched_inputs)
         student_features = self.student.backbone.pop_features()
@@ -337,19 +341,6 @@ class MasKD(nn.Module):
             raise KeyError(f"the student already returns losses named {sorted(clash)}")
         losses.update(extra)
         return losses
-
-    def teacher_inputs(self, batched_inputs):
-        """The batch as the teacher reads it: in its channel order (a converted shallow copy
-        when it differs from the data's), and checked against the square it pads to."""
-        if self.teacher_format:
-            batched_inputs = to_channel_order(
-                batched_inputs, self.input_format, self.teacher_format
-            )
-        if self.image_area_only:
-            check_square_pad(
-                self.teacher, [tuple(x["image"].shape[-2:]) for x in batched_inputs], "the teacher"
-            )
-        return batched_inputs
 
     @torch.no_grad()
     def _image_area_masks(self, level, teacher, valid, sizes):

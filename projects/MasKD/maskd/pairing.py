@@ -28,6 +28,7 @@ __all__ = [
     "to_channel_order",
     "padding_of",
     "check_square_pad",
+    "teacher_batch",
     "parse_level_map",
     "pair_levels",
     "image_area",
@@ -96,6 +97,33 @@ def check_square_pad(model: nn.Module, image_sizes: Sequence[Tuple[int, int]], w
                 "cut. Resize the data to at most that size (e.g. ResizeShortestEdge with "
                 f"max_size={square}, or an LSJ crop of {square})"
             )
+
+
+def teacher_batch(
+    batched_inputs: Sequence[dict],
+    data_format: Optional[str],
+    teacher_format: Optional[str],
+    teacher: Optional[nn.Module] = None,
+) -> List[dict]:
+    """The batch as a teacher reads it (both stages and the mask drawings).
+
+    Args:
+        batched_inputs: dicts with (C, H, W) ``image`` in ``data_format``.
+        data_format: the batch's channel order.
+        teacher_format: the teacher's, if it must be converted to (None: it reads the batch as
+            it is; see :func:`check_channel_orders`).
+        teacher: if given, every image is checked against the square it pads to
+            (:func:`check_square_pad`).
+
+    Returns:
+        the batch in the teacher's channel order (a shallow copy when converted).
+    """
+    if teacher_format:
+        batched_inputs = to_channel_order(batched_inputs, data_format, teacher_format)
+    if teacher is not None:
+        sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        check_square_pad(teacher, sizes, "the teacher")
+    return list(batched_inputs)
 
 
 def parse_level_map(entries: Sequence[str]) -> Dict[str, str]:
@@ -241,9 +269,5 @@ def image_area(
     valid = (rows[None, :, None] < limits[:, 0, None, None]) & (
         cols[None, None, :] < limits[:, 1, None, None]
     )  # (N, H, W)
-    valid = valid[:, None].to(_float_dtype(teacher.dtype))
+    valid = valid[:, None].to(teacher.dtype)
     return teacher[:, :, :height, :width], student[:, :, :height, :width], valid, sizes
-
-
-def _float_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype.is_floating_point else torch.float32

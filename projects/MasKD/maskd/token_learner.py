@@ -14,7 +14,7 @@ from ._compat import NORM_TYPES
 from .backbone import TokenMaskedBackbone
 from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
-from .pairing import check_channel_orders, check_square_pad, to_channel_order
+from .pairing import check_channel_orders, teacher_batch
 from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
 from .teacher import freeze, head_levels, teacher_from_config
@@ -217,12 +217,8 @@ class MasKDTokenLearner(nn.Module):
                 event storage.
             inference: the teacher's outputs on masked features, one dict per image.
         """
-        if self.teacher_format:
-            batched_inputs = to_channel_order(
-                batched_inputs, self.input_format, self.teacher_format
-            )
-        check_square_pad(
-            self.teacher, [tuple(x["image"].shape[-2:]) for x in batched_inputs], "the teacher"
+        batched_inputs = teacher_batch(
+            batched_inputs, self.input_format, self.teacher_format, self.teacher
         )
         if not self.training:
             return self.teacher(batched_inputs)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .backbone import unwrap_backbone
 from .diagnostics import level_sizes, token_statistics
-from .pairing import to_channel_order
+from .pairing import teacher_batch
 from .teacher import preprocess_images
 
 __all__ = ["receptive_masks", "mask_grid", "save_mask_grid", "format_statistics"]
@@ -33,11 +33,9 @@ def receptive_masks(model, batched_input: dict, with_statistics: bool = False):
         with ``with_statistics``, a pair (masks, level -> {statistic: float}).
     """
     teacher = model.teacher
-    if getattr(model, "teacher_format", None):  # the teacher reads the other channel order
-        batched_input = to_channel_order([batched_input], model.input_format, model.teacher_format)[
-            0
-        ]
-    images = preprocess_images(teacher, [batched_input])
+    # the teacher's channel order (MasKD models convert for a teacher that reads the other one)
+    inputs = teacher_batch([batched_input], model.input_format, model.teacher_format)
+    images = preprocess_images(teacher, inputs)
     features = unwrap_backbone(teacher.backbone)(images.tensor)
     h, w = images.image_sizes[0]
     padded = tuple(images.tensor.shape[-2:])
