@@ -47,7 +47,10 @@ def semantic_train_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
     """The DeepLab project's training augmentation: resize the shortest edge (``INPUT.MIN_SIZE_
     TRAIN`` etc.), then a random crop (``INPUT.CROP``) in which no class covers more than
     ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` of the labelled pixels, then a horizontal flip.
-    (detectron2's default mapper would crop before resizing.)"""
+    (detectron2's default mapper would crop before resizing.)
+
+    The steps of ``build_sem_seg_train_aug`` in the project's ``projects/DeepLab/train_net.py``
+    (v0.7.2), a script outside detectron2's package that cannot be imported."""
     augs = [
         T.ResizeShortestEdge(
             cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
