@@ -45,6 +45,9 @@ TEACHER_CFG = os.path.join(CONFIGS, "shapes_teacher_R34.yaml")
 STUDENT_CFG = os.path.join(CONFIGS, "shapes_student_R18.yaml")
 TOKENS_CFG = os.path.join(CONFIGS, "maskd_shapes_R34-R18_tokens.yaml")
 MASKD_CFG = os.path.join(CONFIGS, "maskd_shapes_R34-R18_2x.yaml")
+# Every run of the demo is evaluated on the test split (the configs' DATASETS.TEST is val, on
+# which choices are made).
+TEST_OPTS = ["DATASETS.TEST", '("maskd_shapes_test",)']
 
 
 def run_demo(
@@ -80,7 +83,10 @@ def run_demo(
     size = rep.QUICK if quick else rep.DEFAULT
     start = time.perf_counter()
     splits = shapes_dataset(
-        data_root or os.path.join(ROOT, "datasets", "shapes"), size["n_train"], size["n_val"]
+        data_root or os.path.join(ROOT, "datasets", "shapes"),
+        size["n_train"],
+        size["n_val"],
+        num_test=size["n_test"],
     )
     register = []
     for split, (json_file, image_dir) in splits.items():
@@ -91,7 +97,8 @@ def run_demo(
 
     def train(name, config, opts):
         out_dir = os.path.join(os.path.abspath(output), name)
-        return runner.run(name, out_dir, ["--config-file", config, *opts, "OUTPUT_DIR", out_dir])
+        args = ["--config-file", config, *opts, *TEST_OPTS, "OUTPUT_DIR", out_dir]
+        return runner.run(name, out_dir, args)
 
     baselines = {
         s: train(f"student_seed{s}", STUDENT_CFG, student_schedule + ["SEED", str(s)])

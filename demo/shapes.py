@@ -168,12 +168,22 @@ def generate_split(
     return json_file, image_dir
 
 
-def shapes_dataset(root: str, num_train: int, num_val: int, seed: int = 0, size: int = 128):
-    """Generate (or reuse) the train and val splits. Returns {split: (json, image folder)}."""
-    return {
+def shapes_dataset(
+    root: str, num_train: int, num_val: int, seed: int = 0, size: int = 128, num_test: int = 0
+):
+    """Generate (or reuse) the train and val splits, and a test split if ``num_test`` > 0.
+
+    The three splits come from disjoint seeds (``seed``, ``seed + 10000``, ``seed + 20000``):
+    choices (recipes, loss weights, mask sources) are made on val, reported numbers come from
+    test. Returns {split: (json, image folder)}.
+    """
+    splits = {
         "train": generate_split(root, "train", num_train, seed, size),
         "val": generate_split(root, "val", num_val, seed + 10_000, size),
     }
+    if num_test > 0:
+        splits["test"] = generate_split(root, "test", num_test, seed + 20_000, size)
+    return splits
 
 
 def register_shapes(

@@ -1,8 +1,9 @@
 """MasKD: Masked Distillation with Receptive Tokens (ICLR 2023) for Detectron2.
 
 Importing the package registers ``MasKDTokenLearner`` (stage 1) and ``MasKD`` (stage 2) in
-detectron2's ``META_ARCH_REGISTRY``, and the head-level KD terms in
-:data:`maskd.head_kd.HEAD_KD_REGISTRY`.
+detectron2's ``META_ARCH_REGISTRY``, the head-level KD terms in
+:data:`maskd.head_kd.HEAD_KD_REGISTRY` and the mask sources of stage 2 in
+:data:`maskd.mask_sources.MASK_SOURCE_REGISTRY`.
 """
 
 from .backbone import RecordingBackbone, TokenMaskedBackbone
@@ -10,6 +11,7 @@ from .checkpoint import MasKDCheckpointer, load_tokens, tokens_from_file
 from .config import add_maskd_config, get_maskd_cfg, load_config
 from .head_kd import HEAD_KD_REGISTRY, DenseRegressionKD, HeadKD, RoIRegressionKD
 from .losses import dice_diversity_loss, masked_aggregate, masked_distillation_loss
+from .mask_sources import MASK_SOURCE_REGISTRY, MaskSource
 from .meta_arch import MasKD  # registration
 from .receptive_tokens import ReceptiveTokens
 from .teacher import build_teacher
@@ -26,6 +28,8 @@ __all__ = [
     "HeadKD",
     "RoIRegressionKD",
     "DenseRegressionKD",
+    "MASK_SOURCE_REGISTRY",
+    "MaskSource",
     "add_maskd_config",
     "get_maskd_cfg",
     "load_config",

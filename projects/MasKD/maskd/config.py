@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from .deeplab import add_deeplab_config
 from .head_kd import add_head_kd_config
+from .mask_sources import add_mask_source_config
 
 __all__ = [
     "add_maskd_config",
@@ -185,6 +186,11 @@ def add_maskd_config(cfg: CN) -> CN:
     _C.CUSTOM_MASK_WARMUP = -1
     # Stage 1: weight of loss_dice (the Dice diversity loss, summed over levels).
     _C.DICE_WEIGHT = 1.0
+    # Stage 2: MASK_SOURCE, where the masks of loss_maskd come from (maskd/mask_sources/):
+    # "tokens" (the learned receptive tokens: the paper), "uniform" (every cell: whole-map
+    # mimicking), "gt_boxes" (the ground-truth boxes' cells; GT_BOXES.BACKGROUND elsewhere),
+    # "random_tokens" (untrained tokens); each source declares its own keys in its file.
+    add_mask_source_config(_C)
 
     # Head-level KD terms of the paper's detection configs, all off by default (WEIGHT 0.0):
     # MODEL.MASKD.ROI_REG_KD (WEIGHT, BETA): RoI box-regression KD for R-CNN students, and

@@ -1,7 +1,7 @@
 """Stage 2: masked distillation of a student from a frozen teacher through frozen tokens."""
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -15,14 +15,8 @@ from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .head_kd import HeadKD, build_head_kd
 from .inherit import inherit_neck_and_heads
 from .losses import masked_distillation_loss, raise_if_not_finite
-from .pairing import (
-    check_channel_orders,
-    image_area,
-    padding_of,
-    pair_levels,
-    parse_level_map,
-    teacher_batch,
-)
+from .mask_sources import MaskSource, build_mask_source, mask_source_class
+from .pairing import image_area, padding_of, parse_level_map, resolve_pair, teacher_batch
 from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
 from .teacher import freeze, head_levels, preprocess_images, teacher_from_config
@@ -70,6 +64,7 @@ class MasKD(nn.Module):
         in_features: Optional[Sequence[str]] = None,
         level_map: Optional[Dict[str, str]] = None,
         image_area_only: bool = False,
+        mask_source: Union[str, MaskSource] = "tokens",
     ):
         """
         Args:
@@ -103,6 +98,9 @@ class MasKD(nn.Module):
             image_area_only: compute the loss and masks over the image area only. Always on
                 when teacher and student pad differently (then their padded areas differ);
                 off otherwise, as in the published method (padding included).
+            mask_source: where the masks of ``loss_maskd`` come from: a registered name
+                (:mod:`maskd.mask_sources`: "tokens", the paper; "uniform", "gt_boxes",
+                "random_tokens") built with its defaults, or a built :class:`MaskSource`.
         """
         super().__init__()
         if not len(tokens):
@@ -112,119 +110,76 @@ class MasKD(nn.Module):
         check_token_provenance(tokens, teacher_print, allow_tokens_of_other_teacher)
         device = tokens[next(iter(tokens))].tokens.device
         self.register_buffer(FINGERPRINT_KEY, fingerprint_tensor(teacher_print).to(device))
-        t_shapes = teacher.backbone.output_shape()
-        s_shapes = student.backbone.output_shape()
-        read = head_levels(teacher)
-        if in_features:
-            missing = [lv for lv in in_features if lv not in tokens]
-            if missing:
-                raise ValueError(
-                    f"MODEL.MASKD.IN_FEATURES names levels {missing}, but the receptive tokens "
-                    f"are for levels {list(tokens)}"
-                )
-        candidates = (
-            list(in_features)
-            if in_features
-            else [lv for lv in read if lv in tokens] + [lv for lv in tokens if lv not in read]
+        pairing = resolve_pair(
+            teacher,
+            student,
+            {lv: rt.channels for lv, rt in tokens.items()},
+            head_levels(teacher),
+            in_features=in_features,
+            level_map=level_map,
+            input_format=input_format,
+            image_area_only=image_area_only,
+            source=getattr(tokens, "source", None),
         )
-        unread = [lv for lv in candidates if lv not in read]
-        if unread:
-            raise ValueError(
-                f"receptive tokens for levels {unread}, which the teacher's heads do not read "
-                f"(they read {read}): were the tokens learned on another teacher?"
-            )
-        pairs = pair_levels(
-            {lv: t_shapes[lv] for lv in read},
-            s_shapes,
-            candidates,
-            level_map,
-            explicit=bool(in_features),
-        )
-        source = getattr(tokens, "source", None)
-        levels = list(pairs)
-        dropped = [lv for lv in tokens if lv not in pairs]
+        levels = pairing.levels
+        dropped = [lv for lv in tokens if lv not in levels]
         if dropped:
             logger.info("MasKD: the tokens of levels %s are not used", dropped)
             tokens = nn.ModuleDict({lv: tokens[lv] for lv in levels})
-        for lv in levels:
-            if tokens[lv].channels != t_shapes[lv].channels:
-                raise ValueError(
-                    f"the receptive tokens of level '{lv}'"
-                    + (f" in '{source}'" if source else "")
-                    + f" have {tokens[lv].channels} channels, "
-                    f"the teacher's '{lv}' features {t_shapes[lv].channels}: were the tokens "
-                    "learned on another teacher?"
-                )
-        s_format = getattr(student, "input_format", None)
-        input_format = input_format or s_format
-        if s_format and input_format and s_format != input_format:
+        if isinstance(mask_source, str):
+            mask_source = build_mask_source(mask_source, tokens)
+        if custom_mask_warmup >= 0 and not mask_source.CUSTOMISABLE:
             raise ValueError(
-                f"the student reads {s_format} images but the data are {input_format} "
-                "(INPUT.FORMAT): the student is trained on the data as they are loaded"
+                f"mask source '{mask_source.NAME}' has no student-customised masks: set "
+                f"MODEL.MASKD.CUSTOM_MASK_WARMUP to -1 (it is {custom_mask_warmup})"
             )
-        t_format = getattr(teacher, "input_format", None)
-        if not input_format:
-            logger.warning(
-                "neither input_format nor the student's input_format is set: assuming the data "
-                "are in the teacher's channel order (%s)",
-                t_format,
-            )
-            input_format = t_format
-        self.input_format = input_format
-        self.teacher_format = (
-            t_format if check_channel_orders(input_format, t_format, "the teacher") else None
-        )
-        if not t_format and input_format:
-            logger.warning(
-                "the teacher declares no input_format: assuming it reads the data's channel "
-                "order (%s)",
-                input_format,
-            )
-        forced = padding_of(teacher) != padding_of(student)
-        self.image_area_only = bool(image_area_only or forced)
-        for term in head_kd:
-            if self.image_area_only and term.SAME_GRID:
-                raise ValueError(
-                    f"{term.LOSS_NAME} compares the teacher's and the student's dense head outputs "
-                    "cell by cell, which needs both to pad alike; teacher "
-                    f"{padding_of(teacher)} and student {padding_of(student)} do not, or "
-                    "IMAGE_AREA_ONLY is set"
-                )
+        check_head_kd(head_kd, pairing.image_area_only, teacher, student)
         self.inherited: List[str] = []
         if inherit:
             self.inherited, _ = inherit_neck_and_heads(student, teacher)
         for term in head_kd:
             term.check(student, teacher)
             term.wrap(student)
-        names = [term.LOSS_NAME for term in head_kd]
-        if len(set(names)) != len(names):
-            raise ValueError(f"head-level KD terms with the same loss name: {names}")
         self.head_kd = nn.ModuleList(head_kd)
         student.backbone = RecordingBackbone(student.backbone)
         self.student = student
         self.teacher = teacher
         self.tokens = freeze(tokens)
+        self.mask_source = mask_source.to(device)
         self.align = nn.ModuleDict(
-            {
-                lv: nn.Conv2d(s_shapes[pairs[lv]].channels, t_shapes[lv].channels, kernel_size=1)
-                for lv in levels
-            }
-        ).to(tokens[levels[0]].tokens.device)
+            {lv: nn.Conv2d(cs, ct, kernel_size=1) for lv, (cs, ct) in pairing.channels.items()}
+        ).to(device)
         self.in_features = levels  # the teacher's levels (tokens, align convs, losses)
-        self.student_levels = pairs  # teacher level -> student level
-        self.strides = {lv: t_shapes[lv].stride for lv in levels}
+        self.student_levels = pairing.student_levels  # teacher level -> student level
+        self.strides = pairing.strides
+        self.input_format = pairing.input_format
+        self.teacher_format = pairing.teacher_format
+        self.image_area_only = pairing.image_area_only
         self.loss_weight = loss_weight
         self.custom_mask_warmup = custom_mask_warmup
         logger.info(
-            "MasKD: levels %s, %d tokens (weighted=%s), loss weight %s, customised masks from "
-            "iteration %s, head-level KD: %s; teacher input: %s, loss over %s",
-            ", ".join(lv if pairs[lv] == lv else f"{lv} <- student {pairs[lv]}" for lv in levels),
+            "MasKD: levels %s, masks from %s (%d tokens, weighted=%s), loss weight %s, "
+            "customised masks from iteration %s, head-level KD: %s; teacher input: %s, loss "
+            "over %s",
+            ", ".join(
+                (
+                    lv
+                    if self.student_levels[lv] == lv
+                    else f"{lv} <- student {self.student_levels[lv]}"
+                )
+                for lv in levels
+            ),
+            mask_source.extra_repr(),
             tokens[levels[0]].num_tokens,
             tokens[levels[0]].weighted,
             loss_weight,
             custom_mask_warmup if custom_mask_warmup >= 0 else "never",
             ", ".join(f"{t.LOSS_NAME} ({t.extra_repr()})" for t in head_kd) or "none",
-            f"converted {input_format} -> {t_format}" if self.teacher_format else "as loaded",
+            (
+                f"converted {self.input_format} -> {self.teacher_format}"
+                if self.teacher_format
+                else "as loaded"
+            ),
             "the image area" if self.image_area_only else "the padded batch",
         )
 
@@ -241,13 +196,15 @@ class MasKD(nn.Module):
             )
         student = build_model(student_config(cfg))
         teacher = teacher_from_config(cfg)
+        source = mask_source_class(mcfg.MASK_SOURCE)
         if mcfg.TOKENS_WEIGHTS:
             # levels and shapes from the file; the constructor keeps those it can align
             tokens = tokens_from_file(
                 mcfg.TOKENS_WEIGHTS, mcfg.NUM_TOKENS, mcfg.WEIGHTED, "MODEL.MASKD.TOKENS_WEIGHTS"
             )
-        elif mcfg.ALLOW_RANDOM_TOKENS:
-            logger.warning("MODEL.MASKD.TOKENS_WEIGHTS is empty: distilling with random tokens")
+        elif mcfg.ALLOW_RANDOM_TOKENS or not source.LEARNED_TOKENS:
+            if source.LEARNED_TOKENS:
+                logger.warning("MODEL.MASKD.TOKENS_WEIGHTS is empty: distilling with random tokens")
             t_shapes = teacher.backbone.output_shape()
             levels = resolve_in_features(list(mcfg.IN_FEATURES), {"teacher": head_levels(teacher)})
             tokens = build_level_tokens(
@@ -272,6 +229,7 @@ class MasKD(nn.Module):
             "in_features": list(mcfg.IN_FEATURES),
             "level_map": parse_level_map(mcfg.LEVEL_MAP),
             "image_area_only": mcfg.IMAGE_AREA_ONLY,
+            "mask_source": source.from_tokens(tokens, **source.from_config(mcfg)),
         }
 
     @property
@@ -292,7 +250,7 @@ class MasKD(nn.Module):
 
         Returns:
             training: the student's dict of scalar losses plus ``loss_maskd`` (and the enabled
-                head-level KD terms); the statistics of the frozen tokens' masks on the
+                head-level KD terms); the statistics of the mask source's masks on the
                 teacher's features (:mod:`maskd.diagnostics`) go to the event storage.
             inference: the student's outputs, one dict per image.
         """
@@ -309,23 +267,13 @@ class MasKD(nn.Module):
         losses = self.student(batched_inputs)
         student_features = self.student.backbone.pop_features()
         storage = get_event_storage()
-        if self.image_area_only:
-            pairs, masks, sizes = self.image_area_pairs(
-                student_features, teacher_features, images.image_sizes
-            )
-            per_level = self.distillation_losses(*pairs, masks)
-        else:
-            masks = self.teacher_masks(teacher_features)
-            per_level = self.distillation_losses(
-                {lv: student_features[s] for lv, s in self.student_levels.items()},
-                teacher_features,
-                masks,
-            )
-            padded = tuple(images.tensor.shape[-2:])
-            sizes = {
-                lv: level_sizes(images.image_sizes, padded, m.shape[-2:])
-                for lv, (m, _) in masks.items()
-            }
+        per_level, masks, sizes = self.distillation_losses(
+            student_features,
+            teacher_features,
+            images.image_sizes,
+            tuple(images.tensor.shape[-2:]),
+            batched_inputs,
+        )
         put_token_statistics(
             storage, {lv: token_statistics(m, w, sizes[lv]) for lv, (m, w) in masks.items()}
         )
@@ -342,40 +290,6 @@ class MasKD(nn.Module):
         losses.update(extra)
         return losses
 
-    @torch.no_grad()
-    def _image_area_masks(self, level, teacher, valid, sizes):
-        rt = self.tokens[level]
-        masks = rt.masks(teacher) * valid  # (N, T, H, W), zero outside the image
-        weights = None
-        if rt.weighted:  # pooled over each image's own area
-            weights = torch.cat(
-                [rt.weights(teacher[i : i + 1, :, :h, :w]) for i, (h, w) in enumerate(sizes)]
-            )  # (N, T)
-        return masks, weights
-
-    def image_area_pairs(self, student_features, teacher_features, image_sizes):
-        """Cut every distilled level to the common grid of both models (a pair that pads
-        differently) and make the masks over the image area only.
-
-        Args:
-            student_features: student level -> (N, C_s, H_s, W_s).
-            teacher_features: teacher level -> (N, C_t, H_t, W_t).
-            image_sizes: N (h, w) sizes of the images before padding.
-
-        Returns:
-            ((teacher level -> (N, C_s, H, W) student features, teacher level -> (N, C_t, H, W)
-            teacher features), teacher level -> ((N, T, H, W) masks, zero outside the image,
-            (N, T) weights or None), teacher level -> N (h_l, w_l) image-area sizes).
-        """
-        students, teachers, masks, sizes = {}, {}, {}, {}
-        for lv, s_lv in self.student_levels.items():
-            t, s, valid, sizes[lv] = image_area(
-                teacher_features[lv], student_features[s_lv], image_sizes, self.strides[lv]
-            )
-            students[lv], teachers[lv] = s, t
-            masks[lv] = self._image_area_masks(lv, t, valid, sizes[lv])
-        return (students, teachers), masks, sizes
-
     def head_losses(self, teacher_features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The head-level KD terms of this step (weighted), from what the student recorded in
         its forward and the teacher's heads on its own features."""
@@ -390,62 +304,73 @@ class MasKD(nn.Module):
             return False
         return get_event_storage().iter >= self.custom_mask_warmup
 
-    @torch.no_grad()
-    def teacher_masks(
-        self, teacher_features: Dict[str, torch.Tensor]
-    ) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """The frozen tokens' masks and weights on the teacher's features.
-
-        Args:
-            teacher_features: level -> (N, C_t, H, W) teacher features.
+    def level_pair(self, level, student_features, teacher_features, image_sizes, padded):
+        """One distilled level's features as the loss compares them.
 
         Returns:
-            level -> ((N, T, H, W) masks, (N, T) weights or None), without gradient.
+            ((N, C_s, H, W) student, (N, C_t, H, W) teacher features, (N, 1, H, W) image-area
+            cells or None (the loss covers the padded batch), N (h_l, w_l) image-area sizes).
         """
-        out = {}
-        for level in self.in_features:
-            rt, t = self.tokens[level], teacher_features[level]
-            out[level] = (rt.masks(t), rt.weights(t) if rt.weighted else None)
-        return out
+        s = student_features[self.student_levels[level]]
+        t = teacher_features[level]
+        if self.image_area_only:
+            t, s, valid, sizes = image_area(t, s, image_sizes, self.strides[level])
+            return s, t, valid, sizes
+        if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
+            raise ValueError(
+                f"level '{level}': student features {tuple(s.shape)} and teacher features "
+                f"{tuple(t.shape)} differ in batch or spatial size; student and teacher must "
+                "see the same padded images (same size divisibility), or set "
+                "MODEL.MASKD.IMAGE_AREA_ONLY"
+            )
+        if image_sizes is None:  # the whole maps
+            return s, t, None, [tuple(t.shape[-2:])] * t.shape[0]
+        return s, t, None, level_sizes(image_sizes, padded, t.shape[-2:])
 
     def distillation_losses(
         self,
         student_features: Dict[str, torch.Tensor],
         teacher_features: Dict[str, torch.Tensor],
-        teacher_masks: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """The masked distillation loss of every level (unweighted).
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+        padded: Optional[Tuple[int, int]] = None,
+        batched_inputs: Sequence[dict] = (),
+    ):
+        """The masked distillation loss of every level (unweighted), with the masks of the
+        mask source.
 
         Args:
-            student_features: teacher level -> (N, C_s, H, W) features of the student level
-                paired with it (the same level name in a homogeneous pair).
-            teacher_features: level -> (N, C_t, H, W) teacher features.
-            teacher_masks: :meth:`teacher_masks` of ``teacher_features`` if already computed
-                (or the image-area masks of :meth:`image_area_pairs`).
+            student_features: student level -> (N, C_s, H_s, W_s) features.
+            teacher_features: teacher level -> (N, C_t, H_t, W_t) features.
+            image_sizes: N (h, w) sizes of the images before padding; None: every image fills
+                the maps (only where the loss covers the padded batch).
+            padded: (H, W) of the padded batch (with ``image_sizes``).
+            batched_inputs: the step's inputs (for sources that read the ground truth).
 
         Returns:
-            level -> scalar loss.
+            (level -> scalar loss; level -> ((N, T, H, W) masks of the source before
+            customisation, (N, T) weights or None), without gradient; level -> N (h_l, w_l)
+            image-area sizes).
         """
+        if self.image_area_only and image_sizes is None:
+            raise ValueError("the loss over the image area needs the image sizes")
         custom = self.custom_masks_active()
-        if teacher_masks is None:
-            teacher_masks = self.teacher_masks(teacher_features)
-        losses = {}
+        losses, kept, all_sizes = {}, {}, {}
         for level in self.in_features:
-            s, t = student_features[level], teacher_features[level]
-            if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
-                raise ValueError(
-                    f"level '{level}': student features {tuple(s.shape)} and teacher features "
-                    f"{tuple(t.shape)} differ in batch or spatial size; student and teacher must "
-                    "see the same padded images (same size divisibility), or set "
-                    "MODEL.MASKD.IMAGE_AREA_ONLY"
+            s, t, valid, sizes = self.level_pair(
+                level, student_features, teacher_features, image_sizes, padded
+            )
+            rt = self.tokens[level]
+            with torch.no_grad():
+                masks, weights = self.mask_source(
+                    level, rt, t, self.strides[level], valid, sizes, list(batched_inputs)
                 )
+            kept[level], all_sizes[level] = (masks, weights), sizes
             aligned = self.align[level](s)  # (N, C_t, H, W)
-            masks, weights = teacher_masks[level]  # (N, T, H, W), (N, T) or None
             if custom:
                 with torch.no_grad():
-                    masks = masks * self.tokens[level].masks(aligned)
+                    masks = masks * self.mask_source.customise(level, rt, aligned)
             losses[level] = masked_distillation_loss(aligned, t, masks, weights)
-        return losses
+        return losses, kept, all_sizes
 
 
 def student_config(cfg):
@@ -455,6 +380,25 @@ def student_config(cfg):
     out.defrost()
     out.MODEL.META_ARCHITECTURE = cfg.MODEL.MASKD.STUDENT_META_ARCHITECTURE
     return out
+
+
+def check_head_kd(
+    head_kd: Sequence[HeadKD], image_area_only: bool, teacher: nn.Module, student: nn.Module
+) -> None:
+    """Refuse head-level KD terms that the pair cannot have: cell-by-cell terms where the two
+    models pad differently (or the loss covers the image area only), or two terms of one loss
+    name."""
+    for term in head_kd:
+        if image_area_only and term.SAME_GRID:
+            raise ValueError(
+                f"{term.LOSS_NAME} compares the teacher's and the student's dense head outputs "
+                "cell by cell, which needs both to pad alike; teacher "
+                f"{padding_of(teacher)} and student {padding_of(student)} do not, or "
+                "IMAGE_AREA_ONLY is set"
+            )
+    names = [term.LOSS_NAME for term in head_kd]
+    if len(set(names)) != len(names):
+        raise ValueError(f"head-level KD terms with the same loss name: {names}")
 
 
 def check_token_provenance(tokens: nn.ModuleDict, teacher_print: str, allow_other: bool) -> None:

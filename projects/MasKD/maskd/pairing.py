@@ -16,6 +16,7 @@ A teacher may differ from its student in
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -32,6 +33,9 @@ __all__ = [
     "parse_level_map",
     "pair_levels",
     "image_area",
+    "resolve_channel_orders",
+    "Pairing",
+    "resolve_pair",
 ]
 
 logger = logging.getLogger(__name__)
@@ -271,3 +275,152 @@ def image_area(
     )  # (N, H, W)
     valid = valid[:, None].to(teacher.dtype)
     return teacher[:, :, :height, :width], student[:, :, :height, :width], valid, sizes
+
+
+def resolve_channel_orders(
+    input_format: Optional[str], teacher: nn.Module, student: Optional[nn.Module] = None
+) -> Tuple[Optional[str], Optional[str]]:
+    """The batch's channel order and the one the teacher must get, for both stages.
+
+    Args:
+        input_format: ``INPUT.FORMAT`` of the run, or None: the student's ``input_format``
+            (stage 2), else the teacher's.
+        teacher: the teacher meta-architecture (its ``input_format``, if declared).
+        student: the student (stage 2), which must read the batch as it is loaded.
+
+    Returns:
+        (the batch's channel order, the teacher's order if the batch must be converted for
+        it, else None).
+
+    Raises:
+        ValueError: the student reads another order than the data's, or the teacher's order
+            cannot be converted to (:func:`check_channel_orders`).
+    """
+    s_format = getattr(student, "input_format", None) if student is not None else None
+    t_format = getattr(teacher, "input_format", None)
+    input_format = input_format or s_format
+    if s_format and input_format and s_format != input_format:
+        raise ValueError(
+            f"the student reads {s_format} images but the data are {input_format} "
+            "(INPUT.FORMAT): the student is trained on the data as they are loaded"
+        )
+    if not input_format:
+        if student is not None:
+            logger.warning(
+                "neither input_format nor the student's input_format is set: assuming the data "
+                "are in the teacher's channel order (%s)",
+                t_format,
+            )
+        input_format = t_format
+    convert = t_format if check_channel_orders(input_format, t_format, "the teacher") else None
+    if not t_format and input_format and student is not None:
+        logger.warning(
+            "the teacher declares no input_format: assuming it reads the data's channel order "
+            "(%s)",
+            input_format,
+        )
+    if convert:
+        logger.info("the %s batch is converted to %s for the teacher", input_format, convert)
+    return input_format, convert
+
+
+@dataclass
+class Pairing:
+    """How a teacher and a student are aligned in stage 2 (:func:`resolve_pair`).
+
+    Attributes:
+        levels: the distilled teacher levels, in order.
+        student_levels: teacher level -> the student level aligned with it.
+        strides: teacher level -> stride.
+        channels: teacher level -> (student channels, teacher channels).
+        input_format: the batch's channel order.
+        teacher_format: the teacher's, if the batch is converted for it (else None).
+        image_area_only: whether loss and masks cover the image area only.
+    """
+
+    levels: List[str]
+    student_levels: Dict[str, str]
+    strides: Dict[str, int]
+    channels: Dict[str, Tuple[int, int]]
+    input_format: Optional[str]
+    teacher_format: Optional[str]
+    image_area_only: bool
+
+
+def resolve_pair(
+    teacher: nn.Module,
+    student: nn.Module,
+    token_channels: Mapping[str, int],
+    read: Sequence[str],
+    *,
+    in_features: Optional[Sequence[str]] = None,
+    level_map: Optional[Mapping[str, str]] = None,
+    input_format: Optional[str] = None,
+    image_area_only: bool = False,
+    source: Optional[str] = None,
+) -> Pairing:
+    """Every decision of how a teacher distils into a student: levels, channel orders, padding.
+
+    Args:
+        teacher, student: the two meta-architectures (with ``backbone``).
+        token_channels: level -> channels of the receptive tokens (the tokens' levels).
+        read: the backbone levels the teacher's heads read.
+        in_features: the teacher levels to distil (each must be aligned); None or empty: every
+            level of the tokens that can be aligned with a student level.
+        level_map: teacher level -> student level for levels named differently.
+        input_format: see :func:`resolve_channel_orders`.
+        image_area_only: loss and masks over the image area only (always so when the two
+            models pad differently).
+        source: where the tokens come from, for messages.
+
+    Raises:
+        ValueError: naming the levels, channels or formats that do not fit.
+    """
+    t_shapes = teacher.backbone.output_shape()
+    s_shapes = student.backbone.output_shape()
+    if in_features:
+        missing = [lv for lv in in_features if lv not in token_channels]
+        if missing:
+            raise ValueError(
+                f"MODEL.MASKD.IN_FEATURES names levels {missing}, but the receptive tokens "
+                f"are for levels {list(token_channels)}"
+            )
+    candidates = (
+        list(in_features)
+        if in_features
+        else [lv for lv in read if lv in token_channels]
+        + [lv for lv in token_channels if lv not in read]
+    )
+    unread = [lv for lv in candidates if lv not in read]
+    if unread:
+        raise ValueError(
+            f"receptive tokens for levels {unread}, which the teacher's heads do not read "
+            f"(they read {list(read)}): were the tokens learned on another teacher?"
+        )
+    pairs = pair_levels(
+        {lv: t_shapes[lv] for lv in read},
+        s_shapes,
+        candidates,
+        level_map,
+        explicit=bool(in_features),
+    )
+    for lv in pairs:
+        if token_channels[lv] != t_shapes[lv].channels:
+            raise ValueError(
+                f"the receptive tokens of level '{lv}'"
+                + (f" in '{source}'" if source else "")
+                + f" have {token_channels[lv]} channels, "
+                f"the teacher's '{lv}' features {t_shapes[lv].channels}: were the tokens "
+                "learned on another teacher?"
+            )
+    input_format, teacher_format = resolve_channel_orders(input_format, teacher, student)
+    forced = padding_of(teacher) != padding_of(student)
+    return Pairing(
+        levels=list(pairs),
+        student_levels=pairs,
+        strides={lv: t_shapes[lv].stride for lv in pairs},
+        channels={lv: (s_shapes[pairs[lv]].channels, t_shapes[lv].channels) for lv in pairs},
+        input_format=input_format,
+        teacher_format=teacher_format,
+        image_area_only=bool(image_area_only or forced),
+    )

@@ -14,7 +14,7 @@ from ._compat import NORM_TYPES
 from .backbone import TokenMaskedBackbone
 from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
-from .pairing import check_channel_orders, teacher_batch
+from .pairing import resolve_channel_orders, teacher_batch
 from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
 from .receptive_tokens import build_level_tokens
 from .teacher import freeze, head_levels, teacher_from_config
@@ -145,13 +145,7 @@ class MasKDTokenLearner(nn.Module):
         tokens = build_level_tokens(
             {lv: shapes[lv].channels for lv in levels}, num_tokens, weighted
         ).to(device)
-        t_format = getattr(teacher, "input_format", None)
-        self.input_format = input_format or t_format
-        self.teacher_format = (
-            t_format if check_channel_orders(self.input_format, t_format, "the teacher") else None
-        )
-        if self.teacher_format:
-            logger.info("the %s batch is converted to %s for the teacher", input_format, t_format)
+        self.input_format, self.teacher_format = resolve_channel_orders(input_format, teacher)
         # The wrapper is built here, once, and is part of the module tree: no hooks.
         teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens)
         self.teacher = teacher

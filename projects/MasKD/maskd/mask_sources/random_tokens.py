@@ -1,0 +1,52 @@
+"""Untrained tokens (``random_tokens``): the ablation of what stage 1 learns."""
+
+import logging
+
+import torch
+from torch import nn
+
+from ..receptive_tokens import build_level_tokens
+from .base import MASK_SOURCE_REGISTRY, MaskSource
+from .tokens import token_masks
+
+__all__ = ["RandomTokenMasks"]
+
+logger = logging.getLogger(__name__)
+
+
+@MASK_SOURCE_REGISTRY.register()
+class RandomTokenMasks(MaskSource):
+    """Tokens and weight heads of the learned ones' levels and shapes, freshly initialised as
+    stage 1 starts them (tokens N(0, 0.01^2): masks near 0.5 everywhere) and frozen; used
+    exactly as the learned tokens are, customised masks included. They are drawn from torch's
+    global generator when the model is built (detectron2 seeds it with ``SEED``) and saved in
+    the stage-2 checkpoint (``mask_source.tokens.*``)."""
+
+    NAME = "random_tokens"
+    CUSTOMISABLE = True
+
+    def __init__(self, tokens: nn.ModuleDict):
+        """
+        Args:
+            tokens: level -> untrained ReceptiveTokens (frozen here).
+        """
+        super().__init__()
+        self.tokens = tokens.requires_grad_(False)
+
+    @classmethod
+    def from_tokens(cls, tokens, **kwargs):
+        first = tokens[next(iter(tokens))]
+        fresh = build_level_tokens(
+            {lv: rt.channels for lv, rt in tokens.items()}, first.num_tokens, first.weighted
+        ).to(first.tokens.device)
+        logger.info("mask source 'random_tokens': untrained tokens on levels %s", list(tokens))
+        return cls(fresh, **kwargs)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, level, tokens, teacher, stride, valid, sizes, batched_inputs):
+        return token_masks(self.tokens[level], teacher, valid, sizes)
+
+    def customise(self, level, tokens, aligned):
+        return self.tokens[level].masks(aligned)

@@ -1,0 +1,340 @@
+"""Mask sources of stage 2 (maskd.mask_sources): each source's masks and loss against an
+independent reference, where the gradient goes (student-customised masks included), and the
+RoI box-regression KD's SmoothL1 value; tiny CPU models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from tiny import STUDENT_FPN, TEACHER_FPN, maskd_cfg, tiny_batch, write_teacher
+
+from maskd.head_kd.roi_regression import roi_regression_kd_loss
+from maskd.losses import masked_distillation_loss
+from maskd.mask_sources import (
+    MASK_SOURCE_REGISTRY,
+    MaskSource,
+    box_cells,
+    build_mask_source,
+    mask_source_class,
+)
+from maskd.receptive_tokens import build_level_tokens
+
+SOURCES = ("tokens", "uniform", "gt_boxes", "random_tokens")
+
+
+def build(tmp_path, source="tokens", warmup=-1, **opts):
+    teacher_config, teacher_weights, _ = write_teacher(tmp_path, "rcnn")
+    cfg = maskd_cfg("MasKD", "rcnn", teacher_config, teacher_weights)
+    cfg.MODEL.MASKD.ALLOW_RANDOM_TOKENS = True
+    cfg.MODEL.MASKD.MASK_SOURCE = source
+    cfg.MODEL.MASKD.CUSTOM_MASK_WARMUP = warmup
+    cfg.merge_from_list([x for k, v in opts.items() for x in (f"MODEL.MASKD.{k}", str(v))])
+    torch.manual_seed(1)
+    return build_model(cfg)
+
+
+def features(model, n=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = {
+        lv: torch.randn(n, STUDENT_FPN, size // st, size // st, generator=g)
+        for lv, st in model.strides.items()
+    }
+    t = {
+        lv: torch.randn(n, TEACHER_FPN, size // st, size // st, generator=g) + 0.5
+        for lv, st in model.strides.items()
+    }
+    return s, t
+
+
+def cells_reference(boxes, stride, height, width):
+    """Cell (i, j) is marked if its pixel square overlaps a box with positive area: the
+    interval test, cell by cell."""
+    out = torch.zeros(height, width)
+    for i in range(height):
+        for j in range(width):
+            for x0, y0, x1, y1 in boxes.tolist():
+                if j * stride < x1 and (j + 1) * stride > x0 and i * stride < y1:
+                    if (i + 1) * stride > y0 and x1 > x0 and y1 > y0:
+                        out[i, j] = 1.0
+    return out
+
+
+# ----------------------------------------------------------------------------- the registry
+def test_every_source_is_registered_and_unknown_names_are_refused():
+    names = {cls.NAME for _, cls in MASK_SOURCE_REGISTRY}
+    assert set(SOURCES) <= names
+    with pytest.raises(KeyError, match=r"MASK_SOURCE = 'fitnet'.*registered.*uniform"):
+        mask_source_class("fitnet")
+
+
+def test_a_source_without_customised_masks_refuses_the_warmup(tmp_path):
+    with pytest.raises(ValueError, match=r"'uniform' has no student-customised.*WARMUP"):
+        build(tmp_path, "uniform", warmup=10)
+    build(tmp_path, "uniform", warmup=-1)  # the ablation's setting
+
+
+def test_a_source_of_ones_own_plugs_in(tmp_path):
+    @MASK_SOURCE_REGISTRY.register()
+    class CentreMasks(MaskSource):
+        NAME = "test_centre"
+
+        def forward(self, level, tokens, teacher, stride, valid, sizes, batched_inputs):
+            m = torch.zeros_like(teacher[:, :1])
+            h, w = m.shape[-2:]
+            m[..., : max(1, h // 2), : max(1, w // 2)] = 1.0  # the top-left quarter
+            return m, None
+
+    try:
+        model = build(tmp_path, "test_centre")
+        s, t = features(model)
+        with EventStorage(0):
+            got, kept, _ = model.distillation_losses(s, t)
+        for lv in model.in_features:
+            masks = kept[lv][0]
+            h, w = masks.shape[-2:]
+            assert masks.shape[1] == 1 and masks.sum() == 2 * max(1, h // 2) * max(1, w // 2)
+            want = masked_distillation_loss(model.align[lv](s[lv]), t[lv], masks)
+            torch.testing.assert_close(got[lv], want)
+    finally:
+        MASK_SOURCE_REGISTRY._obj_map.pop("CentreMasks")
+
+
+# ----------------------------------------------------------------------------- uniform
+@pytest.mark.parametrize("image_area_only", [False, True])
+def test_uniform_is_the_mean_squared_error_over_the_image_area(tmp_path, image_area_only):
+    model = build(tmp_path, "uniform", IMAGE_AREA_ONLY=image_area_only)
+    s, t = features(model)
+    sizes = [(64, 64), (37, 50)] if image_area_only else [(64, 64), (64, 64)]
+    with EventStorage(0):
+        got, _, _ = model.distillation_losses(s, t, sizes, (64, 64))
+    for lv, stride in model.strides.items():
+        d2 = (model.align[lv](s[lv]) - t[lv]).square()  # (N, C, H, W)
+        per_image = [
+            d2[i, :, : math.ceil(h / stride), : math.ceil(w / stride)].mean()
+            for i, (h, w) in enumerate(sizes)
+        ]
+        want = torch.stack(per_image).mean()
+        if not image_area_only:
+            assert torch.allclose(want, F.mse_loss(model.align[lv](s[lv]), t[lv]))
+        torch.testing.assert_close(got[lv], want)
+
+
+# ----------------------------------------------------------------------------- gt boxes
+def test_box_cells_marks_exactly_the_cells_a_box_overlaps():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(6, 2, generator=g) * 100
+    wh = torch.rand(6, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    boxes = torch.cat([boxes, torch.tensor([[8.0, 8.0, 16.0, 16.0], [30.0, 30.0, 30.0, 40.0]])])
+    for stride in (4, 8, 16, 32, 64):
+        h = w = math.ceil(128 / stride)
+        torch.testing.assert_close(
+            box_cells(boxes, stride, h, w), cells_reference(boxes, stride, h, w)
+        )
+    # a box on cell borders marks no neighbour; an empty box (zero width) marks nothing
+    cells = box_cells(boxes[-2:], 8, 4, 4)
+    assert cells.sum() == 1 and cells[1, 1] == 1
+    assert box_cells(torch.zeros(0, 4), 8, 4, 4).sum() == 0
+
+
+@pytest.mark.parametrize("background", [0.0, 0.25])
+def test_gt_boxes_masks_and_loss(tmp_path, background):
+    model = build(tmp_path, "gt_boxes", **{"GT_BOXES.BACKGROUND": background})
+    batch = tiny_batch(3, 64, seed=3, empty=(1,))  # image 1 has no boxes
+    s, t = features(model, n=3)
+    with EventStorage(0):
+        got, kept, _ = model.distillation_losses(s, t, [(64, 64)] * 3, (64, 64), batch)
+    for lv, stride in model.strides.items():
+        h, w = t[lv].shape[-2:]
+        fg = torch.stack(
+            [cells_reference(x["instances"].gt_boxes.tensor, stride, h, w) for x in batch]
+        )[:, None]
+        want_masks = fg + background * (1 - fg)
+        torch.testing.assert_close(kept[lv][0], want_masks)
+        assert kept[lv][0][1].max() == background  # the image without boxes
+        aligned = model.align[lv](s[lv])
+        d2 = (aligned - t[lv]).square().mean(1, keepdim=True)  # (N, 1, H, W)
+        per_image = [
+            (want_masks[i].square() * d2[i]).sum() / want_masks[i].sum().clamp_min(1e-38)
+            for i in range(3)
+        ]
+        if background == 0:
+            assert per_image[1] == 0
+        torch.testing.assert_close(got[lv], torch.stack(per_image).mean())
+
+
+def test_gt_boxes_needs_the_ground_truth(tmp_path):
+    model = build(tmp_path, "gt_boxes")
+    s, t = features(model)
+    batch = [{"image": torch.zeros(3, 64, 64, dtype=torch.uint8)}] * 2
+    with EventStorage(0), pytest.raises(ValueError, match="'gt_boxes' needs the ground truth"):
+        model.distillation_losses(s, t, [(64, 64)] * 2, (64, 64), batch)
+
+
+def test_gt_boxes_background_out_of_range_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"GT_BOXES.BACKGROUND must lie in \[0, 1\]"):
+        build(tmp_path, "gt_boxes", **{"GT_BOXES.BACKGROUND": 1.5})
+
+
+# ----------------------------------------------------------------------------- random tokens
+def test_random_tokens_are_untrained_seeded_and_saved(tmp_path):
+    learned = build_level_tokens({"p2": TEACHER_FPN, "p3": TEACHER_FPN}, 4, True)
+    with torch.no_grad():
+        for rt in learned.values():
+            rt.tokens.normal_(0, 1.0)  # "trained": far from the initial scale
+    torch.manual_seed(5)
+    a = build_mask_source("random_tokens", learned)
+    torch.manual_seed(5)
+    b = build_mask_source("random_tokens", learned)
+    t = torch.randn(2, TEACHER_FPN, 8, 8) + 0.5
+    for lv in learned:
+        assert torch.equal(a.tokens[lv].tokens, b.tokens[lv].tokens)  # seeded
+        assert not torch.equal(a.tokens[lv].tokens, learned[lv].tokens)
+        assert a.tokens[lv].tokens.std() < 0.02  # the stage-1 initialisation, N(0, 0.01^2)
+        masks, weights = a(lv, learned[lv], t, 4, None, [(8, 8)] * 2, [])
+        assert 0.4 < masks.mean() < 0.6 and masks.std() < 0.1  # about 0.5 everywhere
+        assert weights.shape == (2, 4)
+    assert not any(p.requires_grad for p in a.parameters())
+    model = build(tmp_path, "random_tokens")
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("stage2")
+    state = torch.load(tmp_path / "stage2.pth", weights_only=True)["model"]
+    assert any(k.startswith("mask_source.tokens.") for k in state)
+
+
+# ----------------------------------------------------------------------------- every source
+def reference_masks(model, source, lv, s, t, batch):
+    """The masks and weights a source should give, computed without the source."""
+    h, w = t.shape[-2:]
+    if source == "uniform":
+        return torch.ones(t.shape[0], 1, h, w), None
+    if source == "gt_boxes":
+        fg = [
+            cells_reference(x["instances"].gt_boxes.tensor, model.strides[lv], h, w) for x in batch
+        ]
+        return torch.stack(fg)[:, None], None
+    rt = model.mask_source.tokens[lv] if source == "random_tokens" else model.tokens[lv]
+    return torch.sigmoid(torch.einsum("tc,nchw->nthw", rt.tokens, t)), rt.weights(t)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_each_source_value_and_gradient_against_a_detached_reference(tmp_path, source):
+    """The loss equals masked_distillation_loss of the reference masks, and the gradient
+    reaches the student only through the features: never through the masks, also the
+    student-customised masks after the warm-up."""
+    customisable = mask_source_class(source).CUSTOMISABLE
+    model = build(tmp_path, source, warmup=2 if customisable else -1)
+    batch = tiny_batch(2, 64, seed=4)
+    s, t = features(model)
+    for it in (0, 5):  # before and after the warm-up
+        s_leaf = {lv: v.clone().requires_grad_(True) for lv, v in s.items()}
+        model.zero_grad(set_to_none=True)
+        with EventStorage(it):
+            got, _, _ = model.distillation_losses(s_leaf, t, [(64, 64)] * 2, (64, 64), batch)
+        sum(got.values()).backward()
+        ref_leaf = {lv: v.clone().requires_grad_(True) for lv, v in s.items()}
+        want = {}
+        for lv in model.in_features:
+            masks, weights = reference_masks(model, source, lv, s[lv], t[lv], batch)
+            aligned = F.conv2d(ref_leaf[lv], model.align[lv].weight, model.align[lv].bias)
+            if customisable and it >= 2:
+                rt = model.mask_source.tokens[lv] if source == "random_tokens" else model.tokens[lv]
+                student_side = torch.sigmoid(torch.einsum("tc,nchw->nthw", rt.tokens, aligned))
+                masks = masks * student_side.detach()
+            want[lv] = masked_distillation_loss(aligned, t[lv], masks, weights)
+            torch.testing.assert_close(got[lv], want[lv])
+        grads = torch.autograd.grad(
+            sum(want.values()),
+            list(ref_leaf.values()) + [model.align[lv].weight for lv in model.in_features],
+        )
+        n = len(ref_leaf)
+        for lv, g in zip(ref_leaf, grads[:n]):
+            torch.testing.assert_close(s_leaf[lv].grad, g)
+        for lv, g in zip(model.in_features, grads[n:]):
+            torch.testing.assert_close(model.align[lv].weight.grad, g)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_each_source_trains_through_the_model(tmp_path, source):
+    """A training step of the whole stage-2 model: loss_maskd finite and positive, its token
+    statistics logged, the teacher unchanged."""
+    model = build(tmp_path, source)
+    model.train()
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    with EventStorage(0) as storage:
+        losses = model(tiny_batch(2, 64, seed=0, empty=(1,)))
+        sum(losses.values()).backward()
+        logged = storage.latest()
+    assert torch.isfinite(losses["loss_maskd"]) and losses["loss_maskd"] > 0
+    lv = model.in_features[0]
+    assert f"[metric]tokens/{lv}/coverage" in logged
+    after = model.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------- RoI KD value
+def test_roi_regression_kd_is_smooth_l1_with_its_beta(tmp_path):
+    """Against SmoothL1 written out, with differences on both sides of beta = 0.5 (L1, or
+    SmoothL1 with beta 1, give other values)."""
+    model = build(tmp_path, "tokens")
+    teacher = model.teacher
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        feats = teacher.backbone(image)
+    proposals = Instances((64, 64))
+    proposals.proposal_boxes = Boxes(
+        torch.tensor([[4.0, 4.0, 30.0, 40.0], [10.0, 20.0, 60.0, 50.0]])
+    )
+    proposals.gt_classes = torch.tensor([0, 2])
+    roi = teacher.roi_heads
+    with torch.no_grad():
+        pooled = roi.box_pooler([feats[f] for f in roi.box_in_features], [proposals.proposal_boxes])
+        _, teacher_deltas = roi.box_predictor(roi.box_head(pooled))
+    offsets = torch.tensor([0.1, -0.3, 2.0, -1.5]).repeat(2, teacher_deltas.shape[1] // 4)
+    beta = 0.5
+    value = roi_regression_kd_loss(teacher, feats, teacher_deltas + offsets, [proposals], beta)
+    a = offsets.abs()
+    smooth = torch.where(a < beta, 0.5 * a.square() / beta, a - 0.5 * beta)
+    torch.testing.assert_close(value, smooth.sum() / 2, rtol=1e-5, atol=1e-5)
+    assert not math.isclose(value.item(), a.sum().item() / 2, rel_tol=1e-3)  # not L1
+
+
+# ----------------------------------------------------------------------------- LazyConfig
+def test_the_mask_source_is_a_lazyconfig_argument(tmp_path):
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+    from tiny import STUDENT_DEPTH, TEACHER_DEPTH, calibrate_bn, tiny_fcos
+
+    from maskd import MasKD, build_teacher
+    from maskd.mask_sources import GTBoxMasks
+
+    torch.manual_seed(0)
+    teacher = instantiate(tiny_fcos(depth=TEACHER_DEPTH, fpn_channels=TEACHER_FPN, norm="BN"))
+    calibrate_bn(teacher)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "fcos_teacher.pth")
+    (tmp_path / "fcos_teacher.py").write_text(
+        "from tiny import tiny_fcos\n" f"model = tiny_fcos({TEACHER_DEPTH}, {TEACHER_FPN}, 'BN')\n"
+    )
+    levels = {lv: TEACHER_FPN for lv in ("p3", "p4", "p5", "p6", "p7")}
+    node = L(MasKD)(
+        student=tiny_fcos(depth=STUDENT_DEPTH, fpn_channels=STUDENT_FPN, norm="GN"),
+        teacher=L(build_teacher)(
+            config_file=str(tmp_path / "fcos_teacher.py"),
+            weights=str(tmp_path / "fcos_teacher.pth"),
+        ),
+        tokens=L(build_level_tokens)(channels=levels, num_tokens=3, weighted=True),
+        mask_source="uniform",
+    )
+    assert instantiate(node).mask_source.NAME == "uniform"
+    node.mask_source = L(GTBoxMasks)(background=0.5)
+    model = instantiate(node)
+    assert model.mask_source.NAME == "gt_boxes" and model.mask_source.background == 0.5
+    model.train()
+    with EventStorage(0):
+        losses = model(tiny_batch(2, 64, seed=0, empty=(1,)))
+    assert torch.isfinite(losses["loss_maskd"]) and losses["loss_maskd"] > 0
