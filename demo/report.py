@@ -237,6 +237,7 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
                 + " |"
             )
         lines.append("")
+    lines += ablation_lines(results, seeds)
     lines += ["## Goals", ""]
     for t, tr in teachers.items():
         tag = f"teacher seed {t}: " if len(teachers) > 1 else ""
@@ -274,6 +275,7 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
             f"- {tag}retention >= 0.95 for every stage-1 seed: "
             f"{'reached' if ok else 'NOT reached'} ({', '.join(ratio(r) for r in ret)})"
         )
+    lines += ablation_goals(results, seeds)
     lines += [
         "",
         "| stage | wall time (s) |",
@@ -292,6 +294,120 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+SOURCE_NAMES = {
+    "tokens": "learned tokens (the paper's stage 1)",
+    "tokens_area": "learned tokens, stage 1 with the area prior",
+    "uniform": "uniform (whole-map mimicking)",
+    "gt_boxes": "ground-truth boxes",
+    "random_tokens": "untrained tokens",
+}
+
+
+def selective_levels(stats: Dict[str, Dict[str, float]]) -> List[str]:
+    """Levels whose masks select: ``constant`` <= 0.5 and ``combined`` in [0.1, 0.9]."""
+    return [
+        lv
+        for lv, st in stats.items()
+        if st.get("constant", 1.0) <= 0.5 and 0.1 <= st.get("combined", 0.0) <= 0.9
+    ]
+
+
+def ablation_lines(results, seeds) -> List[str]:
+    """The mask-source ablation's tables (none without an ablation)."""
+    teachers = results["teachers"]
+    if not any(tr.get("ablation") for tr in teachers.values()):
+        return []
+    base = results["baseline"]
+    lines = [
+        "## Mask sources: feature loss only",
+        "",
+        "Students that distil features only (RoI box-regression KD off), each with another"
+        " source of the masks of loss_maskd (MODEL.MASKD.MASK_SOURCE); same schedule, seeds and"
+        " loss weight. Sources without student-customised masks (uniform, ground-truth boxes)"
+        " run without them. AP on the test split; differences per student seed.",
+        "",
+    ]
+    for t, tr in teachers.items():
+        abl = tr["ablation"]
+        lines += [
+            f"Teacher seed {t}:",
+            "",
+            "| mask source | AP: mean ± sd | AP per student seed | vs baseline: mean |"
+            " learned tokens minus this: mean (per seed) |",
+            "|---|---|---|---|---|",
+        ]
+        for src, runs in abl.items():
+            aps = [runs[s]["AP"] for s in seeds]
+            vs_base = mean(aps[i] - base[s]["AP"] for i, s in enumerate(seeds))
+            if "tokens" in abl and src != "tokens":
+                d = [abl["tokens"][s]["AP"] - runs[s]["AP"] for s in seeds]
+                minus = f"{mean(d):+.2f} (" + ", ".join(num(x, signed=True) for x in d) + ")"
+            else:
+                minus = "-"
+            sd = statistics.stdev(aps) if len(aps) > 1 else 0.0
+            lines.append(
+                f"| {SOURCE_NAMES.get(src, src)} | {mean(aps):.2f} ± {sd:.2f} | "
+                + ", ".join(num(a) for a in aps)
+                + f" | {num(vs_base, signed=True)} | {minus} |"
+            )
+        lines.append("")
+        for k, st in tr.get("tokens_area", {}).items():
+            lines += [
+                f"Tokens learned with the area prior (AREA_WEIGHT {results['area weight']}),"
+                f" stage-1 seed {k}: retention {ratio(st['retention'])}, selective levels"
+                f" {', '.join(selective_levels(st['token statistics'])) or 'none'}; per level"
+                " (constant / combined): "
+                + ", ".join(
+                    f"{lv} {v.get('constant', math.nan):.2f} / {v.get('combined', math.nan):.2f}"
+                    for lv, v in st["token statistics"].items()
+                ),
+                "",
+            ]
+    return lines
+
+
+def ablation_goals(results, seeds) -> List[str]:
+    """Goal lines of the ablation (none without one)."""
+    lines = []
+    for t, tr in results["teachers"].items():
+        abl = tr.get("ablation", {})
+        tag = f"teacher seed {t}: "
+        if "tokens" in abl and "uniform" in abl:
+            d = mean(abl["tokens"][s]["AP"] - abl["uniform"][s]["AP"] for s in seeds)
+            ok = d >= 0.5
+            lines.append(
+                f"- {tag}feature loss only, learned tokens - uniform >= +0.5 AP (mean): "
+                f"{'reached' if ok else 'NOT reached'} ({d:+.2f})"
+            )
+        if "tokens" in abl and "gt_boxes" in abl:
+            d = mean(abl["tokens"][s]["AP"] - abl["gt_boxes"][s]["AP"] for s in seeds)
+            lines.append(
+                f"- {tag}feature loss only, learned tokens >= ground-truth boxes (mean): "
+                f"{'reached' if d >= 0 else 'NOT reached'} ({d:+.2f})"
+            )
+        if not abl:
+            continue
+        kinds = [("learned tokens", tr["tokens"])]
+        if "tokens_area" in tr:
+            kinds.append(("tokens with the area prior", tr["tokens_area"]))
+        for what, runs in kinds:
+            sel = {k: selective_levels(r["token statistics"]) for k, r in runs.items()}
+            ok = all(len(v) >= 3 for v in sel.values())
+            ok = ok and all(r["retention"] >= 0.95 for r in runs.values())  # NaN fails
+            lines.append(
+                f"- {tag}{what}: selective masks (constant <= 0.5, combined in [0.1, 0.9]) on"
+                f" >= 3 levels with retention >= 0.95, every stage-1 seed: "
+                f"{'reached' if ok else 'NOT reached'} ("
+                + "; ".join(
+                    f"seed {k}: {', '.join(v) or 'no level'}, retention"
+                    f" {ratio(runs[k]['retention'])}"
+                    for k, v in sel.items()
+                )
+                + ")"
+            )
+    return lines
 
 
 def released_vs_training(teachers) -> str:

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,7 +37,7 @@ sys.path.insert(0, ROOT)  # distill_net.py
 import report as rep  # noqa: E402
 from shapes import shapes_dataset  # noqa: E402
 
-from distill_net import StageRunner, run_pipeline  # noqa: E402
+from distill_net import STAGES, StageRunner, run_pipeline  # noqa: E402
 
 logger = logging.getLogger("maskd.demo")
 
@@ -50,6 +51,15 @@ MASKD_CFG = os.path.join(CONFIGS, "maskd_shapes_R34-R18_2x.yaml")
 TEST_OPTS = ["DATASETS.TEST", '("maskd_shapes_test",)']
 
 
+# The mask sources of the ablation (MODEL.MASKD.MASK_SOURCE) and "tokens_area": the tokens
+# learned with the mask-area prior (stage 1 with MODEL.MASKD.AREA_WEIGHT), used as "tokens".
+ABLATION = ("tokens", "uniform", "gt_boxes", "random_tokens")
+# The students of the ablation distil features only: the RoI box-regression KD is off.
+FEATURE_ONLY = ["MODEL.MASKD.ROI_REG_KD.WEIGHT", "0.0"]
+# Sources without student-customised masks (maskd.mask_sources: CUSTOMISABLE) need it off.
+NOT_CUSTOMISABLE = ("uniform", "gt_boxes")
+
+
 def run_demo(
     output: str,
     quick: bool = False,
@@ -59,6 +69,9 @@ def run_demo(
     maskd_opts: Sequence[str] = (),
     teacher_seeds: int = 1,
     token_seeds: int = 1,
+    sources: Sequence[str] = (),
+    area_weight: float = 0.0,
+    jobs: int = 1,
 ) -> str:
     """Run the whole demo and write ``<output>/report.md``; returns its path.
 
@@ -76,10 +89,24 @@ def run_demo(
             change.
         token_seeds: how many stage-1 runs (seeds 0, 1, ...) per teacher, to measure how
             reliably the tokens keep the teacher's accuracy; the students use seed 0's tokens.
+        sources: the mask-source ablation: for each teacher and student seed, a student that
+            distils features only (RoI KD off) with each of these mask sources (a subset of
+            :data:`ABLATION`, or "tokens_area": the tokens learned with the area prior).
+        area_weight: with "tokens_area" in ``sources``, the stage-1 ``AREA_WEIGHT``.
+        jobs: how many training runs at a time (each then on one thread).
     """
     if fresh and os.path.isdir(output):
         logger.info("[demo] --fresh: removing %s", output)
         shutil.rmtree(output)
+    unknown = [x for x in sources if x not in ABLATION + ("tokens_area",)]
+    if unknown or ("tokens_area" in sources and not area_weight > 0):
+        raise ValueError(
+            f"unknown mask sources {unknown} (known: {list(ABLATION) + ['tokens_area']})"
+            if unknown
+            else "'tokens_area' needs --area-weight > 0"
+        )
+    if jobs > 1:  # several runs at a time, each on one core
+        os.environ["OMP_NUM_THREADS"] = "1"
     size = rep.QUICK if quick else rep.DEFAULT
     start = time.perf_counter()
     splits = shapes_dataset(
@@ -94,57 +121,107 @@ def run_demo(
     data_time = time.perf_counter() - start
     runner = StageRunner(register)
     student_schedule = rep.schedule(size["student_iter"])
+    pool = ThreadPoolExecutor(max_workers=jobs)
+
+    def in_parallel(tasks: Dict):
+        """Run the callables of ``tasks`` (at most ``jobs`` at a time); their results."""
+        futures = {k: pool.submit(fn) for k, fn in tasks.items()}
+        return {k: f.result() for k, f in futures.items()}
 
     def train(name, config, opts):
         out_dir = os.path.join(os.path.abspath(output), name)
         args = ["--config-file", config, *opts, *TEST_OPTS, "OUTPUT_DIR", out_dir]
-        return runner.run(name, out_dir, args)
+        return lambda: runner.run(name, out_dir, args)
 
-    baselines = {
-        s: train(f"student_seed{s}", STUDENT_CFG, student_schedule + ["SEED", str(s)])
+    first_runs = {
+        ("baseline", s): train(f"student_seed{s}", STUDENT_CFG, student_schedule + ["SEED", str(s)])
         for s in range(seeds)
     }
-    teachers = {}
     for t in range(teacher_seeds):
-        teacher_dir = train(
+        first_runs[("teacher", t)] = train(
             f"teacher_t{t}", TEACHER_CFG, rep.schedule(size["teacher_iter"]) + ["SEED", str(t)]
         )
-        teacher = dict(
+    done = in_parallel(first_runs)
+    baselines = {s: done[("baseline", s)] for s in range(seeds)}
+    tokens_opts = ["SOLVER.MAX_ITER", str(size["tokens_iter"])]
+    maskd_opts_all = student_schedule + [
+        "MODEL.MASKD.CUSTOM_MASK_WARMUP",
+        str(size["student_iter"] // 2),
+    ]
+
+    def pipeline(t, folder, stages, tokens_seed=0, extra_tokens=(), student=(), weights=""):
+        teacher_dir = done[("teacher", t)]
+        return lambda: run_pipeline(
+            os.path.join(output, folder),
+            TOKENS_CFG,
+            MASKD_CFG,
+            opts=TEST_OPTS,
+            tokens_opts=tokens_opts + ["SEED", str(tokens_seed), *extra_tokens],
+            student_opts=list(student),
+            tokens_weights=weights,
+            stages=stages,
+            runner=runner,
             teacher_config=TEACHER_CFG,
             teacher_weights=os.path.join(teacher_dir, "model_final.pth"),
         )
-        tokens_opts = ["SOLVER.MAX_ITER", str(size["tokens_iter"])]
-        maskd_opts_all = student_schedule + [
-            "MODEL.MASKD.CUSTOM_MASK_WARMUP",
-            str(size["student_iter"] // 2),
-        ]
-        pipelines = {}
-        for s in range(seeds):
-            # seed 0's pipeline learns the tokens (stage-1 seed 0); the others reuse them
-            first = os.path.join(output, f"maskd_t{t}_seed0", "tokens", "model_final.pth")
-            pipelines[s] = run_pipeline(
-                os.path.join(output, f"maskd_t{t}_seed{s}"),
-                TOKENS_CFG,
-                MASKD_CFG,
-                tokens_opts=tokens_opts + ["SEED", "0"],
-                student_opts=maskd_opts_all + ["SEED", str(s)] + list(maskd_opts),
-                tokens_weights=first if s > 0 else "",
-                runner=runner,
-                **teacher,
-            )
-        tokens = {0: pipelines[0]["stages"]["tokens"]["dir"]}
+
+    # stage 1: each teacher's tokens (seed 0's for the students, more seeds for retention)
+    stage1 = {}
+    for t in range(teacher_seeds):
+        stage1[(t, 0)] = pipeline(t, f"maskd_t{t}_seed0", ("tokens",))
         for k in range(1, token_seeds):
-            extra = run_pipeline(
-                os.path.join(output, f"tokens_t{t}_seed{k}"),
-                TOKENS_CFG,
-                MASKD_CFG,
-                tokens_opts=tokens_opts + ["SEED", str(k)],
-                stages=("tokens",),
-                runner=runner,
-                **teacher,
+            stage1[(t, k)] = pipeline(t, f"tokens_t{t}_seed{k}", ("tokens",), tokens_seed=k)
+        if "tokens_area" in sources:  # as many stage-1 seeds, for the retention
+            area = ["MODEL.MASKD.AREA_WEIGHT", str(float(area_weight))]
+            for k in range(token_seeds):
+                stage1[(t, "area", k)] = pipeline(
+                    t, f"tokens_area_t{t}_seed{k}", ("tokens",), tokens_seed=k, extra_tokens=area
+                )
+    stage1 = in_parallel(stage1)
+
+    def tokens_file(t, k=0):
+        return stage1[(t, k)]["stages"]["tokens"]["checkpoint"]
+
+    def tokens_dir(t, *k):
+        return stage1[(t, *k)]["stages"]["tokens"]["dir"]
+
+    # stage 2: the full recipe through the whole pipeline, and the ablation's students
+    students = {}
+    for t in range(teacher_seeds):
+        for s in range(seeds):
+            opts = maskd_opts_all + ["SEED", str(s)] + list(maskd_opts)
+            students[("maskd", t, s)] = pipeline(
+                t, f"maskd_t{t}_seed{s}", STAGES[1:], student=opts, weights=tokens_file(t)
             )
-            tokens[k] = extra["stages"]["tokens"]["dir"]
-        teachers[t] = {"dir": teacher_dir, "tokens": tokens, "maskd": pipelines}
+            for source in sources:
+                src = "tokens" if source == "tokens_area" else source
+                opts_src = opts + FEATURE_ONLY + ["MODEL.MASKD.MASK_SOURCE", src]
+                if src in NOT_CUSTOMISABLE:
+                    opts_src += ["MODEL.MASKD.CUSTOM_MASK_WARMUP", "-1"]
+                weights = tokens_file(t, *(("area", 0) if source == "tokens_area" else (0,)))
+                students[("ablation", t, s, source)] = pipeline(
+                    t,
+                    f"ablation_t{t}_{source}_seed{s}",
+                    ("student",),
+                    student=opts_src,
+                    weights=weights,
+                )
+    students = in_parallel(students)
+    pool.shutdown()
+
+    teachers = {}
+    for t in range(teacher_seeds):
+        tokens = {k: tokens_dir(t, k) for k in range(token_seeds)}
+        teachers[t] = {
+            "dir": done[("teacher", t)],
+            "tokens": tokens,
+            "maskd": {s: students[("maskd", t, s)] for s in range(seeds)},
+            "ablation": {
+                src: {s: students[("ablation", t, s, src)] for s in range(seeds)} for src in sources
+            },
+        }
+        if "tokens_area" in sources:
+            teachers[t]["tokens_area"] = {k: tokens_dir(t, "area", k) for k in range(token_seeds)}
 
     # The losses the MasKD students add to the baseline's (e.g. loss_maskd, loss_roi_reg_kd).
     distill = set()
@@ -154,37 +231,16 @@ def run_demo(
     results = {
         "distillation losses": sorted(distill),
         "maskd overrides": list(maskd_opts),
+        "area weight": area_weight,
         "baseline": {s: rep.final_metrics(d) for s, d in baselines.items()},
-        "teachers": {
-            t: {
-                "teacher": rep.final_metrics(tr["dir"]),
-                "tokens": {
-                    k: {
-                        "masked teacher": rep.final_metrics(d),
-                        "retention": rep.retention_of(d),
-                        "token statistics": rep.token_statistics_of(d),
-                    }
-                    for k, d in tr["tokens"].items()
-                },
-                # the released student, evaluated by plain detectron2 (the pipeline's last stage)
-                "maskd": {
-                    s: rep.evaluated_metrics(p["stages"]["evaluate"]["results"])
-                    for s, p in tr["maskd"].items()
-                },
-                "maskd in training": {
-                    s: rep.final_metrics(p["stages"]["student"]["dir"])
-                    for s, p in tr["maskd"].items()
-                },
-            }
-            for t, tr in teachers.items()
-        },
+        "teachers": {t: teacher_results(tr) for t, tr in teachers.items()},
     }
     first = teachers[0]
-    students = {
+    curves = {
         s: {"baseline": baselines[s], "maskd": first["maskd"][s]["stages"]["student"]["dir"]}
         for s in baselines
     }
-    plots(output, first["maskd"][0]["stages"]["tokens"]["dir"], students, splits)
+    plots(output, first["tokens"][0], curves, splits)
     total = time.perf_counter() - start
     times = stage_times(output, baselines, teachers)
     path = rep.write_report(output, results, times, data_time, total, quick, size)
@@ -193,6 +249,38 @@ def run_demo(
         json.dump(rep.json_safe(summary), f, indent=1, allow_nan=False)
     logger.info("[demo] report: %s", path)
     return path
+
+
+def teacher_results(tr) -> dict:
+    """One teacher's numbers for the report: its AP, its stage-1 runs, its students."""
+    out = {
+        "teacher": rep.final_metrics(tr["dir"]),
+        "tokens": {k: stage1_results(d) for k, d in tr["tokens"].items()},
+        # the released student, evaluated by plain detectron2 (the pipeline's last stage)
+        "maskd": {
+            s: rep.evaluated_metrics(p["stages"]["evaluate"]["results"])
+            for s, p in tr["maskd"].items()
+        },
+        "maskd in training": {
+            s: rep.final_metrics(p["stages"]["student"]["dir"]) for s, p in tr["maskd"].items()
+        },
+        # the ablation's students: their own final evaluation (no export)
+        "ablation": {
+            src: {s: rep.final_metrics(p["stages"]["student"]["dir"]) for s, p in runs.items()}
+            for src, runs in tr["ablation"].items()
+        },
+    }
+    if "tokens_area" in tr:
+        out["tokens_area"] = {k: stage1_results(d) for k, d in tr["tokens_area"].items()}
+    return out
+
+
+def stage1_results(out_dir) -> dict:
+    return {
+        "masked teacher": rep.final_metrics(out_dir),
+        "retention": rep.retention_of(out_dir),
+        "token statistics": rep.token_statistics_of(out_dir),
+    }
 
 
 def stage_times(output, baselines, teachers) -> Dict[str, float]:
@@ -207,6 +295,11 @@ def stage_times(output, baselines, teachers) -> Dict[str, float]:
             dirs[f"maskd_t{t}_seed{s}"] = p["stages"]["student"]["dir"]
             for stage in ("export", "evaluate"):
                 dirs[f"maskd_t{t}_seed{s} {stage}"] = p["stages"][stage]["dir"]
+        for k, d in tr.get("tokens_area", {}).items():
+            dirs[f"tokens_area_t{t}_seed{k}"] = d
+        for src, runs in tr["ablation"].items():
+            for s, p in runs.items():
+                dirs[f"ablation_t{t}_{src}_seed{s}"] = p["stages"]["student"]["dir"]
     return {name: StageRunner.finished(d)["seconds"] for name, d in dirs.items()}
 
 
@@ -258,6 +351,17 @@ def main(argv=None):
     parser.add_argument(
         "--maskd-opts", nargs="*", default=[], help="overrides of the MasKD students"
     )
+    parser.add_argument(
+        "--sources",
+        nargs="*",
+        default=[],
+        help=f"the mask-source ablation: feature-only students with each of {list(ABLATION)} "
+        "(and tokens_area: tokens learned with --area-weight)",
+    )
+    parser.add_argument(
+        "--area-weight", type=float, default=0.0, help="stage-1 AREA_WEIGHT of tokens_area"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at a time")
     args = parser.parse_args(argv)
     setup_logger(name="maskd")
     path = run_demo(
@@ -269,6 +373,9 @@ def main(argv=None):
         maskd_opts=args.maskd_opts,
         teacher_seeds=args.teacher_seeds,
         token_seeds=args.token_seeds,
+        sources=args.sources,
+        area_weight=args.area_weight,
+        jobs=args.jobs,
     )
     with open(path) as f:
         print(f.read())

@@ -32,7 +32,8 @@ def test_quick_demo_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     run(
         [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
-        + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"],
+        + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
+        + ["--sources", "tokens", "uniform"],
         tmp_path,
     )
     report = (out / "report.md").read_text()
@@ -41,7 +42,25 @@ def test_quick_demo_writes_the_report(tmp_path):
     runs = {"student_seed0", "teacher_t0", "tokens_t0_seed0", "tokens_t0_seed1", "maskd_t0_seed0"}
     runs |= {"teacher_t1", "tokens_t1_seed0", "tokens_t1_seed1", "maskd_t1_seed0"}
     runs |= {f"maskd_t{t}_seed0 {stage}" for t in (0, 1) for stage in ("export", "evaluate")}
+    runs |= {f"ablation_t{t}_{src}_seed0" for t in (0, 1) for src in ("tokens", "uniform")}
     assert set(times) == runs and all(v > 0 for v in times.values())
+    # the ablation's students: features only, with their mask source, evaluated on test
+    for t in (0, 1):
+        for src in ("tokens", "uniform"):
+            folder = out / f"ablation_t{t}_{src}_seed0" / "student"
+            config = (folder / "config.yaml").read_text()
+            assert f"MASK_SOURCE: {src}" in config and "maskd_shapes_test" in config
+            keys = {k for line in open(folder / "metrics.json") for k in json.loads(line)}
+            assert "loss_maskd" in keys and "loss_roi_reg_kd" not in keys
+        abl = results["teachers"][str(t)]["ablation"]
+        assert set(abl) == {"tokens", "uniform"}
+        aps = {src: abl[src]["0"]["AP"] for src in abl}
+        section = report[report.index("## Mask sources") : report.index("## Goals")]
+        block = section[section.index(f"Teacher seed {t}:") :]
+        cells = _row(block, "uniform (whole-map mimicking)")
+        assert cells[1] == _cell(aps["uniform"])
+        if None not in aps.values():
+            assert cells[3].startswith(_cell(aps["tokens"] - aps["uniform"], signed=True))
     # each MasKD student went through distill_net.py's four stages
     for t in (0, 1):
         pipeline = json.loads((out / f"maskd_t{t}_seed0" / "pipeline.json").read_text())
@@ -94,11 +113,13 @@ def test_quick_demo_writes_the_report(tmp_path):
     # Again: every stage is kept (the pipeline's markers), the report is written again.
     again = run(
         [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
-        + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"],
+        + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
+        + ["--sources", "tokens", "uniform"],
         tmp_path,
     )
-    # 1 baseline; per teacher: the teacher, 4 pipeline stages, 1 extra stage-1 run
-    assert (again.stdout + again.stderr).count("finished before, kept") == 13
+    # 1 baseline; per teacher: the teacher, 4 pipeline stages, 1 extra stage-1 run, 2 ablation
+    # students
+    assert (again.stdout + again.stderr).count("finished before, kept") == 17
     assert json.loads((out / "results.json").read_text())["results"] == results
 
 
@@ -238,3 +259,43 @@ def test_report_marks_a_model_without_detections_and_writes_strict_json(tmp_path
     assert safe["results"]["teachers"][0]["teacher"]["AP"] == 8.0 and safe["times"] == [1.5]
     json.dumps(safe, allow_nan=False)  # raises ValueError if any NaN is left
     assert math.isnan(results["teachers"][0]["tokens"][0]["retention"])
+
+
+def test_report_of_the_mask_source_ablation(tmp_path):
+    import report as demo
+
+    results = _results([10.0], [3.0, 4.0, 5.0], [[5.0, 6.0, 6.5]], [[1.0, 0.99, 0.98]])
+    tr = results["teachers"][0]
+
+    def m(ap):
+        return {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2}
+
+    tr["ablation"] = {
+        "tokens": {s: m(ap) for s, ap in enumerate([4.0, 5.0, 6.0])},
+        "uniform": {s: m(ap) for s, ap in enumerate([3.0, 5.0, 5.5])},  # tokens: +1, 0, +0.5
+        "gt_boxes": {s: m(ap) for s, ap in enumerate([4.5, 5.0, 6.0])},  # tokens: -0.5, 0, 0
+    }
+    selective = {"constant": 0.4, "combined": 0.5}
+    tr["tokens"][0]["token statistics"] = {
+        "p2": selective,
+        "p3": selective,
+        "p4": {"constant": 0.6, "combined": 0.5},  # too many constant masks
+        "p5": {"constant": 0.1, "combined": 0.95},  # nearly everything kept
+    }
+    report = open(
+        demo.write_report(str(tmp_path), results, {}, 0.0, 1.0, False, demo.DEFAULT)
+    ).read()
+    assert (
+        "| uniform (whole-map mimicking) | 4.50 ± 1.32 | 3.00, 5.00, 5.50 | +0.50 |"
+        " +0.50 (+1.00, +0.00, +0.50) |" in report
+    )
+    assert (
+        "| learned tokens (the paper's stage 1) | 5.00 ± 1.00 | 4.00, 5.00, 6.00 | +1.00 | - |"
+        in report
+    )
+    goals = report[report.index("## Goals") :]
+    assert "learned tokens - uniform >= +0.5 AP (mean): reached (+0.50)" in goals
+    assert "learned tokens >= ground-truth boxes (mean): NOT reached (-0.17)" in goals
+    # only seed 0's statistics were made selective on two levels: not reached
+    assert "learned tokens: selective masks" in goals and "NOT reached (seed 0: p2, p3" in goals
+    assert demo.selective_levels(tr["tokens"][0]["token statistics"]) == ["p2", "p3"]

@@ -22,7 +22,7 @@ from detectron2.modeling import Backbone
 from torch import nn
 
 from ._compat import register_state_dict_hook
-from .losses import dice_diversity_loss, masked_aggregate
+from .losses import combined_mask, dice_diversity_loss, masked_aggregate
 from .receptive_tokens import ReceptiveTokens
 
 __all__ = ["TokenMaskedBackbone", "RecordingBackbone", "TransparentWrapper", "unwrap_backbone"]
@@ -126,6 +126,7 @@ class TokenMaskedBackbone(_TransparentBackbone):
                 )
         self.tokens = tokens
         self.last_dice: Optional[Dict[str, torch.Tensor]] = None
+        self.last_area: Optional[Dict[str, torch.Tensor]] = None
         self.last_masks: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
         self.last_input_hw: Optional[Tuple[int, int]] = None
         self.masking = True
@@ -146,17 +147,20 @@ class TokenMaskedBackbone(_TransparentBackbone):
             features = self.inner(x)
         if not self.masking:
             return features
-        dice, kept = {}, {}
+        dice, area, kept = {}, {}, {}
         out = dict(features)
         for name, rt in self.tokens.items():
             feat = features[name]
             masks = rt.masks(feat)  # (N, T, H, W)
             weights = rt.weights(feat) if rt.weighted else None  # (N, T)
-            out[name] = masked_aggregate(feat, masks, weights)  # (N, C, H, W)
+            combined = combined_mask(masks, weights)  # (N, H, W)
+            out[name] = masked_aggregate(feat, masks, weights, combined)  # (N, C, H, W)
             if self.training:
                 dice[name] = dice_diversity_loss(masks)
+                area[name] = combined.float().mean()
                 kept[name] = (masks.detach(), None if weights is None else weights.detach())
         self.last_dice = dice if self.training else None
+        self.last_area = area if self.training else None
         self.last_masks = kept if self.training else None
         self.last_input_hw = tuple(x.shape[-2:])
         return out
@@ -169,6 +173,16 @@ class TokenMaskedBackbone(_TransparentBackbone):
             )
         dice, self.last_dice = self.last_dice, None
         return dice
+
+    def pop_area(self) -> Dict[str, torch.Tensor]:
+        """Returns and clears the per-level mean of the combined mask ``sum_t w_t M_t`` of the
+        last training forward (scalar tensors with gradient; padding included)."""
+        if self.last_area is None:
+            raise RuntimeError(
+                "the teacher's forward did not call its backbone: no receptive masks were made"
+            )
+        area, self.last_area = self.last_area, None
+        return area
 
     def pop_masks(self) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]], tuple]:
         """Returns and clears the masks of the last training forward.

@@ -186,6 +186,9 @@ def add_maskd_config(cfg: CN) -> CN:
     _C.CUSTOM_MASK_WARMUP = -1
     # Stage 1: weight of loss_dice (the Dice diversity loss, summed over levels).
     _C.DICE_WEIGHT = 1.0
+    # Stage 1, opt-in (not in the paper): weight of loss_area, the mask-area prior (the mean of
+    # the combined mask sum_t w_t M_t, summed over levels). 0.0: off, the paper's objective.
+    _C.AREA_WEIGHT = 0.0
     # Stage 2: MASK_SOURCE, where the masks of loss_maskd come from (maskd/mask_sources/):
     # "tokens" (the learned receptive tokens: the paper), "uniform" (every cell: whole-map
     # mimicking), "gt_boxes" (the ground-truth boxes' cells; GT_BOXES.BACKGROUND elsewhere),

@@ -12,6 +12,7 @@ import torch
 __all__ = [
     "masked_distillation_loss",
     "dice_diversity_loss",
+    "combined_mask",
     "masked_aggregate",
     "raise_if_not_finite",
 ]
@@ -135,8 +136,28 @@ def dice_diversity_loss(masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         return dice[:, off_diag].sum() / (n * t * (t - 1))
 
 
+def combined_mask(masks: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The combined mask ``sum_t w_t M_t`` (unweighted: ``sum_t M_t``).
+
+    Args:
+        masks: (N, T, H, W) soft masks.
+        weights: (N, T) token weights, or None.
+
+    Returns:
+        (N, H, W) tensor in the dtype of ``masks``.
+    """
+    if masks.dim() != 4:
+        raise ValueError(f"masks must have shape (N, T, H, W), got {tuple(masks.shape)}")
+    if weights is not None:
+        return torch.einsum("nthw,nt->nhw", masks, weights.to(masks.dtype))
+    return masks.sum(dim=1)
+
+
 def masked_aggregate(
-    features: torch.Tensor, masks: torch.Tensor, weights: Optional[torch.Tensor] = None
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    combined: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The masked aggregate of stage 1, ``sum_t w_t * (M_t * x)``.
 
@@ -146,6 +167,7 @@ def masked_aggregate(
         features: (N, C, H, W) features x.
         masks: (N, T, H, W) soft masks.
         weights: (N, T) token weights, or None for the plain sum over tokens.
+        combined: :func:`combined_mask` of ``masks`` and ``weights`` if already computed.
 
     Returns:
         (N, C, H, W) tensor in the dtype of ``features``.
@@ -159,10 +181,8 @@ def masked_aggregate(
             f"masks of shape {tuple(masks.shape)} do not fit features of shape "
             f"{tuple(features.shape)}: expected (N, T, H, W) with the features' N, H, W"
         )
-    if weights is not None:
-        combined = torch.einsum("nthw,nt->nhw", masks, weights.to(masks.dtype))
-    else:
-        combined = masks.sum(dim=1)
+    if combined is None:
+        combined = combined_mask(masks, weights)
     return features * combined.unsqueeze(1).to(features.dtype)  # (N, C, H, W)
 
 

@@ -103,6 +103,7 @@ class MasKDTokenLearner(nn.Module):
         num_tokens: int = 6,
         weighted: bool = True,
         dice_weight: float = 1.0,
+        area_weight: float = 0.0,
         teacher_from_checkpoint: bool = False,
         input_format: Optional[str] = None,
     ):
@@ -116,6 +117,10 @@ class MasKDTokenLearner(nn.Module):
             num_tokens: tokens per level.
             weighted: whether to learn mask-weight heads.
             dice_weight: weight of the Dice diversity loss.
+            area_weight: weight of ``loss_area``, the mask-area prior: the mean of the combined
+                mask ``sum_t w_t M_t`` over images and cells, summed over levels (not part of
+                the paper's objective; 0: off, the paper). It makes keeping a cell cost
+                something, so that the tokens keep only what the teacher's loss needs.
             teacher_from_checkpoint: the teacher's weights are not loaded yet but come with the
                 checkpoint to be loaded (evaluation of a stage-1 checkpoint): its fingerprint is
                 then taken from that checkpoint instead of checked against it.
@@ -124,6 +129,8 @@ class MasKDTokenLearner(nn.Module):
                 converted (:mod:`maskd.pairing`), in training and in evaluation.
         """
         super().__init__()
+        if area_weight < 0:
+            raise ValueError(f"MODEL.MASKD.AREA_WEIGHT must be >= 0, got {area_weight}")
         if num_tokens < 2 and dice_weight > 0:
             raise ValueError(
                 f"MODEL.MASKD.NUM_TOKENS = {num_tokens}: the Dice loss compares pairs of tokens, so "
@@ -151,6 +158,7 @@ class MasKDTokenLearner(nn.Module):
         self.teacher = teacher
         self.in_features = levels
         self.dice_weight = dice_weight
+        self.area_weight = area_weight
         logger.info(
             "MasKDTokenLearner: %d tokens (weighted=%s) on levels %s",
             num_tokens,
@@ -170,6 +178,7 @@ class MasKDTokenLearner(nn.Module):
             "num_tokens": mcfg.NUM_TOKENS,
             "weighted": mcfg.WEIGHTED,
             "dice_weight": mcfg.DICE_WEIGHT,
+            "area_weight": mcfg.AREA_WEIGHT,
             "teacher_from_checkpoint": not load_teacher,
             "input_format": cfg.INPUT.FORMAT,
         }
@@ -206,7 +215,8 @@ class MasKDTokenLearner(nn.Module):
             batched_inputs: a list of dicts, as detectron2's DatasetMapper produces them.
 
         Returns:
-            training: dict of scalar losses: the teacher's task losses and ``loss_dice``;
+            training: dict of scalar losses: the teacher's task losses, ``loss_dice`` and,
+                with ``area_weight`` > 0, ``loss_area``;
                 the token statistics of every level (:mod:`maskd.diagnostics`) go to the
                 event storage.
             inference: the teacher's outputs on masked features, one dict per image.
@@ -219,6 +229,7 @@ class MasKDTokenLearner(nn.Module):
         with task_loss_mode(self.teacher):
             losses = self.teacher(batched_inputs)
         dice = self.teacher.backbone.pop_dice()
+        area = self.teacher.backbone.pop_area()
         storage = get_event_storage()
         raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
         raise_if_not_finite(dice, "loss_dice (per level)", storage.iter)
@@ -231,7 +242,11 @@ class MasKDTokenLearner(nn.Module):
                 for lv, (m, w) in masks.items()
             },
         )
-        if "loss_dice" in losses:
-            raise KeyError("the teacher already returns a loss named 'loss_dice'")
-        losses["loss_dice"] = self.dice_weight * sum(dice.values())
+        ours = {"loss_dice": self.dice_weight * sum(dice.values())}
+        if self.area_weight > 0:
+            ours["loss_area"] = self.area_weight * sum(area.values())
+        clash = sorted(set(ours) & set(losses))
+        if clash:
+            raise KeyError(f"the teacher already returns losses named {clash}")
+        losses.update(ours)
         return losses
