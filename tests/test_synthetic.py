@@ -58,3 +58,24 @@ def test_registered_splits_load_in_detectron2(tmp_path):
     dicts = DatasetCatalog.get("shapes_test_train")
     assert len(dicts) == 4 and all(d["height"] == 64 for d in dicts)
     assert any(d["annotations"] for d in dicts)
+
+
+def test_the_test_split_is_disjoint_and_leaves_train_and_val_as_they_were(tmp_path):
+    two = shapes_dataset(str(tmp_path / "a"), 4, 3, seed=0, size=64)
+    three = shapes_dataset(str(tmp_path / "b"), 4, 3, seed=0, size=64, num_test=3)
+    assert set(two) == {"train", "val"} and set(three) == {"train", "val", "test"}
+
+    def pixels(split):
+        json_file, image_dir = split
+        with open(json_file) as f:
+            names = [im["file_name"] for im in json.load(f)["images"]]
+        return [cv2.imread(os.path.join(image_dir, n)).tobytes() for n in names]
+
+    for name in ("train", "val"):  # adding a test split changes nothing else
+        assert pixels(two[name]) == pixels(three[name])
+    test = set(pixels(three["test"]))
+    assert (
+        len(test) == 3
+        and not test & set(pixels(three["val"]))
+        and not test & set(pixels(three["train"]))
+    )
