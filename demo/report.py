@@ -298,7 +298,7 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
 
 SOURCE_NAMES = {
     "tokens": "learned tokens (the paper's stage 1)",
-    "tokens_area": "learned tokens, stage 1 with the area prior",
+    "tokens_variant": "learned tokens, the variant's stage 1",
     "uniform": "uniform (whole-map mimicking)",
     "gt_boxes": "ground-truth boxes",
     "random_tokens": "untrained tokens",
@@ -353,9 +353,9 @@ def ablation_lines(results, seeds) -> List[str]:
                 + f" | {num(vs_base, signed=True)} | {minus} |"
             )
         lines.append("")
-        for k, st in tr.get("tokens_area", {}).items():
+        for k, st in tr.get("tokens_variant", {}).items():
             lines += [
-                f"Tokens learned with the area prior (AREA_WEIGHT {results['area weight']}),"
+                f"The variant's tokens (stage 1 with `{' '.join(results['variant overrides'])}`),"
                 f" stage-1 seed {k}: retention {ratio(st['retention'])}, selective levels"
                 f" {', '.join(selective_levels(st['token statistics'])) or 'none'}; per level"
                 " (constant / combined): "
@@ -390,8 +390,8 @@ def ablation_goals(results, seeds) -> List[str]:
         if not abl:
             continue
         kinds = [("learned tokens", tr["tokens"])]
-        if "tokens_area" in tr:
-            kinds.append(("tokens with the area prior", tr["tokens_area"]))
+        if "tokens_variant" in tr:
+            kinds.append(("the variant's tokens", tr["tokens_variant"]))
         for what, runs in kinds:
             sel = {k: selective_levels(r["token statistics"]) for k, r in runs.items()}
             ok = all(len(v) >= 3 for v in sel.values())

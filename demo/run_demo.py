@@ -51,8 +51,8 @@ MASKD_CFG = os.path.join(CONFIGS, "maskd_shapes_R34-R18_2x.yaml")
 TEST_OPTS = ["DATASETS.TEST", '("maskd_shapes_test",)']
 
 
-# The mask sources of the ablation (MODEL.MASKD.MASK_SOURCE) and "tokens_area": the tokens
-# learned with the mask-area prior (stage 1 with MODEL.MASKD.AREA_WEIGHT), used as "tokens".
+# The mask sources of the ablation (MODEL.MASKD.MASK_SOURCE) and "tokens_variant": tokens
+# learned with other stage-1 settings (--variant-opts, e.g. the mask-area prior), used as "tokens".
 ABLATION = ("tokens", "uniform", "gt_boxes", "random_tokens")
 # The students of the ablation distil features only: the RoI box-regression KD is off.
 FEATURE_ONLY = ["MODEL.MASKD.ROI_REG_KD.WEIGHT", "0.0"]
@@ -70,7 +70,7 @@ def run_demo(
     teacher_seeds: int = 1,
     token_seeds: int = 1,
     sources: Sequence[str] = (),
-    area_weight: float = 0.0,
+    variant_opts: Sequence[str] = (),
     jobs: int = 1,
 ) -> str:
     """Run the whole demo and write ``<output>/report.md``; returns its path.
@@ -91,19 +91,21 @@ def run_demo(
             reliably the tokens keep the teacher's accuracy; the students use seed 0's tokens.
         sources: the mask-source ablation: for each teacher and student seed, a student that
             distils features only (RoI KD off) with each of these mask sources (a subset of
-            :data:`ABLATION`, or "tokens_area": the tokens learned with the area prior).
-        area_weight: with "tokens_area" in ``sources``, the stage-1 ``AREA_WEIGHT``.
+            :data:`ABLATION`, or "tokens_variant": tokens learned with ``variant_opts``).
+        variant_opts: with "tokens_variant" in ``sources``, config overrides (``KEY VALUE``) of
+            the variant's stage-1 runs and of its students, e.g. ``MODEL.MASKD.WEIGHTED False``
+            or ``MODEL.MASKD.AREA_WEIGHT 0.05``.
         jobs: how many training runs at a time (each then on one thread).
     """
     if fresh and os.path.isdir(output):
         logger.info("[demo] --fresh: removing %s", output)
         shutil.rmtree(output)
-    unknown = [x for x in sources if x not in ABLATION + ("tokens_area",)]
-    if unknown or ("tokens_area" in sources and not area_weight > 0):
+    unknown = [x for x in sources if x not in ABLATION + ("tokens_variant",)]
+    if unknown or ("tokens_variant" in sources and not variant_opts):
         raise ValueError(
-            f"unknown mask sources {unknown} (known: {list(ABLATION) + ['tokens_area']})"
+            f"unknown mask sources {unknown} (known: {list(ABLATION) + ['tokens_variant']})"
             if unknown
-            else "'tokens_area' needs --area-weight > 0"
+            else "'tokens_variant' needs --variant-opts"
         )
     if jobs > 1:  # several runs at a time, each on one core
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -171,16 +173,19 @@ def run_demo(
         stage1[(t, 0)] = pipeline(t, f"maskd_t{t}_seed0", ("tokens",))
         for k in range(1, token_seeds):
             stage1[(t, k)] = pipeline(t, f"tokens_t{t}_seed{k}", ("tokens",), tokens_seed=k)
-        if "tokens_area" in sources:  # as many stage-1 seeds, for the retention
-            area = ["MODEL.MASKD.AREA_WEIGHT", str(float(area_weight))]
+        if "tokens_variant" in sources:  # as many stage-1 seeds, for the retention
             for k in range(token_seeds):
-                stage1[(t, "area", k)] = pipeline(
-                    t, f"tokens_area_t{t}_seed{k}", ("tokens",), tokens_seed=k, extra_tokens=area
+                stage1[(t, "variant", k)] = pipeline(
+                    t,
+                    f"tokens_variant_t{t}_seed{k}",
+                    ("tokens",),
+                    tokens_seed=k,
+                    extra_tokens=variant_opts,
                 )
     stage1 = in_parallel(stage1)
 
-    def tokens_file(t, k=0):
-        return stage1[(t, k)]["stages"]["tokens"]["checkpoint"]
+    def tokens_file(t, *k):
+        return stage1[(t, *k)]["stages"]["tokens"]["checkpoint"]
 
     def tokens_dir(t, *k):
         return stage1[(t, *k)]["stages"]["tokens"]["dir"]
@@ -191,14 +196,17 @@ def run_demo(
         for s in range(seeds):
             opts = maskd_opts_all + ["SEED", str(s)] + list(maskd_opts)
             students[("maskd", t, s)] = pipeline(
-                t, f"maskd_t{t}_seed{s}", STAGES[1:], student=opts, weights=tokens_file(t)
+                t, f"maskd_t{t}_seed{s}", STAGES[1:], student=opts, weights=tokens_file(t, 0)
             )
             for source in sources:
-                src = "tokens" if source == "tokens_area" else source
+                src = "tokens" if source == "tokens_variant" else source
                 opts_src = opts + FEATURE_ONLY + ["MODEL.MASKD.MASK_SOURCE", src]
                 if src in NOT_CUSTOMISABLE:
                     opts_src += ["MODEL.MASKD.CUSTOM_MASK_WARMUP", "-1"]
-                weights = tokens_file(t, *(("area", 0) if source == "tokens_area" else (0,)))
+                variant = source == "tokens_variant"
+                if variant:
+                    opts_src += list(variant_opts)
+                weights = tokens_file(t, *(("variant", 0) if variant else (0,)))
                 students[("ablation", t, s, source)] = pipeline(
                     t,
                     f"ablation_t{t}_{source}_seed{s}",
@@ -220,8 +228,10 @@ def run_demo(
                 src: {s: students[("ablation", t, s, src)] for s in range(seeds)} for src in sources
             },
         }
-        if "tokens_area" in sources:
-            teachers[t]["tokens_area"] = {k: tokens_dir(t, "area", k) for k in range(token_seeds)}
+        if "tokens_variant" in sources:
+            teachers[t]["tokens_variant"] = {
+                k: tokens_dir(t, "variant", k) for k in range(token_seeds)
+            }
 
     # The losses the MasKD students add to the baseline's (e.g. loss_maskd, loss_roi_reg_kd).
     distill = set()
@@ -231,7 +241,7 @@ def run_demo(
     results = {
         "distillation losses": sorted(distill),
         "maskd overrides": list(maskd_opts),
-        "area weight": area_weight,
+        "variant overrides": list(variant_opts),
         "baseline": {s: rep.final_metrics(d) for s, d in baselines.items()},
         "teachers": {t: teacher_results(tr) for t, tr in teachers.items()},
     }
@@ -270,8 +280,8 @@ def teacher_results(tr) -> dict:
             for src, runs in tr["ablation"].items()
         },
     }
-    if "tokens_area" in tr:
-        out["tokens_area"] = {k: stage1_results(d) for k, d in tr["tokens_area"].items()}
+    if "tokens_variant" in tr:
+        out["tokens_variant"] = {k: stage1_results(d) for k, d in tr["tokens_variant"].items()}
     return out
 
 
@@ -295,8 +305,8 @@ def stage_times(output, baselines, teachers) -> Dict[str, float]:
             dirs[f"maskd_t{t}_seed{s}"] = p["stages"]["student"]["dir"]
             for stage in ("export", "evaluate"):
                 dirs[f"maskd_t{t}_seed{s} {stage}"] = p["stages"][stage]["dir"]
-        for k, d in tr.get("tokens_area", {}).items():
-            dirs[f"tokens_area_t{t}_seed{k}"] = d
+        for k, d in tr.get("tokens_variant", {}).items():
+            dirs[f"tokens_variant_t{t}_seed{k}"] = d
         for src, runs in tr["ablation"].items():
             for s, p in runs.items():
                 dirs[f"ablation_t{t}_{src}_seed{s}"] = p["stages"]["student"]["dir"]
@@ -356,10 +366,13 @@ def main(argv=None):
         nargs="*",
         default=[],
         help=f"the mask-source ablation: feature-only students with each of {list(ABLATION)} "
-        "(and tokens_area: tokens learned with --area-weight)",
+        "(and tokens_variant: tokens learned with --variant-opts)",
     )
     parser.add_argument(
-        "--area-weight", type=float, default=0.0, help="stage-1 AREA_WEIGHT of tokens_area"
+        "--variant-opts",
+        nargs="*",
+        default=[],
+        help="overrides of the stage-1 runs and students of tokens_variant",
     )
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time")
     args = parser.parse_args(argv)
@@ -374,7 +387,7 @@ def main(argv=None):
         teacher_seeds=args.teacher_seeds,
         token_seeds=args.token_seeds,
         sources=args.sources,
-        area_weight=args.area_weight,
+        variant_opts=args.variant_opts,
         jobs=args.jobs,
     )
     with open(path) as f:

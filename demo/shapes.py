@@ -195,3 +195,31 @@ def register_shapes(
     names = {split: f"{prefix}_{split}" for split in splits}
     register_coco_datasets([(names[s], *splits[s]) for s in splits])
     return names
+
+
+def without_class(json_file: str, name: str, output: str) -> int:
+    """Write a copy of a split's COCO json without the annotations of class ``name`` (the
+    images and categories stay): the class's shapes become unlabelled objects. Returns how many
+    annotations were dropped."""
+    with open(json_file) as f:
+        data = json.load(f)
+    ids = [c["id"] for c in data["categories"] if c["name"] == name]
+    if not ids:
+        raise ValueError(f"{json_file} has no class '{name}'")
+    kept = [a for a in data["annotations"] if a["category_id"] != ids[0]]
+    dropped = len(data["annotations"]) - len(kept)
+    data["annotations"] = kept
+    with open(output, "w") as f:
+        json.dump(data, f)
+    return dropped
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the demo's data: a split without one class")
+    parser.add_argument("json_file")
+    parser.add_argument("output")
+    parser.add_argument("--without-class", required=True, choices=CLASSES)
+    args = parser.parse_args()
+    print(without_class(args.json_file, args.without_class, args.output), "annotations dropped")

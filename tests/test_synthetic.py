@@ -5,6 +5,7 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 from detectron2.data import DatasetCatalog
 from pycocotools import mask as mask_util
 from shapes import CLASSES, generate_split, register_shapes, shapes_dataset
@@ -79,3 +80,21 @@ def test_the_test_split_is_disjoint_and_leaves_train_and_val_as_they_were(tmp_pa
         and not test & set(pixels(three["val"]))
         and not test & set(pixels(three["train"]))
     )
+
+
+def test_a_split_without_one_class(tmp_path):
+    from shapes import without_class
+
+    json_file, _ = generate_split(str(tmp_path), "val", 6, seed=0, size=64)
+    out = str(tmp_path / "no_ring.json")
+    with open(json_file) as f:
+        before = json.load(f)
+    ring = CLASSES.index("ring") + 1
+    n_ring = sum(a["category_id"] == ring for a in before["annotations"])
+    assert without_class(json_file, "ring", out) == n_ring
+    with open(out) as f:
+        after = json.load(f)
+    assert after["images"] == before["images"] and after["categories"] == before["categories"]
+    assert after["annotations"] == [a for a in before["annotations"] if a["category_id"] != ring]
+    with pytest.raises(ValueError, match="no class 'hexagon'"):
+        without_class(json_file, "hexagon", out)
