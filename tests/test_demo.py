@@ -35,6 +35,7 @@ def test_quick_demo_writes_the_report(tmp_path):
         + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
         + ["--sources", "tokens", "uniform"],
         tmp_path,
+        timeout=1800,  # the whole quick demo: 2 teachers, 2 stage-1 seeds, the ablation
     )
     report = (out / "report.md").read_text()
     summary = json.loads((out / "results.json").read_text())

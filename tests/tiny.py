@@ -274,12 +274,12 @@ def maskd_cfg(stage, student_kind, teacher_config, teacher_weights, tokens_weigh
     return cfg
 
 
-def run(args, tmp, check=True):
+def run(args, tmp, check=True, timeout=900):
     """Run ``python ARGS`` in ``tmp`` with this checkout on the path; assert success."""
     path = os.pathsep.join([os.path.join(ROOT, "tests"), os.path.join(ROOT, "projects", "MasKD")])
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2")
     proc = subprocess.run(
-        [sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout
     )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
