@@ -199,14 +199,14 @@ def run_demo(
                 t, f"maskd_t{t}_seed{s}", STAGES[1:], student=opts, weights=tokens_file(t, 0)
             )
             for source in sources:
-                src = "tokens" if source == "tokens_variant" else source
+                variant = source == "tokens_variant"
+                src = "tokens" if variant else source
                 opts_src = opts + FEATURE_ONLY + ["MODEL.MASKD.MASK_SOURCE", src]
                 if src in NOT_CUSTOMISABLE:
                     opts_src += ["MODEL.MASKD.CUSTOM_MASK_WARMUP", "-1"]
-                variant = source == "tokens_variant"
                 if variant:
                     opts_src += list(variant_opts)
-                weights = tokens_file(t, *(("variant", 0) if variant else (0,)))
+                weights = tokens_file(t, "variant", 0) if variant else tokens_file(t, 0)
                 students[("ablation", t, s, source)] = pipeline(
                     t,
                     f"ablation_t{t}_{source}_seed{s}",

@@ -207,6 +207,11 @@ def test_random_tokens_are_untrained_seeded_and_saved(tmp_path):
 
 
 # ----------------------------------------------------------------------------- every source
+def source_tokens(model, source, lv):
+    """The ReceptiveTokens whose masks a token source uses at level ``lv``."""
+    return model.mask_source.tokens[lv] if source == "random_tokens" else model.tokens[lv]
+
+
 def reference_masks(model, source, lv, s, t, batch):
     """The masks and weights a source should give, computed without the source."""
     h, w = t.shape[-2:]
@@ -217,7 +222,7 @@ def reference_masks(model, source, lv, s, t, batch):
             cells_reference(x["instances"].gt_boxes.tensor, model.strides[lv], h, w) for x in batch
         ]
         return torch.stack(fg)[:, None], None
-    rt = model.mask_source.tokens[lv] if source == "random_tokens" else model.tokens[lv]
+    rt = source_tokens(model, source, lv)
     return torch.sigmoid(torch.einsum("tc,nchw->nthw", rt.tokens, t)), rt.weights(t)
 
 
@@ -242,7 +247,7 @@ def test_each_source_value_and_gradient_against_a_detached_reference(tmp_path, s
             masks, weights = reference_masks(model, source, lv, s[lv], t[lv], batch)
             aligned = F.conv2d(ref_leaf[lv], model.align[lv].weight, model.align[lv].bias)
             if customisable and it >= 2:
-                rt = model.mask_source.tokens[lv] if source == "random_tokens" else model.tokens[lv]
+                rt = source_tokens(model, source, lv)
                 student_side = torch.sigmoid(torch.einsum("tc,nchw->nthw", rt.tokens, aligned))
                 masks = masks * student_side.detach()
             want[lv] = masked_distillation_loss(aligned, t[lv], masks, weights)

@@ -165,24 +165,24 @@ class TokenMaskedBackbone(_TransparentBackbone):
         self.last_input_hw = tuple(x.shape[-2:])
         return out
 
-    def pop_dice(self) -> Dict[str, torch.Tensor]:
-        """Returns and clears the per-level Dice losses of the last forward (scalar tensors)."""
-        if self.last_dice is None:
+    def _pop(self, name: str):
+        """Return and clear ``self.<name>``, left by the last training forward."""
+        value = getattr(self, name)
+        if value is None:
             raise RuntimeError(
                 "the teacher's forward did not call its backbone: no receptive masks were made"
             )
-        dice, self.last_dice = self.last_dice, None
-        return dice
+        setattr(self, name, None)
+        return value
+
+    def pop_dice(self) -> Dict[str, torch.Tensor]:
+        """Returns and clears the per-level Dice losses of the last forward (scalar tensors)."""
+        return self._pop("last_dice")
 
     def pop_area(self) -> Dict[str, torch.Tensor]:
         """Returns and clears the per-level mean of the combined mask ``sum_t w_t M_t`` of the
         last training forward (scalar tensors with gradient; padding included)."""
-        if self.last_area is None:
-            raise RuntimeError(
-                "the teacher's forward did not call its backbone: no receptive masks were made"
-            )
-        area, self.last_area = self.last_area, None
-        return area
+        return self._pop("last_area")
 
     def pop_masks(self) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]], tuple]:
         """Returns and clears the masks of the last training forward.
@@ -191,12 +191,7 @@ class TokenMaskedBackbone(_TransparentBackbone):
             (level -> ((N, T, H, W) masks, (N, T) weights or None), detached;
             (H, W) of the padded input batch).
         """
-        if self.last_masks is None:
-            raise RuntimeError(
-                "the teacher's forward did not call its backbone: no receptive masks were made"
-            )
-        masks, self.last_masks = self.last_masks, None
-        return masks, self.last_input_hw
+        return self._pop("last_masks"), self.last_input_hw
 
 
 class RecordingBackbone(_TransparentBackbone):

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..receptive_tokens import build_level_tokens
-from .base import MASK_SOURCE_REGISTRY, MaskSource
-from .tokens import token_masks
+from .base import MASK_SOURCE_REGISTRY
+from .tokens import TokenMasks
 
 __all__ = ["RandomTokenMasks"]
 
@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 @MASK_SOURCE_REGISTRY.register()
-class RandomTokenMasks(MaskSource):
+class RandomTokenMasks(TokenMasks):
     """Tokens and weight heads of the learned ones' levels and shapes, freshly initialised as
     stage 1 starts them (tokens N(0, 0.01^2): masks near 0.5 everywhere) and frozen; used
     exactly as the learned tokens are, customised masks included. They are drawn from torch's
@@ -23,7 +23,7 @@ class RandomTokenMasks(MaskSource):
     the stage-2 checkpoint (``mask_source.tokens.*``)."""
 
     NAME = "random_tokens"
-    CUSTOMISABLE = True
+    LEARNED_TOKENS = False
 
     def __init__(self, tokens: nn.ModuleDict):
         """
@@ -42,11 +42,5 @@ class RandomTokenMasks(MaskSource):
         logger.info("mask source 'random_tokens': untrained tokens on levels %s", list(tokens))
         return cls(fresh, **kwargs)
 
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-    def forward(self, level, tokens, teacher, stride, valid, sizes, batched_inputs):
-        return token_masks(self.tokens[level], teacher, valid, sizes)
-
-    def customise(self, level, tokens, aligned):
-        return self.tokens[level].masks(aligned)
+    def level_tokens(self, level, tokens):
+        return self.tokens[level]

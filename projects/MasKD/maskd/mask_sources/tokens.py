@@ -42,8 +42,12 @@ class TokenMasks(MaskSource):
     LEARNED_TOKENS = True
     CUSTOMISABLE = True
 
+    def level_tokens(self, level, tokens):
+        """The ReceptiveTokens whose masks this source uses at ``level`` (the learned ones)."""
+        return tokens
+
     def forward(self, level, tokens, teacher, stride, valid, sizes, batched_inputs):
-        return token_masks(tokens, teacher, valid, sizes)
+        return token_masks(self.level_tokens(level, tokens), teacher, valid, sizes)
 
     def customise(self, level, tokens, aligned):
-        return tokens.masks(aligned)
+        return self.level_tokens(level, tokens).masks(aligned)
