@@ -198,7 +198,7 @@ def test_token_export_keeps_the_fingerprint_and_checks_it(ws, tmp_path):
         tmp_path,
         check=False,
     )
-    assert out.returncode != 0 and "not those the tokens were learned for" in out.stderr
+    assert out.returncode != 0 and "not those its tokens were learned for" in out.stderr
     assert not (tmp_path / "t2.pth").exists()
 
 

@@ -43,7 +43,9 @@ def main(argv=None):
     setup_logger(name="maskd")
     if args.what == "student":
         cfg = load_config(args.config_file, args.opts) if args.config_file else None
-        export_student(args.checkpoint, args.output, cfg, overwrite=args.force)
+        export_student(
+            args.checkpoint, args.output, cfg, overwrite=args.force, config_file=args.config_file
+        )
     else:
         export_tokens(args.checkpoint, args.output, overwrite=args.force)
     logging.getLogger("maskd").info("done: %s", args.output)

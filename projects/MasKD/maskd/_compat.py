@@ -7,6 +7,7 @@ import contextlib
 from typing import Any, Dict
 from urllib.parse import urlparse
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
@@ -16,6 +17,7 @@ __all__ = [
     "NORM_TYPES",
     "load_state_into",
     "read_checkpoint_file",
+    "SafeLoadingCheckpointer",
     "pkl_checkpoint",
     "cpu_ddp_in_default_trainer",
     "register_state_dict_hook",
@@ -34,16 +36,41 @@ def load_state_into(model: nn.Module, checkpoint: Dict[str, Any]) -> Incompatibl
     return DetectionCheckpointer(model)._load_model(checkpoint)
 
 
+class SafeLoadingCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose file reading runs no code from the file: ``.pth`` and
+    pycls ``.pyth`` files through ``torch.load(..., weights_only=True)`` (explicit, so neither
+    an older torch's default nor ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` changes it), ``.pkl``
+    through :func:`pkl_checkpoint`.
+
+    Overrides ``_torch_load`` (what ``DetectionCheckpointer._load_file`` calls for .pth files,
+    detectron2 v0.7.2) and the .pkl / .pyth branches of ``_load_file``."""
+
+    def _torch_load(self, f: str) -> Dict[str, Any]:
+        return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            return pkl_checkpoint(filename)
+        if filename.endswith(".pyth"):  # pycls (RegNet ImageNet models), as detectron2 reads it
+            data = self._torch_load(filename)
+            if not isinstance(data, dict) or "model_state" not in data:
+                raise ValueError(f"'{filename}': a pycls .pyth checkpoint holds 'model_state'")
+            state = {
+                k: v
+                for k, v in data["model_state"].items()
+                if not k.endswith("num_batches_tracked")
+            }
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        return super()._load_file(filename)
+
+
 def read_checkpoint_file(path: str) -> Dict[str, Any]:
     """What ``DetectionCheckpointer.load(path)`` reads before loading: the path manager's local
     copy (``detectron2://`` and URLs), the ``?matching_heuristics=True`` query honoured, and
-    ``_load_file`` (.pth through torch's weights-only loading; detectron2 and Caffe2 .pkl through
-    :func:`pkl_checkpoint`, which runs no code from the file)."""
-    checkpointer = DetectionCheckpointer(nn.Module())
+    ``_load_file`` of :class:`SafeLoadingCheckpointer` (no code from the file)."""
+    checkpointer = SafeLoadingCheckpointer(nn.Module())
     parsed = urlparse(path)
     local = checkpointer.path_manager.get_local_path(parsed._replace(query="").geturl())
-    if local.endswith(".pkl"):
-        return pkl_checkpoint(local)
     checkpointer._parsed_url_during_load = parsed
     try:
         return checkpointer._load_file(local)

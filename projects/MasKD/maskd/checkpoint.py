@@ -15,15 +15,30 @@ model is left out. Student and teacher keys are those of plain detectron2 models
 
 import logging
 import os
+import re
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence
+from urllib.parse import urlparse
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ._compat import IncompatibleKeys, load_state_into, pkl_checkpoint, read_checkpoint_file
-from .provenance import FINGERPRINT_KEY, checkpoint_teacher_state, fingerprint, fingerprint_text
+from ._compat import (
+    IncompatibleKeys,
+    SafeLoadingCheckpointer,
+    load_state_into,
+    read_checkpoint_file,
+)
+from .provenance import (
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    TOKENS_CONFIG_KEY,
+    TOKENS_KEY,
+    TeacherPrint,
+    checkpoint_teacher_state,
+    fingerprint,
+    fingerprint_text,
+)
 from .receptive_tokens import ReceptiveTokens
 from .safe_pickle import UnsafePickleError
 
@@ -37,6 +52,7 @@ __all__ = [
     "extract_tokens_state",
     "TOKEN_PREFIXES",
     "atomic_write",
+    "remove_stale_temporaries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,8 +62,29 @@ TOKEN_PREFIXES = ("teacher.backbone.tokens.", "tokens.")
 _MASKD_PREFIXES = ("student.", "teacher.", "tokens.", "align.")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = False) -> None:
     """Call ``write(tmp_path)``, then move the result to ``path`` in one rename.
+
+    The file gets the mode that the umask gives new files (0644 under umask 022, as
+    ``torch.save`` would write it), and reaches the disk (fsync) before the rename, so that
+    after a crash ``path`` is the old file or the complete new one.
 
     Raises:
         FileExistsError: if ``path`` exists and ``overwrite`` is False.
@@ -56,16 +93,41 @@ def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = Fals
         raise FileExistsError(f"'{path}' exists; pass --force (overwrite=True) to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder, os.path.basename(path))  # of a killed earlier write
     # ".<name>.<random>.tmp": never matches the patterns of checkpoints (*.pth, model_*.pth)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync(folder, directory=True)
+
+
+def remove_stale_temporaries(folder: str, target: Optional[str] = None) -> List[str]:
+    """Delete the temporary files that :func:`atomic_write` leaves in ``folder`` when a process
+    is killed while writing (``.<name>.<random>.tmp``), of every file or of ``target`` (a file
+    name) only; returns their paths.
+
+    Call it where a run starts writing into ``folder``, from one process only."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    name_pattern = re.escape(target) if target else ".+"
+    pattern = re.compile(rf"\.{name_pattern}\.[a-z0-9_]{{8}}\.tmp")
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if pattern.fullmatch(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        logger.info("Removed temporary files of an interrupted run: %s", ", ".join(removed))
+    return removed
 
 
 def write_text(path: str, text: str) -> None:
@@ -94,8 +156,9 @@ def read_checkpoint(
     Returns:
         dict with at least a "model" entry (name -> tensor or array).
     """
-    if "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: file not found: '{path}'")
+    local = urlparse(path)._replace(query="").geturl()  # without ?matching_heuristics=True
+    if "://" not in path and not os.path.isfile(local):
+        raise FileNotFoundError(f"{what}: file not found: '{local}'")
     try:
         return read_checkpoint_file(path)
     except UnsafePickleError as e:
@@ -167,11 +230,55 @@ def load_tokens(
         raise ValueError(
             f"{what}: the receptive tokens in '{path}' do not fit the model: " + "; ".join(problems)
         )
-    tokens.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    teacher = tokens_teacher_print(checkpoint["model"], path, what)
+    tokens.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
     # where they come from, for the provenance check of stage 2 (maskd.provenance)
     tokens.source = path
-    tokens.teacher_fingerprint = fingerprint_text(checkpoint["model"].get(FINGERPRINT_KEY))
+    tokens.teacher_print = teacher
     logger.info("Loaded receptive tokens for levels %s from %s", levels_file, path)
+
+
+def _bare(state: Dict[str, Any]) -> Dict[str, Any]:
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _print_at(state: Dict[str, Any], weights_key: str, config_key: str) -> TeacherPrint:
+    return TeacherPrint(
+        fingerprint_text(state.get(weights_key)), fingerprint_text(state.get(config_key))
+    )
+
+
+def tokens_teacher_print(
+    state: Dict[str, Any], path: str, what: str = "checkpoint"
+) -> TeacherPrint:
+    """The fingerprints of the teacher that the receptive tokens of a checkpoint were learned
+    for (:mod:`maskd.provenance`): a stage-1 checkpoint's own teacher (checked against the
+    teacher weights the file holds), a tokens export's record, a stage-2 checkpoint's record of
+    its tokens' teacher (not its own teacher's).
+
+    Args:
+        state: the checkpoint's "model" entry.
+        path, what: the file and the key naming it, for messages.
+
+    Raises:
+        ValueError: a stage-1 checkpoint whose teacher weights are not those its fingerprint
+            records (altered, or assembled from two runs).
+    """
+    state = _bare(state)
+    kind = checkpoint_kind(list(state))
+    if kind == STAGE2:
+        return _print_at(state, TOKENS_KEY, TOKENS_CONFIG_KEY)
+    recorded = _print_at(state, FINGERPRINT_KEY, CONFIG_KEY)
+    teacher = checkpoint_teacher_state(state)
+    if kind == STAGE1 and recorded.weights is not None and teacher:
+        actual = fingerprint(teacher)
+        if actual != recorded.weights:
+            raise ValueError(
+                f"{what}: '{path}': its teacher's weights (fingerprint {actual[:16]}...) are not "
+                f"those its tokens were learned for ({recorded.weights[:16]}...): the checkpoint "
+                "was altered or assembled from two runs"
+            )
+    return recorded
 
 
 def tokens_from_file(
@@ -225,7 +332,7 @@ def tokens_from_file(
 
 def checkpoint_kind(keys) -> Optional[str]:
     """What a checkpoint's keys say it is: "stage 1 (MasKDTokenLearner)", "stage 2 (MasKD)",
-    "a tokens export", or None for any other (non-MasKD) checkpoint."""
+    "tokens export", "MasKD", or None for any other (non-MasKD) checkpoint."""
     keys = [k[len("module.") :] if k.startswith("module.") else k for k in keys]
     if any(k.startswith("student.") for k in keys):
         return STAGE2
@@ -234,13 +341,14 @@ def checkpoint_kind(keys) -> Optional[str]:
     if any(k.startswith(TOKEN_PREFIXES[1]) for k in keys) and not any(
         k.startswith("teacher.") for k in keys
     ):
-        return "a tokens export"
+        return TOKENS_EXPORT
     if any(k.startswith(_MASKD_PREFIXES) for k in keys):
-        return "a MasKD checkpoint"
+        return "MasKD"
     return None
 
 
 STAGE1, STAGE2 = "stage 1 (MasKDTokenLearner)", "stage 2 (MasKD)"
+TOKENS_EXPORT = "tokens export"
 
 
 def _model_kind(model: nn.Module) -> Optional[str]:
@@ -302,10 +410,15 @@ def load_checkpoint_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> Incomp
     if getattr(model, "teacher_from_checkpoint", False):
         return load_state_into(model, checkpoint)  # the checkpoint brings the teacher
     _keep_configured_teacher(model, checkpoint)
+    if target == STAGE2:
+        _keep_configured_tokens(model, checkpoint)
     incompatible = load_state_into(model, checkpoint)
     teacher_keys = {f"teacher.{k}" for k in model.teacher.state_dict()}
-    teacher_keys |= {FINGERPRINT_KEY}
-    # the teacher's keys are not missing: the configured teacher is kept on purpose
+    teacher_keys |= set(_PROVENANCE_KEYS)
+    if target == STAGE2:
+        teacher_keys |= {f"tokens.{k}" for k in model.tokens.state_dict()}
+    # the teacher's (and stage 2's tokens') keys are not missing: the configured ones are kept
+    # on purpose
     return incompatible._replace(
         missing_keys=[
             k
@@ -315,9 +428,13 @@ def load_checkpoint_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> Incomp
     )
 
 
+_PROVENANCE_KEYS = (FINGERPRINT_KEY, CONFIG_KEY, TOKENS_KEY, TOKENS_CONFIG_KEY)
+
+
 def _keep_configured_teacher(model: nn.Module, checkpoint: Dict[str, Any]) -> None:
-    """Check that the checkpoint's teacher is the configured one, then drop it (and its
-    fingerprint) from the checkpoint, so the configured teacher stays."""
+    """Check that the checkpoint's teacher is the configured one (weights and, where the file
+    records it, configuration), then drop it (and the fingerprints) from the checkpoint, so the
+    configured teacher stays."""
     state = checkpoint["model"]
     ours = fingerprint_text(getattr(model, FINGERPRINT_KEY))
     theirs = fingerprint(checkpoint_teacher_state(state))
@@ -327,11 +444,55 @@ def _keep_configured_teacher(model: nn.Module, checkpoint: Dict[str, Any]) -> No
             f"fingerprints {theirs[:16]}... (checkpoint) and {ours[:16]}... (configured). Resume "
             "or evaluate with the teacher the run was made with"
         )
+    ours_config = fingerprint_text(getattr(model, CONFIG_KEY, None))
+    theirs_config = fingerprint_text(_bare(state).get(CONFIG_KEY))
+    if None not in (ours_config, theirs_config) and ours_config != theirs_config:
+        raise ValueError(
+            "the checkpoint's teacher was configured otherwise than the configured teacher "
+            "(MODEL.MASKD.TEACHER.CONFIG_FILE / OPTS): same weights, but other preprocessing "
+            "(PIXEL_MEAN/STD, INPUT.FORMAT) or backbone settings (config fingerprints "
+            f"{theirs_config[:16]}... and {ours_config[:16]}...). Resume or evaluate with the "
+            "teacher config the run was made with"
+        )
     for key in list(state):
         bare = key[len("module.") :] if key.startswith("module.") else key
-        if bare == FINGERPRINT_KEY or (
+        if bare in _PROVENANCE_KEYS or (
             bare.startswith("teacher.") and not bare.startswith(TOKEN_PREFIXES[0])
         ):
+            del state[key]
+
+
+def _keep_configured_tokens(model: nn.Module, checkpoint: Dict[str, Any]) -> None:
+    """Stage 2: the checkpoint's receptive tokens must be the configured ones (those of
+    ``MODEL.MASKD.TOKENS_WEIGHTS``, checked against the teacher when they were loaded), so a
+    checkpoint (``MODEL.WEIGHTS``, ``--resume``) never replaces them unchecked; then they are
+    dropped from the checkpoint and the configured ones stay."""
+    state = checkpoint["model"]
+    ours = model.tokens.state_dict()
+    theirs = {
+        k.split("tokens.", 1)[1]: v
+        for k, v in _bare(state).items()
+        if k.startswith(TOKEN_PREFIXES[1])
+    }
+    differ = sorted(
+        k
+        for k in set(ours) | set(theirs)
+        if k not in ours
+        or k not in theirs
+        or tuple(theirs[k].shape) != tuple(ours[k].shape)
+        or not torch.equal(torch.as_tensor(theirs[k]).to(ours[k]), ours[k])
+    )
+    if differ:
+        source = getattr(model.tokens, "source", None)
+        configured = f"those of '{source}'" if source else "the configured (untrained) ones"
+        raise ValueError(
+            "the checkpoint's receptive tokens are not the configured ones "
+            f"(MODEL.MASKD.TOKENS_WEIGHTS: {configured}; differing: {_short(differ)}). A "
+            "checkpoint does not replace the tokens: resume or fine-tune with the "
+            "TOKENS_WEIGHTS the run was made with"
+        )
+    for key in list(state):
+        if _bare({key: None}).popitem()[0].startswith(TOKEN_PREFIXES[1]):
             del state[key]
 
 
@@ -357,12 +518,16 @@ def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence
     checkpoint = read_checkpoint(path, model, what)
     if "model" not in checkpoint:
         raise ValueError(f"{what}: '{path}' holds no model weights")
-    incompatible = load_checkpoint_dict(model, checkpoint)
+    _check_dtypes(model, checkpoint["model"], path, what)
+    try:
+        incompatible = load_checkpoint_dict(model, checkpoint)
+    except ValueError as e:
+        raise ValueError(f"{what}: '{path}': {e}") from None
     missing = [k for k in incompatible.missing_keys if not k.startswith(tuple(ignore))]
     # pixel_mean/std are buffers that come from the config; old checkpoints lack them, and the
     # teacher fingerprint (files made before it was recorded).
     missing = [k for k in missing if k.split(".")[-1] not in ("pixel_mean", "pixel_std")]
-    missing = [k for k in missing if k != FINGERPRINT_KEY]
+    missing = [k for k in missing if k not in _PROVENANCE_KEYS]
     problems = []
     if missing:
         problems.append(f"missing keys: {_short(missing)}")
@@ -384,27 +549,54 @@ def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence
     logger.info("Loaded %s from %s", what, path)
 
 
+def _check_dtypes(model: nn.Module, state: Dict[str, Any], path: str, what: str) -> None:
+    """Fail, naming the keys, where the file holds integers for a floating-point weight of the
+    model or the reverse (loading would convert them silently). Half precision for float32
+    weights is fine: the values load exactly."""
+
+    def floating(value) -> Optional[bool]:
+        if isinstance(value, torch.Tensor):
+            return value.is_floating_point() or value.is_complex()
+        kind = getattr(getattr(value, "dtype", None), "kind", None)
+        return None if kind is None else kind in "fc"
+
+    ours = model.state_dict()
+    problems = []
+    for key, value in _bare(state).items():
+        if key in ours and floating(value) is not None:
+            if floating(value) != floating(ours[key]):
+                dtype = getattr(value, "dtype", type(value).__name__)
+                problems.append(f"{key} ({dtype} in the file, {ours[key].dtype} in the model)")
+    if problems:
+        raise ValueError(
+            f"{what}: '{path}' holds weights of another kind of number than the model's: "
+            f"{_short(problems)}; loading would convert them silently. Is it the right file?"
+        )
+
+
 def _short(keys: List[str], limit: int = 10) -> str:
     keys = sorted(keys)
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
 
-class MasKDCheckpointer(DetectionCheckpointer):
-    """A DetectionCheckpointer that loads weights into the submodule they are meant for
-    (:func:`load_checkpoint_dict`) and saves atomically.
+class MasKDCheckpointer(SafeLoadingCheckpointer):
+    """A DetectionCheckpointer that reads files without running code from them
+    (:class:`~maskd._compat.SafeLoadingCheckpointer`), loads weights into the submodule they
+    are meant for (:func:`load_checkpoint_dict`) and saves atomically.
 
-    For plain detectron2 models and plain checkpoints it is DetectionCheckpointer.
+    For plain detectron2 models and plain checkpoints it is DetectionCheckpointer. A
+    checkpointer that saves (the main process) removes, when it is made, the temporary files
+    that a killed run left in its folder.
     """
+
+    def __init__(self, model: nn.Module, save_dir: str = "", **kwargs: Any):
+        super().__init__(model, save_dir, **kwargs)
+        if self.save_dir and self.save_to_disk:
+            remove_stale_temporaries(self.save_dir)
 
     def _load_model(self, checkpoint):
         return load_checkpoint_dict(self.model, checkpoint)
-
-    def _load_file(self, filename: str):
-        # .pkl files (model zoo, ImageNet inits) without running code from them
-        if filename.endswith(".pkl"):
-            return pkl_checkpoint(filename)
-        return super()._load_file(filename)
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Like ``Checkpointer.save``, but atomic: a killed job never leaves a truncated

@@ -23,6 +23,7 @@ __all__ = [
     "is_lazy_config",
     "resolve_config_file",
     "ZOO_PREFIX",
+    "read_yaml",
 ]
 
 # `_BASE_: "zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"` names a detectron2 model-zoo config,
@@ -30,20 +31,62 @@ __all__ = [
 ZOO_PREFIX = "zoo:"
 
 
+def read_yaml(filename: str) -> dict:
+    """A YAML config file as a dict, read with PyYAML's safe loader: no Python tags.
+
+    detectron2 and fvcore fall back to ``yaml.unsafe_load`` for files with tags such as
+    ``!!python/object/apply:os.system``, which runs the code they name; MasKD never does.
+
+    Raises:
+        ValueError: naming the file, if it holds a Python tag, is not YAML, is empty, or is not
+            a mapping of keys.
+    """
+    try:
+        with open(filename) as f:
+            data = yaml.safe_load(f)
+    except yaml.constructor.ConstructorError as e:
+        mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise ValueError(
+            f"config file '{filename}' holds a Python tag{mark}: {e.problem}. MasKD reads YAML "
+            "configs with the safe loader, so nothing of it was run; a config file needs no "
+            "tags (detectron2 would run them with yaml.unsafe_load)"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file '{filename}' is not valid YAML: {e}") from None
+    if data is None:
+        raise ValueError(f"config file '{filename}' is empty")
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file '{filename}' holds a {type(data).__name__}, not a mapping of keys"
+        )
+    return data
+
+
+def _is_installed_zoo_config(filename: str) -> bool:
+    """Whether ``filename`` is one of the configs inside the installed detectron2 package."""
+    import detectron2.model_zoo
+
+    root = os.path.realpath(os.path.join(os.path.dirname(detectron2.model_zoo.__file__), "configs"))
+    return os.path.realpath(filename).startswith(root + os.sep)
+
+
 class MasKDCfgNode(CN):
-    """detectron2's CfgNode whose ``_BASE_`` may also name a model-zoo config (``zoo:...``)."""
+    """detectron2's CfgNode whose YAML files are read with the safe loader (:func:`read_yaml`,
+    ``allow_unsafe`` is ignored) and whose ``_BASE_`` may also name a model-zoo config
+    (``zoo:...``)."""
 
     @classmethod
     def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
-        try:
-            with open(filename) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.constructor.ConstructorError:
-            # Python tags (some detectron2 configs): not a file of ours, no zoo: base.
-            return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        if _is_installed_zoo_config(filename):
+            # detectron2's own configs, part of the installed package (Base-RetinaNet.yaml has
+            # a python/object/apply:eval tag for its anchor sizes): trusted as its code is
+            return super().load_yaml_with_base(filename, allow_unsafe=True)
+        data = read_yaml(filename)
         base = data.get(BASE_KEY)
         if not (isinstance(base, str) and base.startswith(ZOO_PREFIX)):
-            return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+            # fvcore reads the file (safe: checked above) and its _BASE_ files through this
+            # method again
+            return super().load_yaml_with_base(filename, allow_unsafe=False)
         name = base[len(ZOO_PREFIX) :]
         try:
             base_file = get_config_file(name)
@@ -51,7 +94,7 @@ class MasKDCfgNode(CN):
             raise FileNotFoundError(
                 f"{filename}: _BASE_ names '{name}', which is not a detectron2 model-zoo config"
             ) from e
-        merged = super().load_yaml_with_base(base_file, allow_unsafe=allow_unsafe)
+        merged = cls.load_yaml_with_base(base_file)
         del data[BASE_KEY]
 
         def merge_a_into_b(a, b):
@@ -113,12 +156,20 @@ def load_config(path: str, opts: Sequence[str] = ()) -> Union[CN, DictConfig]:
     Returns:
         a yacs CfgNode (not frozen) or a LazyConfig DictConfig.
 
+    A ``.py`` LazyConfig is a Python script: loading it runs it, and ``_target_`` entries of
+    any LazyConfig name callables that run when the model is built, as in detectron2. YAML
+    files are read without Python tags (:func:`read_yaml`).
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ValueError: naming the file, if a YAML file is empty, not a mapping or holds a Python
+            tag.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: '{path}'")
     if is_lazy_config(path):
+        if not path.endswith(".py"):
+            read_yaml(path)  # LazyConfig.load reads YAML with yaml.unsafe_load: check it first
         return LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
     cfg = get_maskd_cfg()
     cfg.merge_from_file(path)

@@ -16,20 +16,21 @@ import os
 from typing import Dict
 
 import torch
-from detectron2.config import CfgNode, LazyConfig, get_cfg
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.modeling import build_model
 
-from .checkpoint import atomic_write, extract_tokens_state, read_checkpoint, write_text
+from .checkpoint import (
+    atomic_write,
+    extract_tokens_state,
+    read_checkpoint,
+    tokens_teacher_print,
+    write_text,
+)
 from .deeplab import add_deeplab_config, is_deeplab
 from .meta_arch import student_config as stage2_student_config
-from .provenance import (
-    FINGERPRINT_KEY,
-    checkpoint_teacher_state,
-    fingerprint,
-    fingerprint_tensor,
-    fingerprint_text,
-)
+from .provenance import CONFIG_KEY, FINGERPRINT_KEY, fingerprint_tensor
 
-__all__ = ["export_student", "export_tokens", "student_config"]
+__all__ = ["export_student", "export_tokens", "student_config", "check_student_fits"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,63 @@ def _keep_known_keys(node: CfgNode, reference: CfgNode) -> None:
             _keep_known_keys(node[key], reference[key])
 
 
+def _same_file(a: str, b: str) -> bool:
+    return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _refuse_overwriting_inputs(outputs, inputs) -> None:
+    for out in outputs:
+        for what, path in inputs:
+            if _same_file(out, path) or (
+                path
+                and os.path.exists(out)
+                and os.path.exists(path)
+                and os.path.samefile(out, path)
+            ):
+                raise ValueError(
+                    f"the export would write '{out}', which is the {what} it reads: choose "
+                    "another --output (--force never replaces an input)"
+                )
+
+
+def check_student_fits(out_cfg, student: Dict[str, torch.Tensor], checkpoint_path: str) -> None:
+    """Fail, naming the keys, if the student that ``out_cfg`` (the student's own config) builds
+    does not have exactly the weights of ``student`` (the same names and shapes).
+
+    Raises:
+        ValueError: the config describes another model than the checkpoint's student.
+    """
+    if isinstance(out_cfg, CfgNode):
+        cfg = out_cfg.clone()
+        cfg.MODEL.DEVICE = "cpu"
+        model = build_model(cfg)
+    else:
+        model = instantiate(copy.deepcopy(out_cfg.model))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(torch.as_tensor(v).shape) for k, v in student.items()}
+    problems = [f"{k} missing from the checkpoint" for k in sorted(set(expected) - set(got))]
+    problems += [f"{k} not in the config's model" for k in sorted(set(got) - set(expected))]
+    problems += [
+        f"{k}: checkpoint {got[k]}, config {expected[k]}"
+        for k in sorted(set(got) & set(expected))
+        if got[k] != expected[k]
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (
+            f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""
+        )
+        raise ValueError(
+            f"the config does not describe the student of '{checkpoint_path}': {shown}. Give "
+            "the stage-2 config (and overrides) the checkpoint was trained with"
+        )
+
+
 def export_student(
-    checkpoint_path: str, output_path: str, cfg=None, overwrite: bool = False
+    checkpoint_path: str,
+    output_path: str,
+    cfg=None,
+    overwrite: bool = False,
+    config_file: str = "",
 ) -> Dict[str, torch.Tensor]:
     """Write the student's weights of a stage-2 checkpoint as a plain detectron2 checkpoint.
 
@@ -82,8 +138,9 @@ def export_student(
         checkpoint_path: a stage-2 checkpoint (keys ``student.*``, ``teacher.*``, ...).
         output_path: where to write the .pth file.
         cfg: the stage-2 config; if given, the student's config is written beside the weights
-            (``<output>.yaml``).
-        overwrite: replace existing files.
+            (``<output>.yaml``), after checking that it builds the checkpoint's student.
+        overwrite: replace existing files (never the checkpoint or the config file read).
+        config_file: the file ``cfg`` was read from, so that it is never overwritten.
 
     Returns:
         the exported state dict.
@@ -103,6 +160,10 @@ def export_student(
             f"--output '{output_path}' ends in .yaml, where the student's config goes: name the "
             "weights file with .pth"
         )
+    _refuse_overwriting_inputs(
+        [output_path, config_path] if cfg is not None else [output_path],
+        [("checkpoint", checkpoint_path), ("config file", config_file)],
+    )
     if os.path.exists(output_path) and not overwrite:
         raise FileExistsError(f"'{output_path}' exists; pass --force to replace it")
     if cfg is not None and os.path.exists(config_path) and not overwrite:
@@ -110,6 +171,7 @@ def export_student(
     # The config first, the weights last: a release whose weights file exists is complete.
     if cfg is not None:
         out_cfg = student_config(cfg, os.path.abspath(output_path))
+        check_student_fits(out_cfg, student, checkpoint_path)
         if isinstance(out_cfg, CfgNode):
             atomic_write(config_path, lambda tmp: write_text(tmp, out_cfg.dump()), True)
         else:
@@ -129,31 +191,27 @@ def export_tokens(
 ) -> Dict[str, torch.Tensor]:
     """Write the receptive tokens of a stage-1 (or stage-2) checkpoint alone.
 
-    The file holds ``{"model": {"tokens.<level>.<param>": tensor, "teacher_fingerprint":
-    ...}}``, which ``MODEL.MASKD.TOKENS_WEIGHTS`` accepts; the fingerprint of the teacher the
-    tokens were learned for (:mod:`maskd.provenance`) is checked against the checkpoint's teacher
-    and kept.
+    The file holds ``{"model": {"tokens.<level>.<param>": tensor, "teacher_fingerprint": ...,
+    "teacher_config_fingerprint": ...}}``, which ``MODEL.MASKD.TOKENS_WEIGHTS`` accepts; the
+    fingerprints of the teacher the tokens were learned for (:mod:`maskd.provenance`) are kept,
+    a stage-1 checkpoint's checked against the teacher it holds.
     """
+    _refuse_overwriting_inputs([output_path], [("checkpoint", checkpoint_path)])
     model_state = _model_state(checkpoint_path)
     tokens = extract_tokens_state(model_state)
     if not tokens:
         raise ValueError(f"'{checkpoint_path}' holds no receptive tokens")
     state = {f"tokens.{k}": v for k, v in tokens.items()}
-    # provenance: the fingerprint of the teacher the tokens were learned for goes with them,
-    # after checking that it is the checkpoint's own teacher
-    recorded = fingerprint_text(model_state.get(FINGERPRINT_KEY))
-    teacher = checkpoint_teacher_state(model_state)
-    if recorded is None:
+    # provenance: the fingerprints of the teacher the tokens were learned for go with them (a
+    # stage-1 checkpoint's are checked against its own teacher; a stage-2 checkpoint's are its
+    # record of its tokens' teacher, not its own teacher's)
+    recorded = tokens_teacher_print(model_state, checkpoint_path, "checkpoint")
+    if recorded.weights is None:
         logger.warning("'%s' records no teacher fingerprint: the export has none", checkpoint_path)
     else:
-        actual = fingerprint(teacher) if teacher else recorded
-        if actual != recorded:
-            raise ValueError(
-                f"'{checkpoint_path}': its teacher's weights (fingerprint "
-                f"{actual[:16]}...) are not those the tokens were learned for "
-                f"({recorded[:16]}...): the checkpoint was altered or assembled from two runs"
-            )
-        state[FINGERPRINT_KEY] = fingerprint_tensor(recorded)
+        state[FINGERPRINT_KEY] = fingerprint_tensor(recorded.weights)
+    if recorded.config is not None:
+        state[CONFIG_KEY] = fingerprint_tensor(recorded.config)
     atomic_write(output_path, lambda tmp: torch.save({"model": state}, tmp), overwrite)
     logger.info("Wrote %d token tensors to %s", len(state), output_path)
     return state

@@ -17,7 +17,15 @@ from .inherit import inherit_neck_and_heads
 from .losses import masked_distillation_loss, raise_if_not_finite
 from .mask_sources import MaskSource, build_mask_source, mask_source_class
 from .pairing import image_area, padding_of, parse_level_map, resolve_pair, teacher_batch
-from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
+from .provenance import (
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    TOKENS_CONFIG_KEY,
+    TOKENS_KEY,
+    TeacherPrint,
+    fingerprint_tensor,
+    teacher_print,
+)
 from .receptive_tokens import build_level_tokens
 from .teacher import freeze, head_levels, preprocess_images, teacher_from_config
 from .token_learner import resolve_in_features
@@ -105,11 +113,22 @@ class MasKD(nn.Module):
         super().__init__()
         if not len(tokens):
             raise ValueError("MasKD needs receptive tokens for at least one level")
+        if loss_weight < 0:
+            raise ValueError(f"MODEL.MASKD.LOSS_WEIGHT must be >= 0, got {loss_weight}")
         freeze(teacher)
-        teacher_print = fingerprint(teacher.state_dict())
-        check_token_provenance(tokens, teacher_print, allow_tokens_of_other_teacher)
+        ours = teacher_print(teacher)
+        check_token_provenance(tokens, ours, allow_tokens_of_other_teacher)
+        theirs = getattr(tokens, "teacher_print", TeacherPrint(None, None))
         device = tokens[next(iter(tokens))].tokens.device
-        self.register_buffer(FINGERPRINT_KEY, fingerprint_tensor(teacher_print).to(device))
+        # this teacher's fingerprints, and those of the teacher the tokens were learned for
+        # (they stay with the tokens through this model's checkpoints: maskd.provenance)
+        for key, value in (
+            (FINGERPRINT_KEY, ours.weights),
+            (CONFIG_KEY, ours.config),
+            (TOKENS_KEY, theirs.weights),
+            (TOKENS_CONFIG_KEY, theirs.config),
+        ):
+            self.register_buffer(key, fingerprint_tensor(value).to(device))
         pairing = resolve_pair(
             teacher,
             student,
@@ -401,35 +420,53 @@ def check_head_kd(
         raise ValueError(f"head-level KD terms with the same loss name: {names}")
 
 
-def check_token_provenance(tokens: nn.ModuleDict, teacher_print: str, allow_other: bool) -> None:
-    """Refuse tokens learned for another teacher.
+def check_token_provenance(tokens: nn.ModuleDict, ours: TeacherPrint, allow_other: bool) -> None:
+    """Refuse tokens learned for another teacher, or for this one configured otherwise.
 
     Args:
         tokens: level -> ReceptiveTokens; tokens read from a file carry ``source`` (the path)
-            and ``teacher_fingerprint`` (the file's, or None for files made before
-            fingerprints existed).
-        teacher_print: the fingerprint of the teacher at hand.
+            and ``teacher_print`` (the fingerprints of their teacher the file records; None
+            where it records none, files made before MasKD recorded them).
+        ours: the fingerprints of the teacher at hand.
         allow_other: only warn on a mismatch.
     """
     source = getattr(tokens, "source", None)
     if source is None:
         return  # built here (random tokens, an ablation): nothing to compare
-    theirs = getattr(tokens, "teacher_fingerprint", None)
-    if theirs is None:
+    theirs = getattr(tokens, "teacher_print", TeacherPrint(None, None))
+    if theirs.weights is None:
         logger.warning(
             "the tokens of '%s' carry no teacher fingerprint (a file made before MasKD recorded "
             "it): cannot verify that they were learned for this teacher",
             source,
         )
         return
-    if theirs == teacher_print:
+    problems = []
+    if theirs.weights != ours.weights:
+        problems.append(
+            f"their teacher fingerprint is {theirs.weights[:16]}..., this teacher's is "
+            f"{ours.weights[:16]}... (SHA-256 of the weights)"
+        )
+    if theirs.config is None:
+        logger.warning(
+            "the tokens of '%s' carry no fingerprint of their teacher's preprocessing and "
+            "backbone settings (a file made before MasKD recorded it): only the weights are "
+            "verified",
+            source,
+        )
+    elif theirs.config != ours.config:
+        problems.append(
+            f"their teacher's preprocessing and backbone settings (PIXEL_MEAN/STD, INPUT.FORMAT, "
+            f"the backbone's config) have the fingerprint {theirs.config[:16]}..., this "
+            f"teacher's {ours.config[:16]}..."
+        )
+    if not problems:
         return
     message = (
-        f"the receptive tokens of '{source}' were learned for another teacher: their teacher "
-        f"fingerprint is {theirs[:16]}..., this teacher's is {teacher_print[:16]}... (SHA-256 of "
-        "the weights). Tokens only make sense on the features of their own teacher: learn "
-        "them for this one (stage 1), or set MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER for an "
-        "experiment"
+        f"the receptive tokens of '{source}' were learned for another teacher: "
+        + "; ".join(problems)
+        + ". Tokens only make sense on the features of their own teacher: learn them for this "
+        "one (stage 1), or set MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER for an experiment"
     )
     if not allow_other:
         raise ValueError(message)

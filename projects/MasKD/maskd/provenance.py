@@ -1,44 +1,145 @@
 """Which teacher a set of receptive tokens was learned for.
 
-Tokens are meaningful only on the features of the teacher they were learned with. Stage 1 keeps
-a fingerprint of its teacher (a SHA-256 of the teacher's weights and buffers) in the model, so
-every checkpoint holds it beside the tokens (key :data:`FINGERPRINT_KEY`), and so do token
-exports and stage-2 checkpoints. Stage 2 and the tokens export compare it with the teacher at
-hand and refuse a mismatch, unless told otherwise (``MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER``).
+Tokens are meaningful only on the features of the teacher they were learned with, and those
+features depend on the teacher's weights and on how it is configured: its preprocessing
+(``PIXEL_MEAN/STD``, channel order) and its backbone (e.g. the FPN's fuse type). A teacher is
+identified by two SHA-256 fingerprints: of its weights and buffers (:func:`fingerprint`, key
+:data:`FINGERPRINT_KEY`) and of its preprocessing and backbone configuration
+(:func:`config_fingerprint`, key :data:`CONFIG_KEY`).
+
+Where they are kept:
+
+* a stage-1 model (and so its checkpoints) holds its teacher's two fingerprints beside the
+  tokens it learns;
+* a tokens export holds the fingerprints of the teacher the tokens were learned for;
+* a stage-2 model holds its own teacher's fingerprints and, separately, those its tokens came
+  with (:data:`TOKENS_KEY`, :data:`TOKENS_CONFIG_KEY`), so tokens taken from a stage-2
+  checkpoint (or exported from it) stay bound to the teacher they were learned for, even if the
+  stage-2 run was allowed to use them with another one.
+
+Stage 2 and the tokens export compare the tokens' fingerprints with the teacher at hand and
+refuse a mismatch, unless told otherwise (``MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER``).
 """
 
 import hashlib
-from typing import Dict, Optional
+import json
+from typing import Dict, NamedTuple, Optional
 
 import torch
+from torch import nn
 
 __all__ = [
     "FINGERPRINT_KEY",
+    "CONFIG_KEY",
+    "TOKENS_KEY",
+    "TOKENS_CONFIG_KEY",
+    "TeacherPrint",
+    "config_fingerprint",
+    "teacher_print",
     "fingerprint",
     "fingerprint_tensor",
     "fingerprint_text",
     "checkpoint_teacher_state",
 ]
 
-# Top-level key of the fingerprint in stage-1, stage-2 and token-export state dicts.
+# Top-level keys of the fingerprints in stage-1, stage-2 and token-export state dicts: of the
+# model's teacher (stage 1, stage 2) or of the tokens' teacher (export), weights and config; of
+# the teacher the tokens of a stage-2 model were learned for.
 FINGERPRINT_KEY = "teacher_fingerprint"
+CONFIG_KEY = "teacher_config_fingerprint"
+TOKENS_KEY = "tokens_teacher_fingerprint"
+TOKENS_CONFIG_KEY = "tokens_teacher_config_fingerprint"
 # Keys of a teacher's state dict that are not the teacher's (stage 1 keeps its tokens there).
 _NOT_TEACHER = ("backbone.tokens.",)
 
 
+class TeacherPrint(NamedTuple):
+    """A teacher's two fingerprints (hex); None where not known (files made before MasKD
+    recorded them)."""
+
+    weights: Optional[str]
+    config: Optional[str]
+
+
 def fingerprint(state: Dict[str, torch.Tensor]) -> str:
     """The hex SHA-256 of a teacher's state dict: every key (but the tokens) in sorted order,
-    with its dtype, shape and bytes. Equal for the same weights on any device."""
+    with its dtype, shape and bytes. Equal for the same weights on any device; half-precision
+    values count as the float32 values they load as (a teacher loaded from an fp16 file has
+    the file's fingerprint)."""
     h = hashlib.sha256()
     for key in sorted(k for k in state if not k.startswith(_NOT_TEACHER)):
         value = torch.as_tensor(state[key]).detach().cpu().contiguous()
+        if value.dtype in (torch.float16, torch.bfloat16):
+            value = value.float()
         h.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
         h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return h.hexdigest()
 
 
-def fingerprint_tensor(hex_digest: str) -> torch.Tensor:
-    """A fingerprint as a (32,) uint8 tensor, to live in state dicts as a buffer."""
+# attributes every nn.Module has (its parameters, hooks, training flag): not configuration
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
+
+
+def _simple(value):
+    """``value`` if it is made of None, bools, numbers and strings only, else None."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_simple(v) for v in value]
+        return items if all(i is not None or v is None for i, v in zip(items, value)) else None
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _simple(v) for k, v in value.items()}
+        ok = all(items[k] is not None or value[k] is None for k in value)
+        return items if ok else None
+    return None
+
+
+def config_fingerprint(teacher: nn.Module) -> str:
+    """The hex SHA-256 of what, besides its weights, decides a teacher's features: its
+    preprocessing (``pixel_mean``, ``pixel_std``, ``input_format``) and its backbone's
+    configuration (every backbone module's class and its attributes made of numbers, strings
+    and bools: channels, strides, kernel sizes, norms, the FPN's fuse type, ...).
+
+    Call it on the teacher as built, before any wrapper is put around its backbone."""
+    description = {
+        "input_format": getattr(teacher, "input_format", None),
+        "pixel_mean": _buffer_list(teacher, "pixel_mean"),
+        "pixel_std": _buffer_list(teacher, "pixel_std"),
+        "backbone": [
+            [name, type(module).__qualname__, _module_settings(module)]
+            for name, module in teacher.backbone.named_modules()
+        ],
+    }
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _buffer_list(module: nn.Module, name: str):
+    value = getattr(module, name, None)
+    return None if value is None else torch.as_tensor(value).float().flatten().tolist()
+
+
+def _module_settings(module: nn.Module) -> dict:
+    out = {}
+    for key, value in sorted(vars(module).items()):
+        if key in _MODULE_INTERNALS:
+            continue
+        simple = _simple(value)
+        if simple is not None or value is None:
+            out[key] = simple
+    return out
+
+
+def teacher_print(teacher: nn.Module) -> TeacherPrint:
+    """Both fingerprints of a built teacher (its weights as they are now)."""
+    return TeacherPrint(fingerprint(teacher.state_dict()), config_fingerprint(teacher))
+
+
+def fingerprint_tensor(hex_digest: Optional[str]) -> torch.Tensor:
+    """A fingerprint as a (32,) uint8 tensor, to live in state dicts as a buffer; all zeros
+    for None (not known)."""
+    if hex_digest is None:
+        return torch.zeros(32, dtype=torch.uint8)
     return torch.tensor(list(bytes.fromhex(hex_digest)), dtype=torch.uint8)
 
 

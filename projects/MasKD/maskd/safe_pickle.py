@@ -6,15 +6,29 @@ allow-list: containers, strings and numbers are built in by pickle itself; the o
 file may name are numpy's array and dtype reconstructors (and ``collections.OrderedDict``).
 Anything else is refused with an error naming the file and the global, before it is called.
 
+The allowed numpy globals are themselves guarded, because numpy trusts its pickles:
+
+* dtypes: only plain numbers, booleans and fixed-size strings (no object, void, structured or
+  sub-array dtypes, whose raw bytes numpy could read as object pointers), and each dtype's
+  state is set at most once (a second ``__setstate__`` could turn a checked dtype into another);
+* arrays: built only as numpy's own pickles build them, with a checked dtype, and no array or
+  sum of arrays may be larger than the file (a 300-byte file cannot ask for gigabytes);
+* after loading, every array and numpy scalar of the result is checked again.
+
 Arbitrary pickles (e.g. a file of your own that holds other Python objects) load only when the
 environment variable ``MASKD_ALLOW_UNSAFE_PICKLE=1`` is set, for every process of the run: it
 means trusting the file as you would trust code.
 """
 
+import codecs
+import collections
 import logging
+import math
 import os
 import pickle
 from typing import Any
+
+import numpy as np
 
 __all__ = ["load_pkl", "UnsafePickleError", "UNSAFE_PICKLE_ENV"]
 
@@ -31,27 +45,179 @@ ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # bytes in Python 3 pickles of protocol < 3: latin1 only
 }
+# dtype kinds a weights file may hold: bool, signed/unsigned integers, floats, complex, and
+# fixed-size byte and unicode strings.
+ALLOWED_DTYPE_KINDS = "biufcSU"
+_LATIN1 = ("latin1", "latin-1")
 
 
 class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle names a global outside :data:`ALLOWED_GLOBALS`."""
+    """A pickle names a global outside :data:`ALLOWED_GLOBALS`, or asks the allowed ones for
+    something a weights file does not need (an unsafe dtype, a second dtype state, an array
+    larger than the file)."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: str):
+class _RestrictedUnpickler(pickle._Unpickler):
+    """pickle's Python unpickler with the allow-list and the numpy guards of this module.
+
+    The Python implementation (not the C one) because its opcodes can be overridden: REDUCE,
+    BUILD, NEWOBJ and INST/OBJ go through the checks here."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, path: str, size: int):
         super().__init__(file, encoding="latin1")
         self.path = path
+        self.budget = size  # bytes that arrays may still take: the file's size
+        self.built_dtypes = set()  # ids of dtypes whose state was set (kept alive by the memo)
+
+    def refuse(self, what: str):
+        raise UnsafePickleError(
+            f"'{self.path}' {what}, which a weights file does not need (model-zoo pickles hold "
+            "only dicts, strings, numbers and numpy arrays of plain numbers); refused, nothing "
+            f"of it was run. If you trust this file as you would trust code, set "
+            f"{UNSAFE_PICKLE_ENV}=1"
+        )
 
     def find_class(self, module: str, name: str):
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise UnsafePickleError(
-            f"'{self.path}' asks to load the Python global '{module}.{name}', which a weights "
-            "file does not need (model-zoo pickles hold only dicts, strings, numbers and numpy "
-            "arrays); refused, nothing of it was run. If you trust this file as you would trust "
-            f"code, set {UNSAFE_PICKLE_ENV}=1"
-        )
+        self.refuse(f"asks to load the Python global '{module}.{name}'")
+
+    # --- the guards -------------------------------------------------------------------------
+
+    def check_dtype(self, dtype) -> np.dtype:
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            self.refuse(f"names an array type numpy does not know ({dtype!r})")
+        if (
+            dtype.kind not in ALLOWED_DTYPE_KINDS
+            or dtype.fields is not None
+            or dtype.subdtype is not None
+            or dtype.hasobject
+        ):
+            self.refuse(f"asks for the numpy dtype '{dtype.str}' (kind '{dtype.kind}')")
+        return dtype
+
+    def allocate(self, shape, dtype: np.dtype) -> None:
+        if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            self.refuse(f"declares an array of shape {shape!r}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.budget:
+            self.refuse(
+                f"declares arrays of more bytes ({nbytes} for shape {shape}) than the file holds"
+            )
+        self.budget -= nbytes
+
+    def call(self, func, args):
+        """What REDUCE and INST/OBJ do, ``func(*args)``, for the allowed callables only."""
+        if not isinstance(args, tuple):
+            self.refuse("calls a global without an argument tuple")
+        if func is np.dtype:
+            # a copy, as numpy's pickles ask: BUILD must never change numpy's shared dtypes
+            return np.dtype(self.check_dtype(args[0] if args else None), copy=True)
+        if func in _RECONSTRUCT:
+            if len(args) != 3 or args[0] is not np.ndarray:
+                self.refuse("rebuilds an array other than as numpy's own pickles do")
+            self.allocate(args[1], self.check_dtype(args[2]))
+            return func(*args)
+        if func is np.ndarray:
+            if not 1 <= len(args) <= 2:
+                self.refuse("constructs an array with buffer or stride arguments")
+            self.allocate(args[0], self.check_dtype(args[1] if len(args) > 1 else float))
+            return func(*args)
+        if func in _SCALAR:
+            if len(args) != 2 or not isinstance(args[0], np.dtype):
+                self.refuse("builds a numpy scalar without a dtype")
+            self.check_dtype(args[0])
+            return func(*args)
+        if func is collections.OrderedDict:
+            return func(*args)
+        if func is codecs.encode:
+            if len(args) != 2 or not isinstance(args[0], str) or args[1] not in _LATIN1:
+                self.refuse("encodes text other than as Python 3's pickles of bytes do (latin1)")
+            return func(*args)
+        self.refuse(f"calls {func!r}")
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        self.stack[-1] = self.call(self.stack[-1], args)
+
+    def _instantiate(self, klass, args):
+        self.append(self.call(klass, tuple(args)))
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack[-1]
+        if cls is not collections.OrderedDict:
+            self.refuse(f"creates {getattr(cls, '__name__', cls)!r} objects without calling them")
+        self.stack[-1] = cls.__new__(cls, *args)
+
+    def load_newobj_ex(self):
+        self.refuse("creates objects with keyword arguments (NEWOBJ_EX)")
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.dtype):
+            if id(inst) in self.built_dtypes:
+                self.refuse("sets the state of a numpy dtype a second time")
+            self.built_dtypes.add(id(inst))
+            inst.__setstate__(state)
+            self.check_dtype(inst)
+            return
+        if isinstance(inst, np.ndarray):
+            if not isinstance(state, tuple) or len(state) != 5:
+                self.refuse("sets an array's state in a form numpy's pickles do not use")
+            _, shape, dtype, _, data = state
+            if not isinstance(dtype, np.dtype) or id(dtype) not in self.built_dtypes:
+                self.refuse("fills an array with a dtype the file did not declare")
+            self.allocate(shape, self.check_dtype(dtype))
+            if not isinstance(data, (bytes, str)):
+                self.refuse("fills an array from something other than raw bytes")
+            inst.__setstate__(state)
+            return
+        if isinstance(inst, np.generic):
+            self.refuse("sets the state of a numpy scalar")
+        self.refuse(f"sets the state of a {type(inst).__name__} object")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def check_result(self, obj, seen=None) -> None:
+        """Every array and numpy scalar reachable from ``obj`` has an allowed dtype."""
+        seen = set() if seen is None else seen
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (np.ndarray, np.generic)):
+            self.check_dtype(obj.dtype)
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                self.check_result(key, seen)
+                self.check_result(value, seen)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for value in obj:
+                self.check_result(value, seen)
+
+
+def _numpy_functions(name: str):
+    found = []
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_RECONSTRUCT = _numpy_functions("_reconstruct")
+_SCALAR = _numpy_functions("scalar")
 
 
 def unsafe_pickle_allowed() -> bool:
@@ -67,8 +233,9 @@ def load_pkl(path: str, file=None) -> Any:
         file: an open binary file of it, if already open.
 
     Raises:
-        UnsafePickleError: the file names a global outside the allow-list (unless the opt-in
-            is set).
+        UnsafePickleError: the file names a global outside the allow-list, or asks the allowed
+            numpy globals for an unsafe dtype, a second dtype state or more bytes than it holds
+            (unless the opt-in is set).
     """
     if file is None:
         with open(path, "rb") as f:
@@ -76,4 +243,8 @@ def load_pkl(path: str, file=None) -> Any:
     if unsafe_pickle_allowed():
         logger.warning("%s=1: unpickling '%s' without restrictions", UNSAFE_PICKLE_ENV, path)
         return pickle.load(file, encoding="latin1")
-    return _RestrictedUnpickler(file, path).load()
+    size = os.fstat(file.fileno()).st_size
+    unpickler = _RestrictedUnpickler(file, path, size)
+    result = unpickler.load()
+    unpickler.check_result(result)
+    return result

@@ -15,7 +15,13 @@ from .backbone import TokenMaskedBackbone
 from .diagnostics import level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
 from .pairing import resolve_channel_orders, teacher_batch
-from .provenance import FINGERPRINT_KEY, fingerprint, fingerprint_tensor
+from .provenance import (
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    config_fingerprint,
+    fingerprint,
+    fingerprint_tensor,
+)
 from .receptive_tokens import build_level_tokens
 from .teacher import freeze, head_levels, teacher_from_config
 
@@ -129,6 +135,8 @@ class MasKDTokenLearner(nn.Module):
                 converted (:mod:`maskd.pairing`), in training and in evaluation.
         """
         super().__init__()
+        if dice_weight < 0:
+            raise ValueError(f"MODEL.MASKD.DICE_WEIGHT must be >= 0, got {dice_weight}")
         if area_weight < 0:
             raise ValueError(f"MODEL.MASKD.AREA_WEIGHT must be >= 0, got {area_weight}")
         if num_tokens < 2 and dice_weight > 0:
@@ -145,6 +153,8 @@ class MasKDTokenLearner(nn.Module):
         else:
             digest = fingerprint_tensor(fingerprint(teacher.state_dict()))
         self.register_buffer(FINGERPRINT_KEY, digest.to(device))
+        # its preprocessing and backbone settings, known from the config in either case
+        self.register_buffer(CONFIG_KEY, fingerprint_tensor(config_fingerprint(teacher)).to(device))
         self.teacher_from_checkpoint = teacher_from_checkpoint
         shapes = teacher.backbone.output_shape()
         read = head_levels(teacher)
