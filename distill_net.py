@@ -37,9 +37,11 @@ train_net.py call.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -120,6 +122,17 @@ class StageRunner:
                     f"{shlex.join(done['args'])}\n  now:    {shlex.join(args)}\nuse another "
                     f"--output, or --restart {name} to rerun it in place"
                 )
+            changed = [
+                path
+                for path, digest in done.get("inputs", {}).items()
+                if config_digests([path]).get(path) != digest
+            ]
+            if changed:
+                raise ValueError(
+                    f"stage '{name}' in {out_dir} finished, but the contents of "
+                    f"{', '.join(changed)} changed since: use another --output, or --restart "
+                    f"{name} to rerun it in place"
+                )
             logger.info("[pipeline] %s: finished before, kept (%s)", name, out_dir)
             return out_dir
         resume = resumable and os.path.isfile(os.path.join(out_dir, "last_checkpoint"))
@@ -138,11 +151,38 @@ class StageRunner:
         return out_dir
 
 
+def config_digests(args: Sequence[str]) -> Dict[str, Optional[str]]:
+    """SHA-256 of every config file an argument names (.yaml, .yml, .py; a yacs file's local
+    ``_BASE_`` files too), by path; None for a file that no longer exists."""
+    out: Dict[str, Optional[str]] = {}
+    todo = [a for a in args if a.endswith((".yaml", ".yml", ".py")) and os.path.isfile(a)]
+    while todo:
+        path = todo.pop()
+        if path in out:
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            out[path] = None
+            continue
+        out[path] = hashlib.sha256(data).hexdigest()
+        base = re.search(rb"^_BASE_:\s*[\"']?([^\"'\n]+?)[\"']?\s*$", data, re.M)
+        if base and path.endswith((".yaml", ".yml")):
+            name = base.group(1).decode(errors="replace")
+            local = os.path.join(os.path.dirname(path), name)
+            if not name.startswith("zoo:") and os.path.isfile(local):
+                todo.append(os.path.normpath(local))
+    return out
+
+
 def mark(out_dir: str, name: str, args: List[str], seconds: float) -> None:
-    """Write the marker of a finished stage (atomically: a killed pipeline leaves none)."""
+    """Write the marker of a finished stage (atomically: a killed pipeline leaves none), with
+    the digests of the config files its arguments name."""
     tmp = os.path.join(out_dir, f".{MARKER}.tmp")
+    record = {"stage": name, "args": args, "inputs": config_digests(args)}
     with open(tmp, "w") as f:
-        json.dump({"stage": name, "args": args, "seconds": round(seconds, 1)}, f, indent=1)
+        json.dump(dict(record, seconds=round(seconds, 1)), f, indent=1)
     os.replace(tmp, os.path.join(out_dir, MARKER))
 
 

@@ -42,10 +42,12 @@ from maskd.engine import (
     MasKDTrainer,
     build_inference_model,
     build_lazy_inference_model,
+    check_class_counts,
     check_datasets,
     create_ddp_model,
     lazy_test,
     lazy_train,
+    load_datasets,
     load_inference_weights,
     register_coco_datasets,
 )
@@ -81,7 +83,9 @@ def main_yacs(args):
     cfg = setup_yacs(args)
     if args.eval_only:
         check_datasets(cfg.DATASETS.TEST)
+        load_datasets(cfg.DATASETS.TEST)  # files checked, classes known, before the model
         model = build_inference_model(cfg)
+        check_class_counts(model, cfg.DATASETS.TEST)
         checkpointer = MasKDCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         if args.resume and checkpointer.has_checkpoint():
             load_inference_weights(model, checkpointer.get_checkpoint_file(), "last_checkpoint")
@@ -102,7 +106,12 @@ def main_lazy(args):
     default_setup(cfg, args)
     setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="maskd")
     if args.eval_only:
+        names = cfg.dataloader.test.get("dataset", {}).get("names", ())
+        names = [names] if isinstance(names, str) else list(names)
+        check_datasets(names)
+        load_datasets(names)
         model = build_lazy_inference_model(cfg)
+        check_class_counts(model, names)
         load_inference_weights(model, cfg.train.init_checkpoint, "train.init_checkpoint")
         res = lazy_test(cfg, create_ddp_model(model))
         write_results(res, cfg.train.output_dir)

@@ -341,6 +341,65 @@ def test_temporary_files_never_look_like_checkpoints(ws, tmp_path, monkeypatch):
         assert not fnmatch.fnmatch(name, pattern), (name, pattern)
 
 
+def test_files_get_the_umask_mode_and_reach_the_disk_before_the_rename(ws, tmp_path, monkeypatch):
+    model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        maskd.checkpoint.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1]
+    )
+    monkeypatch.setattr(
+        maskd.checkpoint.os,
+        "replace",
+        lambda a, b: (events.append(f"replace {os.path.basename(b)}"), real_replace(a, b))[1],
+    )
+    old = os.umask(0o022)
+    try:
+        MasKDCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+        export_tokens(str(tmp_path / "model_final.pth"), str(tmp_path / "tokens.pth"))
+        os.chmod(tmp_path / "tokens.pth", 0o600)  # --force writes a new file with the umask mode
+        export_tokens(str(tmp_path / "model_final.pth"), str(tmp_path / "tokens.pth"), True)
+    finally:
+        os.umask(old)
+    for name in ("model_final.pth", "last_checkpoint", "tokens.pth"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+    # each file is synced before it is renamed into place
+    assert events[:2] == ["fsync", "replace model_final.pth"], events
+    assert events[events.index("replace last_checkpoint") - 1] == "fsync"
+
+
+def test_stale_temporary_files_are_removed_when_a_run_starts(ws, tmp_path):
+    stale = [
+        tmp_path / ".model_0000099.pth.k2j4h5g6.tmp",
+        tmp_path / ".last_checkpoint.abcdefgh.tmp",
+    ]
+    keep = [tmp_path / "model_0000099.pth", tmp_path / "notes.tmp", tmp_path / ".hidden"]
+    for path in stale + keep:
+        path.write_bytes(b"x" * 100)
+    model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+    MasKDCheckpointer(model, save_dir=str(tmp_path))
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+    # a checkpointer that does not save (the other ranks) leaves the folder alone
+    stale[0].write_bytes(b"x")
+    MasKDCheckpointer(model, save_dir=str(tmp_path), save_to_disk=False)
+    assert stale[0].exists()
+    # and the next write of a file removes its own stale temporaries
+    export_tokens(ws["tokens"], str(tmp_path / "model_0000099.pth"), overwrite=True)
+    assert not stale[0].exists()
+
+
+def test_weights_are_read_with_weights_only_explicitly(ws, monkeypatch):
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: (seen.append(k.get("weights_only")), real(*a, **k))[1]
+    )
+    read_checkpoint(ws["tokens"])
+    model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+    MasKDCheckpointer(model).load(ws["tokens"])
+    assert seen and all(v is True for v in seen), seen
+
+
 def test_student_export_is_complete_or_absent(ws, tmp_path, monkeypatch):
     cfg = maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"])
     MasKDCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("s2")

@@ -35,6 +35,7 @@ from .provenance import (
     TOKENS_CONFIG_KEY,
     TOKENS_KEY,
     TeacherPrint,
+    check_token_provenance,
     checkpoint_teacher_state,
     fingerprint,
     fingerprint_text,
@@ -384,9 +385,10 @@ def load_checkpoint_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> Incomp
             }
         elif kind is not None:
             raise ValueError(
-                f"a {kind} checkpoint holds no student: it cannot load into a plain "
-                f"{type(model).__name__} (a detectron2 model, or the student a {STAGE2} config "
-                "evaluates); give a stage-2 checkpoint"
+                f"this is a {kind} checkpoint, which holds no weights of a plain "
+                f"{type(model).__name__} (a teacher, a detectron2 model, or the student that a "
+                f"{STAGE2} config evaluates): give that model's own checkpoint (for a student "
+                "of stage 2: the stage-2 checkpoint)"
             )
         return load_state_into(model, checkpoint)
     if kind is None:
@@ -456,17 +458,18 @@ def _keep_configured_teacher(model: nn.Module, checkpoint: Dict[str, Any]) -> No
         )
     for key in list(state):
         bare = key[len("module.") :] if key.startswith("module.") else key
-        if bare in _PROVENANCE_KEYS or (
+        if bare in (FINGERPRINT_KEY, CONFIG_KEY) or (
             bare.startswith("teacher.") and not bare.startswith(TOKEN_PREFIXES[0])
         ):
             del state[key]
 
 
 def _keep_configured_tokens(model: nn.Module, checkpoint: Dict[str, Any]) -> None:
-    """Stage 2: the checkpoint's receptive tokens must be the configured ones (those of
-    ``MODEL.MASKD.TOKENS_WEIGHTS``, checked against the teacher when they were loaded), so a
-    checkpoint (``MODEL.WEIGHTS``, ``--resume``) never replaces them unchecked; then they are
-    dropped from the checkpoint and the configured ones stay."""
+    """Stage 2: a checkpoint (``MODEL.WEIGHTS``, ``--resume``) never replaces the configured
+    receptive tokens unchecked. Learned tokens (``MODEL.MASKD.TOKENS_WEIGHTS``, checked against
+    the teacher when they were loaded) must equal the checkpoint's, which are then dropped from
+    it so the configured ones stay; untrained configured tokens (an ablation) are replaced by
+    the checkpoint's after the same provenance check that tokens from a file get."""
     state = checkpoint["model"]
     ours = model.tokens.state_dict()
     theirs = {
@@ -482,17 +485,35 @@ def _keep_configured_tokens(model: nn.Module, checkpoint: Dict[str, Any]) -> Non
         or tuple(theirs[k].shape) != tuple(ours[k].shape)
         or not torch.equal(torch.as_tensor(theirs[k]).to(ours[k]), ours[k])
     )
-    if differ:
-        source = getattr(model.tokens, "source", None)
-        configured = f"those of '{source}'" if source else "the configured (untrained) ones"
+    source = getattr(model.tokens, "source", None)
+    if differ and source is not None:
         raise ValueError(
             "the checkpoint's receptive tokens are not the configured ones "
-            f"(MODEL.MASKD.TOKENS_WEIGHTS: {configured}; differing: {_short(differ)}). A "
-            "checkpoint does not replace the tokens: resume or fine-tune with the "
+            f"(MODEL.MASKD.TOKENS_WEIGHTS: those of '{source}'; differing: {_short(differ)}). A "
+            "checkpoint does not replace learned tokens: resume or fine-tune with the "
             "TOKENS_WEIGHTS the run was made with"
         )
+    if differ and set(theirs) != set(ours):
+        raise ValueError(
+            f"the checkpoint's receptive tokens do not fit the model's: keys {_short(differ)}"
+        )
+    if differ:
+        # the configured tokens are untrained (an ablation): the checkpoint's take their place,
+        # after the check that tokens from a file get
+        check_token_provenance(
+            "the checkpoint's tokens",
+            _print_at(_bare(state), TOKENS_KEY, TOKENS_CONFIG_KEY),
+            TeacherPrint(
+                fingerprint_text(getattr(model, FINGERPRINT_KEY)),
+                fingerprint_text(getattr(model, CONFIG_KEY)),
+            ),
+            getattr(model, "allow_tokens_of_other_teacher", False),
+        )
+        logger.info("The checkpoint's receptive tokens replace the untrained configured ones")
+        return
     for key in list(state):
-        if _bare({key: None}).popitem()[0].startswith(TOKEN_PREFIXES[1]):
+        bare = key[len("module.") :] if key.startswith("module.") else key
+        if bare.startswith(TOKEN_PREFIXES[1]) or bare in (TOKENS_KEY, TOKENS_CONFIG_KEY):
             del state[key]
 
 
@@ -597,6 +618,18 @@ class MasKDCheckpointer(SafeLoadingCheckpointer):
 
     def _load_model(self, checkpoint):
         return load_checkpoint_dict(self.model, checkpoint)
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """``Checkpointer.resume_or_load``, its errors naming the file and what named it (the
+        last checkpoint of ``--resume``, or ``MODEL.WEIGHTS`` / ``train.init_checkpoint``)."""
+        if resume and self.has_checkpoint():
+            what, path = "--resume (last_checkpoint)", self.get_checkpoint_file()
+        else:
+            what = "MODEL.WEIGHTS (train.init_checkpoint)"
+        try:
+            return super().resume_or_load(path, resume=resume)
+        except ValueError as e:
+            raise ValueError(f"{what}: '{path}': {e}") from None
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Like ``Checkpointer.save``, but atomic: a killed job never leaves a truncated

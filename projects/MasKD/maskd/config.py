@@ -2,6 +2,7 @@
 :func:`load_config` is the one loader of config files (yacs or LazyConfig, with overrides) that
 ``train_net.py``, the tools and the teacher builder share."""
 
+import functools
 import os
 from typing import Sequence, Union
 
@@ -10,7 +11,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig, get_cfg
 from detectron2.model_zoo import get_config_file
 from fvcore.common.config import BASE_KEY
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .deeplab import add_deeplab_config
 from .head_kd import add_head_kd_config
@@ -24,6 +25,7 @@ __all__ = [
     "resolve_config_file",
     "ZOO_PREFIX",
     "read_yaml",
+    "LazyYamlLoader",
 ]
 
 # `_BASE_: "zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"` names a detectron2 model-zoo config,
@@ -31,8 +33,55 @@ __all__ = [
 ZOO_PREFIX = "zoo:"
 
 
-def read_yaml(filename: str) -> dict:
-    """A YAML config file as a dict, read with PyYAML's safe loader: no Python tags.
+class LazyYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus the few Python tags that ``LazyConfig.save`` writes into
+    saved LazyConfig files, each constructed without running code: ``python/tuple``,
+    ``python/object:`` of detectron2's ``ShapeSpec``, ``python/name:`` (a callable named, as a
+    ``_target_`` names one) and ``python/object/apply:functools.partial``. Every other Python
+    tag is refused, as by the safe loader."""
+
+
+def _tuple(loader, node):
+    return tuple(loader.construct_sequence(node, deep=True))
+
+
+def _object(loader, suffix, node):
+    from detectron2.layers import ShapeSpec
+
+    if suffix != "detectron2.layers.shape_spec.ShapeSpec":
+        raise yaml.constructor.ConstructorError(
+            None, None, f"python/object:{suffix} is not constructed", node.start_mark
+        )
+    return ShapeSpec(**loader.construct_mapping(node, deep=True))
+
+
+def _name(loader, suffix, node):
+    from detectron2.utils.registry import locate
+
+    return locate(suffix)  # like a _target_: resolved, not called
+
+
+def _apply(loader, suffix, node):
+    if suffix != "functools.partial" or not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"python/object/apply:{suffix} is not constructed", node.start_mark
+        )
+    value = loader.construct_mapping(node, deep=True)
+    out = functools.partial(*value.get("args", ()))
+    if "state" in value:
+        out.__setstate__(value["state"])
+    return out
+
+
+LazyYamlLoader.add_constructor("tag:yaml.org,2002:python/tuple", _tuple)
+LazyYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/object:", _object)
+LazyYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/name:", _name)
+LazyYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/object/apply:", _apply)
+
+
+def read_yaml(filename: str, loader=yaml.SafeLoader) -> dict:
+    """A YAML config file as a dict, read with PyYAML's safe loader (or ``loader``, a subclass
+    of it such as :class:`LazyYamlLoader`): no Python tags.
 
     detectron2 and fvcore fall back to ``yaml.unsafe_load`` for files with tags such as
     ``!!python/object/apply:os.system``, which runs the code they name; MasKD never does.
@@ -43,7 +92,7 @@ def read_yaml(filename: str) -> dict:
     """
     try:
         with open(filename) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=loader)
     except yaml.constructor.ConstructorError as e:
         mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
         raise ValueError(
@@ -168,9 +217,12 @@ def load_config(path: str, opts: Sequence[str] = ()) -> Union[CN, DictConfig]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: '{path}'")
     if is_lazy_config(path):
-        if not path.endswith(".py"):
-            read_yaml(path)  # LazyConfig.load reads YAML with yaml.unsafe_load: check it first
-        return LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
+        if path.endswith(".py"):
+            cfg = LazyConfig.load(path)
+        else:  # as LazyConfig.load reads YAML, without its yaml.unsafe_load
+            data = read_yaml(path, LazyYamlLoader)
+            cfg = OmegaConf.create(data, flags={"allow_objects": True})
+        return LazyConfig.apply_overrides(cfg, list(opts))
     cfg = get_maskd_cfg()
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(opts))

@@ -12,17 +12,15 @@
 """
 
 import copy
-import importlib.util
 import logging
 import math
 import os
 import weakref
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List
 
 import torch
 from detectron2.config import instantiate
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -47,6 +45,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._compat import cpu_ddp_in_default_trainer
 from .checkpoint import MasKDCheckpointer, load_weights_strict
+from .datasets import (  # noqa: F401  (re-exported: train_net.py and the tests use them here)
+    check_datasets,
+    check_evaluation_dependencies,
+    load_datasets,
+    register_coco_datasets,
+)
 from .deeplab import build_deeplab_train_loader, build_lr_scheduler, is_deeplab
 from .meta_arch import student_config
 from .teacher import thing_classes
@@ -97,56 +101,6 @@ def create_ddp_model(
 
         ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
     return ddp
-
-
-def register_coco_datasets(specs: Iterable[Sequence[str]]) -> List[str]:
-    """Register COCO-format datasets: each spec is (name, annotation json, image root).
-
-    Registering the same name again with the same files is a no-op (launch workers);
-    a different registration of an existing name is an error.
-    """
-    names = []
-    for name, json_file, image_root in specs:
-        if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"dataset '{name}': annotation file not found: '{json_file}'")
-        if not os.path.isdir(image_root):
-            raise FileNotFoundError(f"dataset '{name}': image folder not found: '{image_root}'")
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            if getattr(meta, "json_file", None) == json_file:
-                names.append(name)
-                continue
-            raise ValueError(f"dataset '{name}' is already registered with other files")
-        register_coco_instances(name, {}, json_file, image_root)
-        names.append(name)
-    return names
-
-
-def check_datasets(names: Iterable[str]) -> None:
-    """Fail early, with the known names, if a dataset name is not registered."""
-    known = set(DatasetCatalog.list())
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise KeyError(
-            f"dataset(s) {missing} are not registered. Register a COCO-format dataset with "
-            "--register-coco NAME JSON IMAGE_ROOT, or use one of detectron2's builtin names "
-            f"(e.g. coco_2017_train); registered: {sorted(known)[:8]}..."
-        )
-
-
-def check_evaluation_dependencies(dataset_names: Iterable[str]) -> None:
-    """Fail before a run whose evaluation would fail: detectron2's CityscapesSemSegEvaluator
-    (datasets of ``evaluator_type`` "cityscapes_sem_seg") imports the official Cityscapes scripts
-    only when it evaluates, after training. An optional dependency of MasKD
-    (``pip install "maskd-detectron2[cityscapes]"``)."""
-    for name in dataset_names:
-        kind = getattr(MetadataCatalog.get(name), "evaluator_type", None)
-        if kind == "cityscapes_sem_seg" and importlib.util.find_spec("cityscapesscripts") is None:
-            raise ImportError(
-                f"dataset '{name}' is evaluated with detectron2's CityscapesSemSegEvaluator (the "
-                "official Cityscapes scripts), which needs the 'cityscapesscripts' package: "
-                "pip install cityscapesscripts"
-            )
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder=None):
@@ -400,6 +354,12 @@ def check_class_counts(model: torch.nn.Module, dataset_names: Iterable[str]) -> 
             )
 
 
+def check_positive(value, key: str) -> None:
+    """Fail, naming the key, unless ``value`` is a positive number (iterations, batch size)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{key} must be a positive number for training, got {value!r}")
+
+
 def check_input_format(model: torch.nn.Module, data_format: str, what: str) -> None:
     """Fail if a MasKD model was built for images of another channel order than the data this
     run loads (its ``input_format`` vs ``INPUT.FORMAT`` / the mapper's ``image_format``). The
@@ -425,6 +385,8 @@ class MasKDTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
+        check_positive(cfg.SOLVER.MAX_ITER, "SOLVER.MAX_ITER")
+        check_positive(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
         check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         check_evaluation_dependencies(cfg.DATASETS.TEST)
         with cpu_ddp_in_default_trainer(create_ddp_model):
@@ -515,6 +477,7 @@ def lazy_train(cfg, resume: bool = False):
     ``train`` (``output_dir``, ``init_checkpoint`` for the student, ``max_iter``, ``amp``,
     ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``).
     """
+    check_positive(cfg.train.max_iter, "train.max_iter")
     model = instantiate(cfg.model)
     logging.getLogger("detectron2").info("Model:\n{}".format(model))
     model.to(cfg.train.device)

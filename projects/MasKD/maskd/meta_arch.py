@@ -23,6 +23,7 @@ from .provenance import (
     TOKENS_CONFIG_KEY,
     TOKENS_KEY,
     TeacherPrint,
+    check_token_provenance,
     fingerprint_tensor,
     teacher_print,
 )
@@ -117,7 +118,13 @@ class MasKD(nn.Module):
             raise ValueError(f"MODEL.MASKD.LOSS_WEIGHT must be >= 0, got {loss_weight}")
         freeze(teacher)
         ours = teacher_print(teacher)
-        check_token_provenance(tokens, ours, allow_tokens_of_other_teacher)
+        check_token_provenance(
+            getattr(tokens, "source", None),
+            getattr(tokens, "teacher_print", TeacherPrint(None, None)),
+            ours,
+            allow_tokens_of_other_teacher,
+        )
+        self.allow_tokens_of_other_teacher = allow_tokens_of_other_teacher
         theirs = getattr(tokens, "teacher_print", TeacherPrint(None, None))
         device = tokens[next(iter(tokens))].tokens.device
         # this teacher's fingerprints, and those of the teacher the tokens were learned for
@@ -418,56 +425,3 @@ def check_head_kd(
     names = [term.LOSS_NAME for term in head_kd]
     if len(set(names)) != len(names):
         raise ValueError(f"head-level KD terms with the same loss name: {names}")
-
-
-def check_token_provenance(tokens: nn.ModuleDict, ours: TeacherPrint, allow_other: bool) -> None:
-    """Refuse tokens learned for another teacher, or for this one configured otherwise.
-
-    Args:
-        tokens: level -> ReceptiveTokens; tokens read from a file carry ``source`` (the path)
-            and ``teacher_print`` (the fingerprints of their teacher the file records; None
-            where it records none, files made before MasKD recorded them).
-        ours: the fingerprints of the teacher at hand.
-        allow_other: only warn on a mismatch.
-    """
-    source = getattr(tokens, "source", None)
-    if source is None:
-        return  # built here (random tokens, an ablation): nothing to compare
-    theirs = getattr(tokens, "teacher_print", TeacherPrint(None, None))
-    if theirs.weights is None:
-        logger.warning(
-            "the tokens of '%s' carry no teacher fingerprint (a file made before MasKD recorded "
-            "it): cannot verify that they were learned for this teacher",
-            source,
-        )
-        return
-    problems = []
-    if theirs.weights != ours.weights:
-        problems.append(
-            f"their teacher fingerprint is {theirs.weights[:16]}..., this teacher's is "
-            f"{ours.weights[:16]}... (SHA-256 of the weights)"
-        )
-    if theirs.config is None:
-        logger.warning(
-            "the tokens of '%s' carry no fingerprint of their teacher's preprocessing and "
-            "backbone settings (a file made before MasKD recorded it): only the weights are "
-            "verified",
-            source,
-        )
-    elif theirs.config != ours.config:
-        problems.append(
-            f"their teacher's preprocessing and backbone settings (PIXEL_MEAN/STD, INPUT.FORMAT, "
-            f"the backbone's config) have the fingerprint {theirs.config[:16]}..., this "
-            f"teacher's {ours.config[:16]}..."
-        )
-    if not problems:
-        return
-    message = (
-        f"the receptive tokens of '{source}' were learned for another teacher: "
-        + "; ".join(problems)
-        + ". Tokens only make sense on the features of their own teacher: learn them for this "
-        "one (stage 1), or set MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER for an experiment"
-    )
-    if not allow_other:
-        raise ValueError(message)
-    logger.warning("%s (allowed by ALLOW_TOKENS_OF_OTHER_TEACHER)", message)

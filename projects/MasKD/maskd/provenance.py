@@ -23,10 +23,13 @@ refuse a mismatch, unless told otherwise (``MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TE
 
 import hashlib
 import json
+import logging
 from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FINGERPRINT_KEY",
@@ -34,6 +37,7 @@ __all__ = [
     "TOKENS_KEY",
     "TOKENS_CONFIG_KEY",
     "TeacherPrint",
+    "check_token_provenance",
     "config_fingerprint",
     "teacher_print",
     "fingerprint",
@@ -160,3 +164,60 @@ def checkpoint_teacher_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.
         if key.startswith("teacher."):
             out[key[len("teacher.") :]] = value
     return out
+
+
+def check_token_provenance(
+    source: Optional[str], theirs: TeacherPrint, ours: TeacherPrint, allow_other: bool
+) -> None:
+    """Refuse tokens learned for another teacher, or for this one configured otherwise.
+
+    Args:
+        source: where the tokens come from (a path), for messages; None for tokens built in
+            the process (random tokens, an ablation): nothing to compare.
+        theirs: the fingerprints of the teacher the tokens were learned for, as their file
+            records them (None where it records none: files made before MasKD recorded them).
+        ours: the fingerprints of the teacher at hand.
+        allow_other: only warn on a mismatch.
+
+    Raises:
+        ValueError: naming the source and both fingerprints, on a mismatch.
+    """
+    if source is None:
+        return
+    if theirs.weights is None:
+        logger.warning(
+            "the tokens of '%s' carry no teacher fingerprint (a file made before MasKD recorded "
+            "it): cannot verify that they were learned for this teacher",
+            source,
+        )
+        return
+    problems = []
+    if theirs.weights != ours.weights:
+        problems.append(
+            f"their teacher fingerprint is {theirs.weights[:16]}..., this teacher's is "
+            f"{ours.weights[:16]}... (SHA-256 of the weights)"
+        )
+    if theirs.config is None:
+        logger.warning(
+            "the tokens of '%s' carry no fingerprint of their teacher's preprocessing and "
+            "backbone settings (a file made before MasKD recorded it): only the weights are "
+            "verified",
+            source,
+        )
+    elif theirs.config != ours.config:
+        problems.append(
+            f"their teacher's preprocessing and backbone settings (PIXEL_MEAN/STD, INPUT.FORMAT, "
+            f"the backbone's config) have the fingerprint {theirs.config[:16]}..., this "
+            f"teacher's {ours.config[:16]}..."
+        )
+    if not problems:
+        return
+    message = (
+        f"the receptive tokens of '{source}' were learned for another teacher: "
+        + "; ".join(problems)
+        + ". Tokens only make sense on the features of their own teacher: learn them for this "
+        "one (stage 1), or set MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER for an experiment"
+    )
+    if not allow_other:
+        raise ValueError(message)
+    logger.warning("%s (allowed by ALLOW_TOKENS_OF_OTHER_TEACHER)", message)

@@ -87,6 +87,10 @@ def build_head_kd(maskd_node: CfgNode) -> List[HeadKD]:
     terms: List[HeadKD] = []
     for name, cls in sorted(HEAD_KD_REGISTRY):
         node: Optional[CfgNode] = maskd_node.get(cls.CONFIG_KEY)
+        if node is not None and node.WEIGHT < 0:
+            raise ValueError(
+                f"MODEL.MASKD.{cls.CONFIG_KEY}.WEIGHT must be >= 0 (0: off), got {node.WEIGHT}"
+            )
         if node is not None and node.WEIGHT > 0:
             terms.append(cls(**cls.from_config(node)))
     return terms

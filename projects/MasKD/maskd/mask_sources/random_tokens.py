@@ -2,7 +2,6 @@
 
 import logging
 
-import torch
 from torch import nn
 
 from ..receptive_tokens import build_level_tokens

@@ -1,7 +1,5 @@
 """Whole-map mimicking (``uniform``): every cell weight 1, FitNet through the align conv."""
 
-import torch
-
 from .base import MASK_SOURCE_REGISTRY, MaskSource
 
 __all__ = ["UniformMasks"]

@@ -1,0 +1,710 @@
+"""Bad inputs through the command lines, one case each: train_net.py, tools/export.py,
+tools/visualize_masks.py and distill_net.py, called in this process with the arguments a user
+would type. Every case is refused before any long work starts, by an error that names the file
+and the key or argument (or, where marked, is accepted and behaves correctly).
+
+The cases are listed, with their outcome, in docs/reliability.md; a test checks that the two
+agree."""
+
+import importlib.util
+import io
+import json
+import os
+import pickle
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from tiny import ROOT, maskd_cfg, tiny_training, write_coco_dataset, write_teacher
+
+import train_net
+from maskd.checkpoint import MasKDCheckpointer
+from maskd.provenance import fingerprint, fingerprint_text
+
+CASES = {}  # name -> function(ws, tmp)
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(call, *fragments, exc=Exception):
+    """Run ``call``; assert that it raises ``exc`` whose message holds every fragment."""
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in: {message}"
+    return message
+
+
+# --- the workspace: two teachers, stage-1 and stage-2 checkpoints, a dataset ------------------
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
+    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
+    teacher = write_teacher(tmp, "rcnn", seed=0, name="teacher_a")[:2]
+    other = write_teacher(tmp, "rcnn", seed=1, name="teacher_b")[:2]
+    torch.manual_seed(0)
+    MasKDCheckpointer(build_model(stage1_cfg(teacher)), save_dir=str(tmp)).save("tokens_a")
+    torch.manual_seed(1)  # other random tokens, same teacher
+    MasKDCheckpointer(build_model(stage1_cfg(teacher)), save_dir=str(tmp)).save("tokens_a2")
+    s2 = build_model(maskd_cfg("MasKD", "rcnn", *teacher, str(tmp / "tokens_a2.pth")))
+    MasKDCheckpointer(s2, save_dir=str(tmp)).save("stage2_tokens_a2")
+    return {
+        "tmp": tmp,
+        "register": ["--register-coco", "bi_train", *train, "--register-coco", "bi_val", *val],
+        "dataset": train,
+        "teacher": teacher,
+        "other": other,
+        "tokens": str(tmp / "tokens_a.pth"),
+        "stage2": str(tmp / "stage2_tokens_a2.pth"),
+    }
+
+
+def stage1_cfg(teacher):
+    return maskd_cfg("MasKDTokenLearner", "rcnn", *teacher)
+
+
+def stage2(ws, tmp, **keys):
+    """A tiny stage-2 training config on the workspace's files, ``keys`` set (dotted names)."""
+    cfg = tiny_training(maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]), tmp / "out")
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bi_train",), ("bi_val",)
+    cfg.merge_from_list([x for k, v in keys.items() for x in (k.replace("__", "."), v)])
+    return cfg
+
+
+def write(cfg, path):
+    path.write_text(cfg.dump())
+    return str(path)
+
+
+def train(ws, config_file, *extra):
+    return train_net.cli(["--config-file", str(config_file), *ws["register"], *extra])
+
+
+def train_cfg(ws, tmp, cfg, *extra):
+    return lambda: train(ws, write(cfg, tmp / "config.yaml"), *extra)
+
+
+def pkl(path, data: bytes):
+    path.write_bytes(data)
+    return str(path)
+
+
+# hand-written pickles: the attacks the guarded unpickler refuses
+def _const(obj):
+    buf = io.BytesIO()
+    pickler = pickle._Pickler(buf, 2)
+    pickler.fast = True  # no memo entries: the pieces can be put together
+    pickler.dump(obj)
+    return buf.getvalue()[2:-1]
+
+
+def _global(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _put(i):
+    return b"r" + i.to_bytes(4, "little")
+
+
+def _get(i):
+    return b"j" + i.to_bytes(4, "little")
+
+
+def dtype_to_object_pickle():
+    """A void dtype made a struct, an array of 8 raw bytes, then the dtype's field made an
+    object: numpy would read the bytes as a pointer (a crash, or worse)."""
+    s = b"\x80\x02}" + _const("model") + b"]"
+    s += _global("numpy", "dtype") + _const(("V8", False, True)) + b"R" + _put(900)
+    s += _const((3, "|", None, ("f0",), {"f0": (np.dtype("V8"), 0)}, 8, 1, 16)) + b"ba"
+    s += _global("numpy.core.multiarray", "_reconstruct") + _const((np.ndarray, (0,), "b"))
+    s += b"R(" + _const(1) + _const((1,)) + _get(900) + b"\x89" + _const(b"\0" * 8) + b"tba"
+    s += _get(900) + _const((3, "|", None, ("f0",), {"f0": (np.dtype("O"), 0)}, 8, 63, 16))
+    return s + b"bas."
+
+
+def second_dtype_state_pickle():
+    """A float64 dtype whose state is set twice (the second time could make it anything)."""
+    s = b"\x80\x02}" + _const("model") + b"}" + _const("w")
+    s += _global("numpy", "dtype") + _const(("f8", False, True)) + b"R" + _put(900)
+    s += _const((3, "<", None, None, None, -1, -1, 0)) + b"b"
+    s += _get(900) + _const((3, "<", None, None, None, -1, -1, 0)) + b"b"
+    return s + b"ss."
+
+
+def struct_after_build_pickle():
+    """A float64 dtype whose (first) state makes it a structured dtype with an object field."""
+    s = b"\x80\x02}" + _const("model") + _global("numpy", "dtype")
+    s += _const(("f8", False, True)) + b"R"
+    s += _const((3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 63, 16)) + b"bs."
+    return s
+
+
+def huge_array_pickle():
+    """300 bytes that ask numpy for a 1.5 GB array."""
+    s = b"\x80\x02}" + _const("model") + _global("numpy.core.multiarray", "_reconstruct")
+    return s + _const((np.ndarray, (1_500_000_000,), "b")) + b"Rs."
+
+
+def runstring_pickle():
+    """A numpy global that executes a string of code."""
+    s = b"\x80\x02" + _global("numpy.testing._private.utils", "runstring")
+    return s + _const(("import os; os.system('touch ran')", {})) + b"R."
+
+
+# --- weights files ---------------------------------------------------------------------------
+
+
+@case
+def pkl_global_os_system_as_teacher_weights(ws, tmp):
+    marker = tmp / "ran"
+    with open(tmp / "evil.pkl", "wb") as f:
+        pickle.dump({"model": {"w": _RunsCode(str(marker))}, "__author__": "x"}, f)
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "evil.pkl"))
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "evil.pkl", "io.open")
+    assert not marker.exists()
+
+
+@case
+def pkl_dtype_turned_object_as_teacher_weights(ws, tmp):
+    path = pkl(tmp / "crash.pkl", dtype_to_object_pickle())
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=path)
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "crash.pkl", "dtype '|V8'")
+
+
+@case
+def pkl_second_dtype_state_as_model_weights(ws, tmp):
+    path = pkl(tmp / "twice.pkl", second_dtype_state_pickle())
+    cfg = stage2(ws, tmp, MODEL__WEIGHTS=path)
+    refused(train_cfg(ws, tmp, cfg), "twice.pkl", "state of a numpy dtype a second time")
+
+
+@case
+def pkl_dtype_state_makes_a_struct_as_tokens_weights(ws, tmp):
+    path = pkl(tmp / "struct.pkl", struct_after_build_pickle())
+    cfg = stage2(ws, tmp, MODEL__MASKD__TOKENS_WEIGHTS=path)
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TOKENS_WEIGHTS", "struct.pkl", "numpy dtype")
+
+
+@case
+def pkl_declaring_a_huge_array(ws, tmp):
+    path = pkl(tmp / "huge.pkl", huge_array_pickle())
+    assert os.path.getsize(path) < 400
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=path)
+    refused(train_cfg(ws, tmp, cfg), "huge.pkl", "more bytes (1500000000", "than the file holds")
+
+
+@case
+def pkl_numpy_runstring_global(ws, tmp):
+    path = pkl(tmp / "runstring.pkl", runstring_pickle())
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=path)
+    refused(train_cfg(ws, tmp, cfg), "runstring.pkl", "numpy.testing._private.utils.runstring")
+    assert not (tmp / "ran").exists()
+
+
+@case
+def pkl_attack_in_visualize_masks(ws, tmp):
+    path = pkl(tmp / "crash.pkl", dtype_to_object_pickle())
+    config = write(stage1_cfg(ws["teacher"]), tmp / "s1.yaml")
+    tool = _tool("visualize_masks")
+    argv = ["--config-file", config, "--checkpoint", path, "--output", str(tmp / "png")]
+    refused(lambda: tool.main(argv + ["--dataset", "bi_train"]), "--checkpoint", "crash.pkl")
+
+
+@case
+def pth_code_payload_with_torch_weights_only_disabled(ws, tmp):
+    marker = tmp / "ran"
+    torch.save({"model": {"w": _RunsCode(str(marker))}}, tmp / "evil.pth")
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "evil.pth"))
+        refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "evil.pth", "Weights only")
+    finally:
+        del os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
+    assert not marker.exists()
+
+
+@case
+def teacher_weights_file_missing(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "nope.pth"))
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "nope.pth", "not found")
+
+
+@case
+def teacher_weights_file_truncated(ws, tmp):
+    data = open(ws["teacher"][1], "rb").read()
+    (tmp / "cut.pth").write_bytes(data[: len(data) // 2])
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "cut.pth"))
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "cut.pth", "could not read")
+
+
+@case
+def tokens_export_given_as_teacher_weights(ws, tmp):
+    export = _tool("export")
+    export.main(["tokens", "--checkpoint", ws["tokens"], "--output", str(tmp / "tok.pth")])
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "tok.pth"))
+    message = refused(
+        train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "tok.pth", "a tokens export"
+    )
+    assert "a a " not in message
+
+
+@case
+def teacher_weights_of_integers(ws, tmp):
+    state = torch.load(ws["teacher"][1], weights_only=True)["model"]
+    torch.save({"model": {k: (v * 100).long() for k, v in state.items()}}, tmp / "ints.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "ints.pth"))
+    refused(
+        train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "ints.pth", "another kind of number"
+    )
+
+
+@case
+def teacher_weights_in_half_precision_accepted(ws, tmp):
+    """Accepted: an fp16 teacher file loads exactly, and its tokens stay bound to it."""
+    state = torch.load(ws["teacher"][1], weights_only=True)["model"]
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"model": half}, tmp / "half.pth")
+    teacher = (ws["teacher"][0], str(tmp / "half.pth"))
+    model = build_model(stage1_cfg(teacher))
+    assert fingerprint_text(model.teacher_fingerprint) == fingerprint(half)
+    MasKDCheckpointer(model, save_dir=str(tmp)).save("tokens_half")
+    build_model(maskd_cfg("MasKD", "rcnn", *teacher, str(tmp / "tokens_half.pth")))
+
+
+@case
+def teacher_weights_of_another_architecture(ws, tmp):
+    other = write_teacher(tmp, "rcnn", seed=0, opts=["MODEL.FPN.OUT_CHANNELS", "64"], name="wide")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=other[1])
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "wide.pth", "does not fit")
+
+
+# --- config files ----------------------------------------------------------------------------
+
+PYTHON_TAG = 'MODEL:\n  WEIGHTS: !!python/object/apply:os.system ["touch {marker}"]\n'
+
+
+@case
+def python_tag_in_the_config_file(ws, tmp):
+    marker = tmp / "ran"
+    (tmp / "evil.yaml").write_text(PYTHON_TAG.format(marker=marker))
+    refused(lambda: train(ws, tmp / "evil.yaml"), "evil.yaml", "Python tag", "(line 2)")
+    assert not marker.exists()
+
+
+@case
+def python_tag_in_the_teacher_config(ws, tmp):
+    marker = tmp / "ran"
+    (tmp / "evil_teacher.yaml").write_text(PYTHON_TAG.format(marker=marker))
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__CONFIG_FILE=str(tmp / "evil_teacher.yaml"))
+    refused(train_cfg(ws, tmp, cfg), "evil_teacher.yaml", "Python tag")
+    assert not marker.exists()
+
+
+@case
+def python_tag_in_the_config_of_a_student_export(ws, tmp):
+    marker = tmp / "ran"
+    (tmp / "evil.yaml").write_text(PYTHON_TAG.format(marker=marker))
+    argv = ["student", "--checkpoint", ws["stage2"], "--output", str(tmp / "student.pth")]
+    export = _tool("export")
+    refused(lambda: export.main(argv + ["--config-file", str(tmp / "evil.yaml")]), "evil.yaml")
+    assert not marker.exists() and not (tmp / "student.pth").exists()
+
+
+@case
+def python_tag_in_a_lazyconfig_yaml(ws, tmp):
+    marker = tmp / "ran"
+    text = "model:\n  _target_: !!python/object/apply:os.system ['touch {marker}']\ntrain: {{}}\n"
+    (tmp / "lazy.yaml").write_text(text.format(marker=marker))
+    refused(lambda: train(ws, tmp / "lazy.yaml"), "lazy.yaml", "Python tag")
+    assert not marker.exists()
+
+
+@case
+def empty_config_file(ws, tmp):
+    (tmp / "empty.yaml").write_text("")
+    refused(lambda: train(ws, tmp / "empty.yaml"), "empty.yaml", "is empty")
+
+
+@case
+def config_file_of_a_list(ws, tmp):
+    (tmp / "list.yaml").write_text("- MODEL\n- SOLVER\n")
+    refused(lambda: train(ws, tmp / "list.yaml"), "list.yaml", "not a mapping")
+
+
+@case
+def config_file_not_yaml(ws, tmp):
+    (tmp / "broken.yaml").write_text("MODEL: {WEIGHTS: [\n")
+    refused(lambda: train(ws, tmp / "broken.yaml"), "broken.yaml", "not valid YAML")
+
+
+@case
+def config_file_missing(ws, tmp):
+    refused(lambda: train(ws, tmp / "nope.yaml"), "nope.yaml", "not found")
+
+
+@case
+def teacher_config_neither_file_nor_zoo_name(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__CONFIG_FILE="my/teacher.yaml")
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.CONFIG_FILE", "my/teacher.yaml")
+
+
+@case
+def zoo_base_that_does_not_exist(ws, tmp):
+    (tmp / "zoo.yaml").write_text('_BASE_: "zoo:COCO-Detection/no_such_model.yaml"\n')
+    refused(lambda: train(ws, tmp / "zoo.yaml"), "zoo.yaml", "no_such_model.yaml")
+
+
+@case
+def unknown_config_key(ws, tmp):
+    cfg = stage2(ws, tmp)
+    call = train_cfg(ws, tmp, cfg, "MODEL.MASKD.TOKEN_WEIGHTS", "x.pth")
+    refused(call, "MODEL.MASKD.TOKEN_WEIGHTS")
+
+
+@case
+def max_iter_zero(ws, tmp):
+    refused(train_cfg(ws, tmp, stage2(ws, tmp, SOLVER__MAX_ITER="0")), "SOLVER.MAX_ITER", "got 0")
+
+
+@case
+def max_iter_negative(ws, tmp):
+    cfg = stage2(ws, tmp, SOLVER__MAX_ITER="-5")
+    refused(train_cfg(ws, tmp, cfg), "SOLVER.MAX_ITER", "got -5")
+
+
+@case
+def negative_loss_weight(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__MASKD__LOSS_WEIGHT="-1.0")
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.LOSS_WEIGHT", "-1.0")
+
+
+@case
+def negative_dice_weight(ws, tmp):
+    cfg = tiny_training(stage1_cfg(ws["teacher"]), tmp / "out")
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bi_train",), ("bi_val",)
+    cfg.MODEL.MASKD.DICE_WEIGHT = -0.5
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.DICE_WEIGHT", "-0.5")
+
+
+@case
+def negative_head_kd_weight(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__MASKD__ROI_REG_KD__WEIGHT="-2.0")
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.ROI_REG_KD.WEIGHT", "-2.0")
+
+
+# --- tokens and their teacher ----------------------------------------------------------------
+
+
+@case
+def tokens_of_another_teacher(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=ws["other"][1])
+    refused(train_cfg(ws, tmp, cfg), "tokens_a.pth", "were learned for another teacher")
+
+
+@case
+def tokens_of_the_teacher_with_other_preprocessing(ws, tmp):
+    cfg = stage2(ws, tmp)
+    cfg.MODEL.MASKD.TEACHER.OPTS = ["MODEL.PIXEL_MEAN", "[100.0, 110.0, 120.0]"]
+    refused(train_cfg(ws, tmp, cfg), "tokens_a.pth", "preprocessing and backbone settings")
+
+
+@case
+def tokens_of_the_teacher_with_another_fpn_fuse_type(ws, tmp):
+    cfg = stage2(ws, tmp)
+    cfg.MODEL.MASKD.TEACHER.OPTS = ["MODEL.FPN.FUSE_TYPE", "avg"]
+    refused(train_cfg(ws, tmp, cfg), "tokens_a.pth", "preprocessing and backbone settings")
+
+
+def _laundered(ws, tmp):
+    """A stage-2 checkpoint of teacher B that used teacher A's tokens (allowed once)."""
+    cfg = maskd_cfg("MasKD", "rcnn", *ws["other"], ws["tokens"])
+    cfg.MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER = True
+    MasKDCheckpointer(build_model(cfg), save_dir=str(tmp)).save("laundered")
+    return str(tmp / "laundered.pth")
+
+
+@case
+def stage2_checkpoint_laundering_tokens_to_another_teacher(ws, tmp):
+    laundered = _laundered(ws, tmp)
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=ws["other"][1])
+    cfg.MODEL.MASKD.TOKENS_WEIGHTS = laundered
+    refused(train_cfg(ws, tmp, cfg), "laundered.pth", "were learned for another teacher")
+
+
+@case
+def tokens_export_of_a_laundering_stage2_checkpoint(ws, tmp):
+    laundered = _laundered(ws, tmp)
+    _tool("export").main(["tokens", "--checkpoint", laundered, "--output", str(tmp / "t.pth")])
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=ws["other"][1])
+    cfg.MODEL.MASKD.TOKENS_WEIGHTS = str(tmp / "t.pth")
+    refused(train_cfg(ws, tmp, cfg), "t.pth", "were learned for another teacher")
+
+
+@case
+def model_weights_with_other_tokens_than_configured(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__WEIGHTS=ws["stage2"])
+    refused(train_cfg(ws, tmp, cfg), "MODEL.WEIGHTS", "not the configured ones", "tokens_a.pth")
+
+
+@case
+def checkpoint_with_tokens_of_another_teacher_into_untrained_tokens(ws, tmp):
+    laundered = _laundered(ws, tmp)
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=ws["other"][1], MODEL__WEIGHTS=laundered)
+    cfg.MODEL.MASKD.TOKENS_WEIGHTS = ""
+    cfg.MODEL.MASKD.ALLOW_RANDOM_TOKENS = True
+    refused(train_cfg(ws, tmp, cfg), "laundered.pth", "were learned for another teacher")
+
+
+@case
+def resume_from_a_checkpoint_with_other_tokens(ws, tmp):
+    cfg = stage2(ws, tmp)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with (
+        open(ws["stage2"], "rb") as f,
+        open(os.path.join(cfg.OUTPUT_DIR, "model_x.pth"), "wb") as g,
+    ):
+        g.write(f.read())
+    with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+        f.write("model_x.pth")
+    refused(train_cfg(ws, tmp, cfg, "--resume"), "not the configured ones", "tokens_a.pth")
+
+
+@case
+def stage1_checkpoint_with_a_swapped_teacher_as_tokens(ws, tmp):
+    ckpt = torch.load(ws["tokens"], weights_only=True)
+    other = torch.load(ws["other"][1], weights_only=True)["model"]
+    for k, v in other.items():
+        if f"teacher.{k}" in ckpt["model"]:
+            ckpt["model"][f"teacher.{k}"] = v
+    torch.save(ckpt, tmp / "swapped.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TOKENS_WEIGHTS=str(tmp / "swapped.pth"))
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TOKENS_WEIGHTS", "swapped.pth", "altered")
+
+
+@case
+def tokens_file_missing_weight_head_keys(ws, tmp):
+    ckpt = torch.load(ws["tokens"], weights_only=True)
+    key = "teacher.backbone.tokens.p3.weight_head.2.weight"
+    del ckpt["model"][key]
+    torch.save(ckpt, tmp / "nohead.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TOKENS_WEIGHTS=str(tmp / "nohead.pth"))
+    refused(train_cfg(ws, tmp, cfg), "nohead.pth", "p3.weight_head.2.weight missing from the file")
+
+
+@case
+def tokens_file_with_another_number_of_tokens(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__MASKD__NUM_TOKENS="6")
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TOKENS_WEIGHTS", "has 4 tokens", "6 were asked")
+
+
+@case
+def teacher_checkpoint_given_as_tokens(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__MASKD__TOKENS_WEIGHTS=ws["teacher"][1])
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TOKENS_WEIGHTS", "holds no receptive tokens")
+
+
+@case
+def stage1_checkpoint_evaluated_with_a_stage2_config(ws, tmp):
+    call = train_cfg(ws, tmp, stage2(ws, tmp), "--eval-only", "MODEL.WEIGHTS", ws["tokens"])
+    refused(call, "MODEL.WEIGHTS", "tokens_a.pth", "stage 1 (MasKDTokenLearner) checkpoint")
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+
+def _dataset(tmp, name, edit=None):
+    json_file, images = write_coco_dataset(str(tmp / name), n_images=2, seed=3)
+    if edit is not None:
+        with open(json_file) as f:
+            data = json.load(f)
+        edit(data, images)
+        with open(json_file, "w") as f:
+            json.dump(data, f)
+    return ["--register-coco", name, json_file, images], json_file
+
+
+def _train_on(ws, tmp, name, register):
+    cfg = stage2(ws, tmp)
+    cfg.DATASETS.TRAIN = (name,)
+    return train_cfg(ws, tmp, cfg, *register)
+
+
+@case
+def dataset_json_malformed(ws, tmp):
+    register, json_file = _dataset(tmp, "bi_malformed")
+    with open(json_file, "w") as f:
+        f.write('{"images": [')
+    refused(_train_on(ws, tmp, "bi_malformed", register), "annotations.json", "not valid JSON")
+
+
+@case
+def dataset_json_not_coco(ws, tmp):
+    register, json_file = _dataset(tmp, "bi_notcoco")
+    with open(json_file, "w") as f:
+        json.dump({"pictures": []}, f)
+    refused(_train_on(ws, tmp, "bi_notcoco", register), "annotations.json", "bi_notcoco")
+
+
+@case
+def dataset_box_of_negative_size(ws, tmp):
+    def edit(data, images):
+        data["annotations"][0]["bbox"][2] = -10
+
+    register, _ = _dataset(tmp, "bi_negative", edit)
+    refused(_train_on(ws, tmp, "bi_negative", register), "negative width or height", "0000.png")
+
+
+@case
+def dataset_image_missing(ws, tmp):
+    register, _ = _dataset(tmp, "bi_missing", lambda d, im: os.remove(os.path.join(im, "0001.png")))
+    refused(_train_on(ws, tmp, "bi_missing", register), "image missing", "0001.png")
+
+
+@case
+def dataset_image_empty(ws, tmp):
+    register, _ = _dataset(
+        tmp, "bi_empty", lambda d, im: open(os.path.join(im, "0000.png"), "w").close()
+    )
+    refused(_train_on(ws, tmp, "bi_empty", register), "image empty", "0000.png")
+
+
+@case
+def dataset_annotation_file_missing(ws, tmp):
+    register = ["--register-coco", "bi_nojson", str(tmp / "none.json"), str(tmp)]
+    refused(_train_on(ws, tmp, "bi_nojson", register), "bi_nojson", "none.json")
+
+
+@case
+def dataset_not_registered(ws, tmp):
+    cfg = stage2(ws, tmp)
+    cfg.DATASETS.TRAIN = ("my_data",)
+    refused(train_cfg(ws, tmp, cfg), "my_data", "not registered")
+
+
+@case
+def eval_only_with_other_classes_than_the_data(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__ROI_HEADS__NUM_CLASSES="5")
+    call = train_cfg(ws, tmp, cfg, "--eval-only", "MODEL.WEIGHTS", ws["stage2"])
+    refused(call, "predicts 5 classes", "bi_val", "has 3")
+    assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "results.json"))
+
+
+# --- exports ---------------------------------------------------------------------------------
+
+
+def _export_student(ws, tmp, cfg, output, *extra):
+    config = write(cfg, tmp / "stage2.yaml")
+    argv = ["student", "--config-file", config, "--checkpoint", ws["stage2"]]
+    return lambda: _tool("export").main(argv + ["--output", str(output), *extra])
+
+
+@case
+def student_export_with_a_config_of_another_student(ws, tmp):
+    cfg = stage2(ws, tmp)
+    call = _export_student(ws, tmp, cfg, tmp / "student.pth", "MODEL.FPN.OUT_CHANNELS", "24")
+    refused(call, "does not describe the student", "stage2_tokens_a2.pth", "fpn")
+    assert not (tmp / "student.pth").exists() and not (tmp / "student.yaml").exists()
+
+
+@case
+def student_export_over_its_own_config_with_force(ws, tmp):
+    cfg = stage2(ws, tmp)
+    before = cfg.dump()
+    call = _export_student(ws, tmp, cfg, tmp / "stage2.pth", "--force")
+    refused(call, "stage2.yaml", "the config file it reads")
+    assert (tmp / "stage2.yaml").read_text() == before
+
+
+@case
+def export_over_its_own_checkpoint_with_force(ws, tmp):
+    data = open(ws["tokens"], "rb").read()
+    (tmp / "s1.pth").write_bytes(data)
+    argv = ["tokens", "--checkpoint", str(tmp / "s1.pth"), "--output", str(tmp / "s1.pth")]
+    refused(lambda: _tool("export").main(argv + ["--force"]), "s1.pth", "the checkpoint it reads")
+    assert (tmp / "s1.pth").read_bytes() == data
+
+
+@case
+def student_export_of_a_stage1_checkpoint(ws, tmp):
+    argv = ["student", "--checkpoint", ws["tokens"], "--output", str(tmp / "s.pth")]
+    refused(lambda: _tool("export").main(argv), "tokens_a.pth", "holds no student weights")
+
+
+@case
+def tokens_export_of_a_plain_checkpoint(ws, tmp):
+    argv = ["tokens", "--checkpoint", ws["teacher"][1], "--output", str(tmp / "t.pth")]
+    refused(lambda: _tool("export").main(argv), "teacher_a.pth", "holds no receptive tokens")
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+
+
+@case
+def pipeline_config_changed_after_a_finished_stage(ws, tmp):
+    import distill_net
+
+    s1 = tiny_training(stage1_cfg(ws["teacher"]), tmp / "unused")
+    tokens_config, student_config = write(s1, tmp / "s1.yaml"), write(
+        stage2(ws, tmp), tmp / "s2.yaml"
+    )
+    argv = ["--tokens-config", tokens_config, "--student-config", student_config]
+    argv += ["--output", str(tmp / "pipe"), "--stages", "tokens"]
+    original = distill_net.subprocess.run
+    distill_net.subprocess.run = lambda cmd, check: subprocess.CompletedProcess(cmd, 0)
+    try:
+        distill_net.main(argv)  # "runs" stage 1 and marks it finished
+        s1.SOLVER.BASE_LR = 0.5
+        write(s1, tmp / "s1.yaml")  # same command, other contents
+        refused(lambda: distill_net.main(argv), "s1.yaml", "changed since", "--restart tokens")
+    finally:
+        distill_net.subprocess.run = original
+
+
+@case
+def checkpoint_path_with_the_matching_heuristics_query(ws, tmp):
+    """Accepted: ``?matching_heuristics=True`` after a local path, as read_checkpoint documents."""
+    from maskd.checkpoint import read_checkpoint
+
+    data = read_checkpoint(ws["teacher"][1] + "?matching_heuristics=True", what="MODEL.WEIGHTS")
+    assert data["matching_heuristics"] is True and data["model"]
+
+
+# --- the runner ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input(ws, tmp_path, name):
+    CASES[name](ws, tmp_path)
+
+
+def test_the_docs_list_every_case_with_its_outcome():
+    with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
+        text = f.read()
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \|", text, re.M)
+    assert sorted(rows) == sorted(CASES), set(rows) ^ set(CASES)
+    assert len(CASES) >= 45
