@@ -26,7 +26,7 @@ benchmark: setup
 # The main job: a real distillation on CPU, report in output/demo/report.md.
 # QUICK=1: a tiny run that checks the pipeline. SEEDS=3: the students with three seeds.
 # TEACHER_SEEDS=2, TOKEN_SEEDS=3: more teachers, more stage-1 runs per teacher.
-# `make benchmark-demo`: the perturbation benchmark and mask-source ablation of the README.
+# `make benchmark-demo`: the perturbation benchmark and mask-source ablation (docs/demo.md).
 demo: setup
 	$(PY) demo/run_demo.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(TEACHER_SEEDS),--teacher-seeds $(TEACHER_SEEDS)) \

@@ -32,12 +32,11 @@ from typing import Dict, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)  # distill_net.py
 
-import report as rep  # noqa: E402
+import report as rep  # noqa: E402  (demo/report.py and demo/shapes.py, beside this script)
 from shapes import shapes_dataset  # noqa: E402
 
-from distill_net import STAGES, StageRunner, run_pipeline  # noqa: E402
+from maskd.pipeline import STAGES, StageRunner, run_pipeline  # noqa: E402
 
 logger = logging.getLogger("maskd.demo")
 

@@ -217,9 +217,22 @@ def without_class(json_file: str, name: str, output: str) -> int:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="the demo's data: a split without one class")
-    parser.add_argument("json_file")
-    parser.add_argument("output")
-    parser.add_argument("--without-class", required=True, choices=CLASSES)
+    parser = argparse.ArgumentParser(
+        description="the demo's data: generate the splits (--generate ROOT), or write a split "
+        "without one class (JSON_FILE OUTPUT --without-class NAME)"
+    )
+    parser.add_argument("json_file", nargs="?")
+    parser.add_argument("output", nargs="?")
+    parser.add_argument("--without-class", choices=CLASSES)
+    parser.add_argument("--generate", metavar="ROOT", help="generate the splits under ROOT")
+    parser.add_argument("--num-train", type=int, default=800)
+    parser.add_argument("--num-val", type=int, default=200)
+    parser.add_argument("--num-test", type=int, default=0)
     args = parser.parse_args()
-    print(without_class(args.json_file, args.without_class, args.output), "annotations dropped")
+    if args.generate:
+        splits = shapes_dataset(args.generate, args.num_train, args.num_val, num_test=args.num_test)
+        print(json.dumps(splits))  # the last line: {split: [json, image folder]}
+    elif args.json_file and args.output and args.without_class:
+        print(without_class(args.json_file, args.without_class, args.output), "annotations dropped")
+    else:
+        parser.error("give --generate ROOT, or JSON_FILE OUTPUT --without-class NAME")

@@ -7,7 +7,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "projects", "MasKD"))
-# The demo (demo/shapes.py, demo/report.py) and the pipeline (distill_net.py) live outside the
-# package, as detectron2 keeps its demo/ and tools/ outside detectron2/.
+# The demo (demo/shapes.py, demo/report.py) lives outside the package, as detectron2 keeps its
+# demo/ and tools/ outside detectron2/; train_net.py and distill_net.py are thin scripts at the
+# root over maskd.cli.
 sys.path.insert(0, os.path.join(ROOT, "demo"))
 sys.path.insert(0, ROOT)

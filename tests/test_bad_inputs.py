@@ -667,6 +667,7 @@ def tokens_export_of_a_plain_checkpoint(ws, tmp):
 @case
 def pipeline_config_changed_after_a_finished_stage(ws, tmp):
     import distill_net
+    from maskd import stages
 
     s1 = tiny_training(stage1_cfg(ws["teacher"]), tmp / "unused")
     tokens_config, student_config = write(s1, tmp / "s1.yaml"), write(
@@ -674,15 +675,15 @@ def pipeline_config_changed_after_a_finished_stage(ws, tmp):
     )
     argv = ["--tokens-config", tokens_config, "--student-config", student_config]
     argv += ["--output", str(tmp / "pipe"), "--stages", "tokens"]
-    original = distill_net.subprocess.run
-    distill_net.subprocess.run = lambda cmd, check: subprocess.CompletedProcess(cmd, 0)
+    original = stages.subprocess.run
+    stages.subprocess.run = lambda cmd, check: subprocess.CompletedProcess(cmd, 0)
     try:
         distill_net.main(argv)  # "runs" stage 1 and marks it finished
         s1.SOLVER.BASE_LR = 0.5
         write(s1, tmp / "s1.yaml")  # same command, other contents
         refused(lambda: distill_net.main(argv), "s1.yaml", "changed since", "--restart tokens")
     finally:
-        distill_net.subprocess.run = original
+        stages.subprocess.run = original
 
 
 @case

@@ -270,3 +270,25 @@ def test_a_new_head_term_is_one_class_and_one_registration(tmp_path):
 def _keep_p2(backbone, features):
     object.__setattr__(backbone, "last_p2", features["p2"])
     return features
+
+
+def test_a_term_registered_after_the_config_is_made_is_named_not_skipped(tmp_path):
+    from maskd.extensions import import_modules
+    from maskd.head_kd import build_head_kd
+
+    cfg = get_maskd_cfg()  # made before the registration
+    HEAD_KD_REGISTRY.register(_FeatureNormKD)
+    try:
+        with pytest.raises(KeyError, match=r"_FeatureNormKD.*MODEL\.MASKD\.TEST_NORM_KD.*--import"):
+            build_head_kd(cfg.MODEL.MASKD)
+        assert get_maskd_cfg().MODEL.MASKD.TEST_NORM_KD.WEIGHT == 0.0  # a new config has it
+    finally:
+        HEAD_KD_REGISTRY._obj_map.pop("_FeatureNormKD")
+    with pytest.raises(ModuleNotFoundError, match="--import no_such_module_of_mine: no module"):
+        import_modules(["no_such_module_of_mine"])
+    with pytest.raises(FileNotFoundError, match="--import .*missing.py: no such file"):
+        import_modules([str(tmp_path / "missing.py")])
+    (tmp_path / "mine.py").write_text("COUNT = [0]\nCOUNT[0] += 1\n")
+    first = import_modules([str(tmp_path / "mine.py")])[0]
+    again = import_modules([str(tmp_path / "mine.py")])[0]
+    assert first is again and first.COUNT == [1]  # every process/stage may import it again

@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from naive import (
-    naive_dice_diversity_loss,
-    naive_mask_features,
-    naive_masked_distillation_loss,
-)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from maskd.losses import dice_diversity_loss, masked_distillation_loss
 from maskd.receptive_tokens import ReceptiveTokens
+from maskd.reference import (
+    naive_dice_diversity_loss,
+    naive_mask_features,
+    naive_masked_distillation_loss,
+)
 
 # (N, T, C, H, W) cases: general, T = 1, H = W = 1, odd sizes.
 SHAPES = [(2, 6, 8, 5, 7), (3, 1, 4, 6, 6), (2, 4, 5, 1, 1), (1, 3, 3, 4, 2)]

@@ -463,3 +463,37 @@ def test_checkpointer_loads_plain_models_as_detectron2_does(tmp_path):
     MasKDCheckpointer(target).load(str(tmp_path / "plain.pth"))
     for k, v in source.state_dict().items():
         assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_subclasses_under_other_names_evaluate_as_their_stage(tmp_path):
+    """``--eval-only`` asks the meta-architecture which model evaluates its checkpoints: a
+    subclass registered under another name inherits it, so it never reads the teacher's or the
+    tokens' files (here they do not exist)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from maskd.engine import build_inference_model, build_lazy_inference_model
+
+    class MyMasKD(MasKD):
+        pass
+
+    class MyTokenLearner(MasKDTokenLearner):
+        pass
+
+    teacher_config, _, _ = write_teacher(tmp_path, "rcnn")
+    for cls in (MyMasKD, MyTokenLearner):
+        META_ARCH_REGISTRY.register(cls)
+    try:
+        cfg = maskd_cfg("MyMasKD", "rcnn", teacher_config, str(tmp_path / "no_teacher.pth"))
+        cfg.MODEL.MASKD.TOKENS_WEIGHTS = str(tmp_path / "no_tokens.pth")
+        student = build_inference_model(cfg)
+        assert type(student).__name__ == "GeneralizedRCNN"  # the student alone
+        cfg.MODEL.META_ARCHITECTURE = "MyTokenLearner"
+        learner = build_inference_model(cfg)
+        assert isinstance(learner, MyTokenLearner) and learner.teacher_from_checkpoint
+    finally:
+        for cls in (MyMasKD, MyTokenLearner):
+            META_ARCH_REGISTRY._obj_map.pop(cls.__name__)
+    # LazyConfig: the class's own lazy_inference_node
+    node = L(MyMasKD)(student=L(torch.nn.Identity)(), teacher=None, tokens=None)
+    lazy = type("Cfg", (), {"model": node, "train": type("T", (), {"device": "cpu"})})
+    assert isinstance(build_lazy_inference_model(lazy), torch.nn.Identity)

@@ -4,6 +4,7 @@ is not on PyPI and is installed as the README says). The install goes into an em
 folder, offline, with the environment's setuptools."""
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ from tiny import ROOT
 # Import name -> distribution name, where they differ.
 DISTRIBUTIONS = {"yaml": "pyyaml", "cv2": "opencv-python-headless", "PIL": "pillow"}
 NOT_ON_PYPI = {"detectron2"}
+# the shipped configs (package data of maskd.model_zoo, .py LazyConfigs among them)
+CONFIGS_IN_PACKAGE = "maskd/model_zoo/configs/"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def installed(tmp_path_factory):
     for folder, _, names in os.walk(target):
         for name in names:
             path = os.path.relpath(os.path.join(folder, name), target).replace(os.sep, "/")
-            if path.endswith(".py"):
+            if path.endswith(".py") and not path.startswith(CONFIGS_IN_PACKAGE):
                 with open(os.path.join(folder, name)) as f:
                     files[path] = f.read()
     return files, target
@@ -61,17 +64,69 @@ def test_the_install_holds_the_library_only(installed):
     assert top == ["maskd"], top  # no demo/, tests/ or tools/ package beside it
     modules = sorted(files)
     assert "maskd/head_kd/roi_regression.py" in modules  # subpackages are included
-    for gone in ("demo", "synthetic", "shapes", "naive", "run_demo", "report"):
+    for gone in ("demo", "synthetic", "shapes", "run_demo", "report"):
         assert not any(os.path.basename(n) == f"{gone}.py" for n in modules), gone
     # the package tree in the checkout is exactly what is installed
     here = os.path.join(ROOT, "projects", "MasKD")
     tree = sorted(
         os.path.relpath(os.path.join(d, f), here).replace(os.sep, "/")
-        for d, _, names in os.walk(os.path.join(here, "maskd"))
+        for d, _, names in os.walk(os.path.join(here, "maskd"))  # not into the configs link
         for f in names
         if f.endswith(".py")
     )
     assert modules == tree
+
+
+def _shipped_configs():
+    root = os.path.join(ROOT, "configs")
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+        for d, _, names in os.walk(root)
+        for f in names
+        if f.endswith((".yaml", ".py"))
+    )
+
+
+INSTALLED_ZOO = """
+import json, sys
+import maskd
+from maskd import model_zoo
+from detectron2.modeling import build_model
+
+site = sys.argv[1]
+assert maskd.__file__.startswith(site), maskd.__file__  # the installed package, not the checkout
+names = model_zoo.list_configs()
+assert all(model_zoo.get_config_file(n).startswith(site) for n in names)
+name = "COCO-Detection/maskd_faster_rcnn_R_101-faster_rcnn_R_50_FPN_2x_coco"
+off = ["MODEL.DEVICE", "cpu", "MODEL.MASKD.TEACHER.WEIGHTS", "", "MODEL.MASKD.TOKENS_WEIGHTS", ""]
+off += ["MODEL.MASKD.TEACHER.ALLOW_RANDOM_INIT", "True", "MODEL.MASKD.ALLOW_RANDOM_TOKENS", "True"]
+model = build_model(model_zoo.get_config(name + ".yaml", off))
+lazy = model_zoo.get_config(name + ".py")
+try:
+    model_zoo.get_config_file("COCO-Detection/no_such_config.yaml")
+    missing = None
+except RuntimeError as e:
+    missing = str(e)
+print(json.dumps({"names": names, "model": type(model).__name__, "lazy": lazy.model._target_.__name__,
+                  "teacher": type(model.teacher).__name__, "missing": missing}))
+"""
+
+
+def test_configs_by_name_from_the_installed_package(installed, tmp_path):
+    _, target = installed
+    out = subprocess.run(
+        [sys.executable, "-c", INSTALLED_ZOO, str(target)],
+        cwd=tmp_path,  # no repository around
+        env=dict(os.environ, PYTHONPATH=str(target)),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["names"] == _shipped_configs()  # every config of configs/, by its name
+    assert found["model"] == "MasKD" and found["teacher"] == "GeneralizedRCNN"
+    assert found["lazy"] == "MasKD"
+    assert "no_such_config.yaml" in found["missing"]
 
 
 def test_every_import_of_the_package_is_declared(installed):

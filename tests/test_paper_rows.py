@@ -30,7 +30,7 @@ from tiny import (
     write_coco_dataset,
 )
 
-import maskd.engine
+import maskd.engine.trainer
 from maskd.config import get_maskd_cfg, load_config
 from maskd.deeplab import build_deeplab_train_loader, is_deeplab, semantic_train_augmentations
 from maskd.engine import MasKDTrainer, build_evaluator, register_coco_datasets
@@ -180,7 +180,7 @@ def test_deeplab_cityscapes_pair_trains_both_stages(tmp_path, monkeypatch):
         loaders.append(cfg.MODEL.SEM_SEG_HEAD.NAME)
         return build_deeplab_train_loader(cfg)
 
-    monkeypatch.setattr(maskd.engine, "build_deeplab_train_loader", spy)
+    monkeypatch.setattr(maskd.engine.trainer, "build_deeplab_train_loader", spy)
     trainer, records = _train(stage1)
     assert loaders == ["DeepLabV3Head"]
     model = trainer.model

@@ -85,8 +85,7 @@ def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
             "--output",
             str(out),
             "--student-opts",
-            "MODEL.MASKD.LOSS_WEIGHT",
-            "2.0",
+            "MODEL.MASKD.LOSS_WEIGHT 2.0",
         ],
         tmp,
         check=False,
@@ -98,7 +97,7 @@ def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
     # checkpoint) with the new command; the export and evaluation follow; stage 1 is kept
     restarted = run(
         [DISTILL_NET, *args, "--output", str(out), "--restart", "student"]
-        + ["--student-opts", "MODEL.MASKD.LOSS_WEIGHT", "2.0"],
+        + ["--student-opts", "MODEL.MASKD.LOSS_WEIGHT 2.0"],
         tmp,
     )
     log = restarted.stdout + restarted.stderr
@@ -117,7 +116,7 @@ def test_pipeline_resumes_a_killed_stage_from_its_checkpoint(setup):
     # Stage 1 of 3 iterations checkpoints every 2; kill the pipeline once the checkpoint of
     # iteration 2 exists and before the stage finishes.
     cmd = [sys.executable, DISTILL_NET, *args, "--output", str(out)]
-    cmd += ["--tokens-opts", "SOLVER.MAX_ITER", "40", "TEST.EVAL_PERIOD", "0"]
+    cmd += ["--tokens-opts", "SOLVER.MAX_ITER 40 TEST.EVAL_PERIOD 0"]
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(
@@ -144,7 +143,7 @@ def test_pipeline_resumes_a_killed_stage_from_its_checkpoint(setup):
 
     resumed = run(
         [DISTILL_NET, *args, "--output", str(out), "--stages", "tokens"]
-        + ["--tokens-opts", "SOLVER.MAX_ITER", "40", "TEST.EVAL_PERIOD", "0"],
+        + ["--tokens-opts", "SOLVER.MAX_ITER 40 TEST.EVAL_PERIOD 0"],
         tmp,
     )
     log = resumed.stdout + resumed.stderr
@@ -194,3 +193,89 @@ def test_pipeline_with_lazyconfig_configs(setup, tmp_path):
     assert "bbox" in stages["evaluate"]["results"]
     student_cfg = (out / "export" / "student.yaml").read_text()
     assert "MasKD" not in student_cfg and "FCOS" in student_cfg
+
+
+# A module of a user's own, outside the package: a head-level KD term (a made-up one: a small
+# penalty on the student's box-predictor weights) registered when the module is imported.
+USER_TERM = """
+from maskd.head_kd import HEAD_KD_REGISTRY, HeadKD
+
+
+@HEAD_KD_REGISTRY.register()
+class BoxWeightKD(HeadKD):
+    CONFIG_KEY = "BOX_WEIGHT_KD"
+    LOSS_NAME = "loss_box_weight_kd"
+
+    @classmethod
+    def add_config(cls, node):
+        node.WEIGHT = 0.0
+
+    @classmethod
+    def from_config(cls, node):
+        return {"weight": node.WEIGHT}
+
+    def check(self, student, teacher):
+        if not hasattr(student, "roi_heads"):
+            raise ValueError("MODEL.MASKD.BOX_WEIGHT_KD needs an R-CNN student")
+
+    def wrap(self, student):
+        pass
+
+    def forward(self, student, teacher, teacher_features):
+        params = student.roi_heads.box_predictor.parameters()
+        return self.weight * sum(p.pow(2).mean() for p in params)
+"""
+
+
+def test_a_term_of_a_users_module_through_distill_net(setup):
+    tmp, args = setup
+    (tmp / "user_ext").mkdir(exist_ok=True)
+    module = tmp / "user_ext" / "box_weight_kd.py"
+    module.write_text(USER_TERM)
+    out = tmp / "user_term"
+    proc = run(
+        [DISTILL_NET, *args, "--output", str(out), "--stages", "tokens", "student", "export"]
+        + ["--import", str(module), "--student-opts", "MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5"]
+        + ["--", "SOLVER.BASE_LR", "0.004"],
+        tmp,
+    )
+    log = proc.stdout + proc.stderr
+    assert "of both stages: SOLVER.BASE_LR 0.004" in log
+    assert "of stage 2 only: MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5" in log
+    records = [json.loads(ln) for ln in open(out / "student" / "metrics.json")]
+    assert any(r.get("loss_box_weight_kd", 0) > 0 for r in records)
+    assert "BASE_LR: 0.004" in (out / "tokens" / "config.yaml").read_text()  # both stages
+    assert "BASE_LR: 0.004" in (out / "student" / "config.yaml").read_text()
+    assert (out / "export" / "student.pth").exists()  # the export imported the module too
+    # without --import the key does not exist, and the error says how to make it exist
+    bad = run(
+        [DISTILL_NET, *args, "--output", str(tmp / "no_import"), "--stages", "tokens", "student"]
+        + ["--tokens-weights", str(out / "tokens" / "model_final.pth")]
+        + ["--student-opts", "MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5"],
+        tmp,
+        check=False,
+    )
+    assert bad.returncode != 0 and "--import MODULE" in bad.stderr
+
+
+def test_per_stage_overrides_never_absorb_those_of_both_stages(setup, monkeypatch):
+    import distill_net
+    from maskd import pipeline
+
+    tmp, args = setup
+    calls = []
+    monkeypatch.setattr(pipeline, "run_pipeline", None)  # the CLI must call the package's
+    from maskd.cli import distill
+
+    monkeypatch.setattr(distill, "run_pipeline", lambda *a, **k: calls.append(k))
+    argv = [*args, "--output", str(tmp / "x")]
+    # the old form: per-stage overrides as separate words would swallow the rest
+    with pytest.raises(SystemExit, match="one quoted string"):
+        distill_net.main(argv + ["--student-opts", "SEED", "0", "DATASETS.TRAIN", "('x',)"])
+    distill_net.main(argv + ["--student-opts", "SEED 1", "--tokens-opts", "SEED 2", "SEED", "3"])
+    assert calls[-1]["opts"] == ["SEED", "3"]
+    assert calls[-1]["student_opts"] == ["SEED", "1"] and calls[-1]["tokens_opts"] == ["SEED", "2"]
+    distill_net.main(argv + ["--student-opts", "SEED 1", "--", "SEED", "4"])
+    assert calls[-1]["opts"] == ["SEED", "4"] and calls[-1]["student_opts"] == ["SEED", "1"]
+    with pytest.raises(SystemExit, match="unknown options"):
+        distill_net.main(argv + ["--no-such-flag"])

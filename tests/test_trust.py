@@ -454,9 +454,10 @@ def test_the_collective_timeout_is_a_flag(monkeypatch):
     # NCCL ranks on other machines may notice a dead peer only after the collective timeout;
     # train_net.py makes it a flag.
     import train_net
+    from maskd.cli import train
 
     seen = {}
-    monkeypatch.setattr(train_net, "launch", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(train, "launch", lambda *a, **k: seen.update(k))
     train_net.cli(["--config-file", "x.yaml", "--num-gpus", "8", "--dist-timeout", "5"])
     assert seen["timeout"].total_seconds() == 300
     train_net.cli(["--config-file", "x.yaml"])

@@ -13,24 +13,17 @@ each measurement) over the resident set before it; on CUDA the rise of max_memor
 """
 
 import argparse
-import os
-import sys
 
 import torch
+from measure import measure  # tools/measure.py, beside this script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # naive.py, the reference formulas of the tests
-sys.path.insert(0, os.path.join(ROOT, "tools"))  # measure.py
-
-from measure import measure
-from naive import (  # tests/naive.py: the plain reference formulas
+from maskd.losses import dice_diversity_loss, masked_aggregate, masked_distillation_loss
+from maskd.receptive_tokens import ReceptiveTokens
+from maskd.reference import (  # the plain (literal) formulation
     naive_dice_diversity_loss,
     naive_mask_features,
     naive_masked_distillation_loss,
 )
-
-from maskd.losses import dice_diversity_loss, masked_aggregate, masked_distillation_loss
-from maskd.receptive_tokens import ReceptiveTokens
 
 STRIDES = {"P2": 4, "P3": 8, "P4": 16, "P5": 32, "P6": 64}
 

@@ -34,8 +34,6 @@ peak resident set, on CUDA of max_memory_allocated), and the ratios with their g
 import argparse
 import copy
 import json
-import os
-import sys
 from contextlib import nullcontext
 
 import torch
@@ -45,17 +43,12 @@ from detectron2.model_zoo import get_config_file
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # naive.py, the reference formulas of the tests
-sys.path.insert(0, os.path.join(ROOT, "tools"))  # measure.py
-
 from measure import measure  # noqa: E402
-from naive import naive_masked_distillation_loss  # noqa: E402  (tests/naive.py)
 
 from maskd import MasKD, MasKDTokenLearner  # noqa: E402
 from maskd._compat import NORM_TYPES  # noqa: E402
 from maskd.receptive_tokens import build_level_tokens  # noqa: E402
+from maskd.reference import naive_masked_distillation_loss  # noqa: E402
 
 GOALS = {"c/(a+b)": 1.10, "c/d": 0.75, "mem c/(a+F)": 1.10, "e/(b+3(g-b))": 1.00}
 

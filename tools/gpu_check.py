@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +30,19 @@ import traceback
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, os.path.join(ROOT, "demo"))
 
 EXIT_NO_CUDA = 3
 CONFIGS = os.path.join(ROOT, "configs", "Demo")
+
+
+def generate_shapes(root: str, num_train: int, num_val: int) -> dict:
+    """The demo's generated data (``demo/shapes.py --generate``): {split: (json, image folder)}."""
+    script = os.path.join(ROOT, "demo", "shapes.py")
+    cmd = [sys.executable, script, "--generate", root, "--num-train", str(num_train)]
+    out = subprocess.run(cmd + ["--num-val", str(num_val)], check=True, capture_output=True)
+    return {
+        k: tuple(v) for k, v in json.loads(out.stdout.decode().strip().splitlines()[-1]).items()
+    }
 
 
 def _cfg(name, opts):
@@ -77,11 +86,10 @@ def train_stage(name, config, opts, checks):
 
 
 def run_check(dry_run: bool, out: str) -> int:
-    import benchmark_losses
+    import benchmark_losses  # tools/benchmark_*.py, beside this script
     import benchmark_step
     from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
-    from shapes import shapes_dataset
 
     from maskd.engine import register_coco_datasets
 
@@ -89,7 +97,7 @@ def run_check(dry_run: bool, out: str) -> int:
     device = "cpu" if dry_run else "cuda"
     start = time.perf_counter()
     checks, lines = {}, []
-    splits = shapes_dataset(os.path.join(out, "data"), 8 if dry_run else 32, 4)
+    splits = generate_shapes(os.path.join(out, "data"), 8 if dry_run else 32, 4)
     register_coco_datasets([(f"gpu_check_{k}", *v) for k, v in splits.items()])
     data = ["DATASETS.TRAIN", "('gpu_check_train',)", "DATASETS.TEST", "()"]
     common = data + ["MODEL.DEVICE", device, "DATALOADER.NUM_WORKERS", "0"]

@@ -26,11 +26,13 @@ from detectron2.config import CfgNode, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.logger import setup_logger
 
+from maskd import MasKDTokenLearner
 from maskd.config import load_config
 from maskd.engine import build_inference_model, load_inference_weights, register_coco_datasets
+from maskd.extensions import add_import_argument, import_modules
 from maskd.visualize import save_mask_grid
 
 logger = logging.getLogger("maskd.visualize_masks")
@@ -46,7 +48,8 @@ def build(args):
             load_inference_weights(model, args.checkpoint, "--checkpoint")
         return model, model.input_format or "BGR", args.min_size, args.max_size
     cfg.MODEL.DEVICE = args.device
-    if args.checkpoint and cfg.MODEL.META_ARCHITECTURE == "MasKDTokenLearner":
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    if args.checkpoint and issubclass(arch, MasKDTokenLearner):  # the checkpoint holds the teacher
         model = build_inference_model(cfg)
     else:
         model = build_model(cfg)
@@ -71,8 +74,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-size", type=int, default=800, help="LazyConfig: test short side")
     parser.add_argument("--max-size", type=int, default=1333, help="LazyConfig: test long side")
+    add_import_argument(parser)
     args, args.opts = parser.parse_known_args(argv)
     setup_logger(name="maskd")
+    import_modules(args.imports)
     register_coco_datasets(args.register_coco or [])
 
     files = list(args.input)

@@ -1,7 +1,7 @@
 """MasKD stage 2 (LazyConfig), a heterogeneous pair: Faster R-CNN R50-FPN <- ViTDet ViT-B Mask
 R-CNN (detectron2's ViTDet project; 51.6 box AP published by detectron2).
 
-What differs between the two, and what MasKD does about it (see the README):
+What differs between the two, and what MasKD does about it (see docs/heterogeneous.md):
 - channel order: the data are loaded in the student's BGR; the teacher gets them as RGB;
 - normalisation: each model applies its own pixel mean/std (teacher ImageNet RGB mean/std,
   student caffe BGR mean, std 1);

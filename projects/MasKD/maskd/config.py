@@ -2,7 +2,6 @@
 :func:`load_config` is the one loader of config files (yacs or LazyConfig, with overrides) that
 ``train_net.py``, the tools and the teacher builder share."""
 
-import functools
 import os
 from typing import Sequence, Union
 
@@ -10,12 +9,12 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig, get_cfg
 from detectron2.model_zoo import get_config_file
-from fvcore.common.config import BASE_KEY
 from omegaconf import DictConfig, OmegaConf
 
 from .deeplab import add_deeplab_config
 from .head_kd import add_head_kd_config
 from .mask_sources import add_mask_source_config
+from .yaml_configs import ZOO_PREFIX, LazyYamlLoader, MasKDCfgNode, read_yaml
 
 __all__ = [
     "add_maskd_config",
@@ -28,152 +27,29 @@ __all__ = [
     "LazyYamlLoader",
 ]
 
-# `_BASE_: "zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"` names a detectron2 model-zoo config,
-# so the project's YAML files hold only their deltas over detectron2's own configs.
-ZOO_PREFIX = "zoo:"
-
-
-class LazyYamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader plus the few Python tags that ``LazyConfig.save`` writes into
-    saved LazyConfig files, each constructed without running code: ``python/tuple``,
-    ``python/object:`` of detectron2's ``ShapeSpec``, ``python/name:`` (a callable named, as a
-    ``_target_`` names one) and ``python/object/apply:functools.partial``. Every other Python
-    tag is refused, as by the safe loader."""
-
-
-def _tuple(loader, node):
-    return tuple(loader.construct_sequence(node, deep=True))
-
-
-def _object(loader, suffix, node):
-    from detectron2.layers import ShapeSpec
-
-    if suffix != "detectron2.layers.shape_spec.ShapeSpec":
-        raise yaml.constructor.ConstructorError(
-            None, None, f"python/object:{suffix} is not constructed", node.start_mark
-        )
-    return ShapeSpec(**loader.construct_mapping(node, deep=True))
-
-
-def _name(loader, suffix, node):
-    from detectron2.utils.registry import locate
-
-    return locate(suffix)  # like a _target_: resolved, not called
-
-
-def _apply(loader, suffix, node):
-    if suffix != "functools.partial" or not isinstance(node, yaml.MappingNode):
-        raise yaml.constructor.ConstructorError(
-            None, None, f"python/object/apply:{suffix} is not constructed", node.start_mark
-        )
-    value = loader.construct_mapping(node, deep=True)
-    out = functools.partial(*value.get("args", ()))
-    if "state" in value:
-        out.__setstate__(value["state"])
-    return out
-
-
-LazyYamlLoader.add_constructor("tag:yaml.org,2002:python/tuple", _tuple)
-LazyYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/object:", _object)
-LazyYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/name:", _name)
-LazyYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/object/apply:", _apply)
-
-
-def read_yaml(filename: str, loader=yaml.SafeLoader) -> dict:
-    """A YAML config file as a dict, read with PyYAML's safe loader (or ``loader``, a subclass
-    of it such as :class:`LazyYamlLoader`): no Python tags.
-
-    detectron2 and fvcore fall back to ``yaml.unsafe_load`` for files with tags such as
-    ``!!python/object/apply:os.system``, which runs the code they name; MasKD never does.
-
-    Raises:
-        ValueError: naming the file, if it holds a Python tag, is not YAML, is empty, or is not
-            a mapping of keys.
-    """
-    try:
-        with open(filename) as f:
-            data = yaml.load(f, Loader=loader)
-    except yaml.constructor.ConstructorError as e:
-        mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
-        raise ValueError(
-            f"config file '{filename}' holds a Python tag{mark}: {e.problem}. MasKD reads YAML "
-            "configs with the safe loader, so nothing of it was run; a config file needs no "
-            "tags (detectron2 would run them with yaml.unsafe_load)"
-        ) from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file '{filename}' is not valid YAML: {e}") from None
-    if data is None:
-        raise ValueError(f"config file '{filename}' is empty")
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"config file '{filename}' holds a {type(data).__name__}, not a mapping of keys"
-        )
-    return data
-
-
-def _is_installed_zoo_config(filename: str) -> bool:
-    """Whether ``filename`` is one of the configs inside the installed detectron2 package."""
-    import detectron2.model_zoo
-
-    root = os.path.realpath(os.path.join(os.path.dirname(detectron2.model_zoo.__file__), "configs"))
-    return os.path.realpath(filename).startswith(root + os.sep)
-
-
-class MasKDCfgNode(CN):
-    """detectron2's CfgNode whose YAML files are read with the safe loader (:func:`read_yaml`,
-    ``allow_unsafe`` is ignored) and whose ``_BASE_`` may also name a model-zoo config
-    (``zoo:...``)."""
-
-    @classmethod
-    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
-        if _is_installed_zoo_config(filename):
-            # detectron2's own configs, part of the installed package (Base-RetinaNet.yaml has
-            # a python/object/apply:eval tag for its anchor sizes): trusted as its code is
-            return super().load_yaml_with_base(filename, allow_unsafe=True)
-        data = read_yaml(filename)
-        base = data.get(BASE_KEY)
-        if not (isinstance(base, str) and base.startswith(ZOO_PREFIX)):
-            # fvcore reads the file (safe: checked above) and its _BASE_ files through this
-            # method again
-            return super().load_yaml_with_base(filename, allow_unsafe=False)
-        name = base[len(ZOO_PREFIX) :]
-        try:
-            base_file = get_config_file(name)
-        except RuntimeError as e:
-            raise FileNotFoundError(
-                f"{filename}: _BASE_ names '{name}', which is not a detectron2 model-zoo config"
-            ) from e
-        merged = cls.load_yaml_with_base(base_file)
-        del data[BASE_KEY]
-
-        def merge_a_into_b(a, b):
-            for k, v in a.items():
-                if isinstance(v, dict) and isinstance(b.get(k), dict):
-                    merge_a_into_b(v, b[k])
-                else:
-                    b[k] = v
-
-        merge_a_into_b(data, merged)
-        return merged
-
 
 def resolve_config_file(name_or_path: str, what: str = "MODEL.MASKD.TEACHER.CONFIG_FILE") -> str:
-    """A config path: an existing file, or a detectron2 model-zoo config name.
+    """A config path: an existing file, a detectron2 model-zoo config name, or the name of a
+    config shipped with MasKD (:mod:`maskd.model_zoo`, e.g. ``Teachers/...``).
 
     Raises:
-        FileNotFoundError: naming ``what`` and the value, if it is neither.
+        FileNotFoundError: naming ``what`` and the value, if it is none of them.
     """
+    from . import model_zoo
+
     if not name_or_path:
         raise FileNotFoundError(f"{what} is empty: name the teacher's config file")
     if os.path.isfile(name_or_path):
         return name_or_path
-    try:
-        return get_config_file(name_or_path)
-    except RuntimeError:
-        pass
+    for zoo in (get_config_file, model_zoo.get_config_file):
+        try:
+            return zoo(name_or_path)
+        except RuntimeError:
+            pass
     raise FileNotFoundError(
-        f"{what} = '{name_or_path}' is neither an existing file nor a detectron2 model-zoo "
-        f"config name (e.g. 'COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml')"
+        f"{what} = '{name_or_path}' is neither an existing file, a detectron2 model-zoo config "
+        "name (e.g. 'COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml') nor a config shipped with "
+        "MasKD (maskd.model_zoo.list_configs())"
     )
 
 
@@ -224,8 +100,17 @@ def load_config(path: str, opts: Sequence[str] = ()) -> Union[CN, DictConfig]:
             cfg = OmegaConf.create(data, flags={"allow_objects": True})
         return LazyConfig.apply_overrides(cfg, list(opts))
     cfg = get_maskd_cfg()
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
+    try:
+        cfg.merge_from_file(path)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as e:  # yacs: KeyError (files), AssertionError (lists)
+        if "MODEL.MASKD." not in str(e) or "Non-existent" not in str(e):
+            raise
+        raise KeyError(
+            f"{path}: {e.args[0] if e.args else e}. A key under MODEL.MASKD that belongs to a "
+            "head-level KD term or mask source of your own exists once its module is imported "
+            "before the config is made (train_net.py, distill_net.py: --import MODULE)"
+        ) from None
     return cfg
 
 

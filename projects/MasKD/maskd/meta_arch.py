@@ -1,7 +1,7 @@
 """Stage 2: masked distillation of a student from a frozen teacher through frozen tokens."""
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from detectron2.config import configurable
@@ -10,13 +10,12 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .backbone import RecordingBackbone
-from .checkpoint import tokens_from_file
-from .diagnostics import level_sizes, put_token_statistics, token_statistics
+from .diagnostics import put_token_statistics, token_statistics
 from .head_kd import HeadKD, build_head_kd
 from .inherit import inherit_neck_and_heads
-from .losses import masked_distillation_loss, raise_if_not_finite
+from .losses import raise_if_not_finite
 from .mask_sources import MaskSource, build_mask_source, mask_source_class
-from .pairing import image_area, padding_of, parse_level_map, resolve_pair, teacher_batch
+from .pairing import parse_level_map, resolve_pair, teacher_batch
 from .provenance import (
     CONFIG_KEY,
     FINGERPRINT_KEY,
@@ -27,9 +26,9 @@ from .provenance import (
     fingerprint_tensor,
     teacher_print,
 )
-from .receptive_tokens import build_level_tokens
+from .stage2_losses import Stage2Losses
+from .stage2_parts import check_head_kd, log_build, stage2_tokens, student_config
 from .teacher import freeze, head_levels, preprocess_images, teacher_from_config
-from .token_learner import resolve_in_features
 
 __all__ = ["MasKD", "student_config"]
 
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
-class MasKD(nn.Module):
+class MasKD(Stage2Losses, nn.Module):
     """Stage 2 of MasKD: a student distilled from a frozen teacher under receptive masks.
 
     Training returns the student's ordinary loss dict plus ``loss_maskd``: for every distilled
@@ -55,6 +54,41 @@ class MasKD(nn.Module):
         teacher: the frozen teacher meta-architecture, always in eval mode.
         tokens: level name -> frozen ReceptiveTokens.
         align: level name -> trainable 1x1 Conv2d.
+
+    Constructor arguments (keyword only):
+        student: a detectron2 meta-architecture with a ``backbone``, built (its initial
+            weights, e.g. ImageNet, are loaded later by the checkpointer from
+            ``MODEL.WEIGHTS``).
+        teacher: a detectron2 meta-architecture with a ``backbone``, with its trained
+            weights loaded (:func:`maskd.teacher.build_teacher`); it may be of another kind
+            than the student. It is frozen here.
+        tokens: level name -> learned :class:`ReceptiveTokens`, loaded (e.g.
+            :func:`maskd.checkpoint.tokens_from_file`); their levels are the distilled
+            levels, which the student must produce and the teacher's heads read. Frozen
+            here.
+        loss_weight: weight of ``loss_maskd``.
+        custom_mask_warmup: iteration from which student-customised masks are used;
+            negative: never.
+        head_kd: head-level KD terms (:mod:`maskd.head_kd`), each checked against the pair
+            and installed on the student here.
+        inherit: copy the teacher's neck and head weights into the student where names and
+            shapes match.
+        allow_tokens_of_other_teacher: accept tokens whose teacher fingerprint
+            (:mod:`maskd.provenance`) is not this teacher's (experiments only).
+        input_format: the channel order of the batch ("BGR", "RGB"; ``INPUT.FORMAT``);
+            None: the student's ``input_format``. The student must read it; a teacher that
+            reads the other of RGB/BGR gets the batch converted (:mod:`maskd.pairing`).
+        in_features: the teacher levels to distil (each must be aligned); None or empty:
+            every level of ``tokens`` that can be aligned with a student level.
+        level_map: teacher level -> student level for levels named differently; a level
+            not in it goes with the student level of its own name. Paired levels must have
+            the same stride.
+        image_area_only: compute the loss and masks over the image area only. Always on
+            when teacher and student pad differently (then their padded areas differ);
+            off otherwise, as in the published method (padding included).
+        mask_source: where the masks of ``loss_maskd`` come from: a registered name
+            (:mod:`maskd.mask_sources`: "tokens", the paper; "uniform", "gt_boxes",
+            "random_tokens") built with its defaults, or a built :class:`MaskSource`.
     """
 
     @configurable
@@ -75,67 +109,15 @@ class MasKD(nn.Module):
         image_area_only: bool = False,
         mask_source: Union[str, MaskSource] = "tokens",
     ):
-        """
-        Args:
-            student: a detectron2 meta-architecture with a ``backbone``, built (its initial
-                weights, e.g. ImageNet, are loaded later by the checkpointer from
-                ``MODEL.WEIGHTS``).
-            teacher: a detectron2 meta-architecture with a ``backbone``, with its trained
-                weights loaded (:func:`maskd.teacher.build_teacher`); it may be of another kind
-                than the student. It is frozen here.
-            tokens: level name -> learned :class:`ReceptiveTokens`, loaded (e.g.
-                :func:`maskd.checkpoint.tokens_from_file`); their levels are the distilled
-                levels, which the student must produce and the teacher's heads read. Frozen
-                here.
-            loss_weight: weight of ``loss_maskd``.
-            custom_mask_warmup: iteration from which student-customised masks are used;
-                negative: never.
-            head_kd: head-level KD terms (:mod:`maskd.head_kd`), each checked against the pair
-                and installed on the student here.
-            inherit: copy the teacher's neck and head weights into the student where names and
-                shapes match.
-            allow_tokens_of_other_teacher: accept tokens whose teacher fingerprint
-                (:mod:`maskd.provenance`) is not this teacher's (experiments only).
-            input_format: the channel order of the batch ("BGR", "RGB"; ``INPUT.FORMAT``);
-                None: the student's ``input_format``. The student must read it; a teacher that
-                reads the other of RGB/BGR gets the batch converted (:mod:`maskd.pairing`).
-            in_features: the teacher levels to distil (each must be aligned); None or empty:
-                every level of ``tokens`` that can be aligned with a student level.
-            level_map: teacher level -> student level for levels named differently; a level
-                not in it goes with the student level of its own name. Paired levels must have
-                the same stride.
-            image_area_only: compute the loss and masks over the image area only. Always on
-                when teacher and student pad differently (then their padded areas differ);
-                off otherwise, as in the published method (padding included).
-            mask_source: where the masks of ``loss_maskd`` come from: a registered name
-                (:mod:`maskd.mask_sources`: "tokens", the paper; "uniform", "gt_boxes",
-                "random_tokens") built with its defaults, or a built :class:`MaskSource`.
-        """
+        """See the class docstring for the arguments."""
         super().__init__()
         if not len(tokens):
             raise ValueError("MasKD needs receptive tokens for at least one level")
         if loss_weight < 0:
             raise ValueError(f"MODEL.MASKD.LOSS_WEIGHT must be >= 0, got {loss_weight}")
         freeze(teacher)
-        ours = teacher_print(teacher)
-        check_token_provenance(
-            getattr(tokens, "source", None),
-            getattr(tokens, "teacher_print", TeacherPrint(None, None)),
-            ours,
-            allow_tokens_of_other_teacher,
-        )
-        self.allow_tokens_of_other_teacher = allow_tokens_of_other_teacher
-        theirs = getattr(tokens, "teacher_print", TeacherPrint(None, None))
         device = tokens[next(iter(tokens))].tokens.device
-        # this teacher's fingerprints, and those of the teacher the tokens were learned for
-        # (they stay with the tokens through this model's checkpoints: maskd.provenance)
-        for key, value in (
-            (FINGERPRINT_KEY, ours.weights),
-            (CONFIG_KEY, ours.config),
-            (TOKENS_KEY, theirs.weights),
-            (TOKENS_CONFIG_KEY, theirs.config),
-        ):
-            self.register_buffer(key, fingerprint_tensor(value).to(device))
+        self._bind_tokens(teacher, tokens, allow_tokens_of_other_teacher, device)
         pairing = resolve_pair(
             teacher,
             student,
@@ -183,31 +165,23 @@ class MasKD(nn.Module):
         self.image_area_only = pairing.image_area_only
         self.loss_weight = loss_weight
         self.custom_mask_warmup = custom_mask_warmup
-        logger.info(
-            "MasKD: levels %s, masks from %s (%d tokens, weighted=%s), loss weight %s, "
-            "customised masks from iteration %s, head-level KD: %s; teacher input: %s, loss "
-            "over %s",
-            ", ".join(
-                (
-                    lv
-                    if self.student_levels[lv] == lv
-                    else f"{lv} <- student {self.student_levels[lv]}"
-                )
-                for lv in levels
-            ),
-            mask_source.extra_repr(),
-            tokens[levels[0]].num_tokens,
-            tokens[levels[0]].weighted,
-            loss_weight,
-            custom_mask_warmup if custom_mask_warmup >= 0 else "never",
-            ", ".join(f"{t.LOSS_NAME} ({t.extra_repr()})" for t in head_kd) or "none",
-            (
-                f"converted {self.input_format} -> {self.teacher_format}"
-                if self.teacher_format
-                else "as loaded"
-            ),
-            "the image area" if self.image_area_only else "the padded batch",
-        )
+        log_build(self, tokens, head_kd)
+
+    def _bind_tokens(self, teacher, tokens, allow_other: bool, device) -> None:
+        """Check the tokens' provenance against the teacher, and keep both teachers'
+        fingerprints as buffers: this teacher's, and those of the teacher the tokens were
+        learned for (they stay with the tokens through this model's checkpoints)."""
+        ours = teacher_print(teacher)
+        theirs = getattr(tokens, "teacher_print", TeacherPrint(None, None))
+        check_token_provenance(getattr(tokens, "source", None), theirs, ours, allow_other)
+        self.allow_tokens_of_other_teacher = allow_other
+        for key, value in (
+            (FINGERPRINT_KEY, ours.weights),
+            (CONFIG_KEY, ours.config),
+            (TOKENS_KEY, theirs.weights),
+            (TOKENS_CONFIG_KEY, theirs.config),
+        ):
+            self.register_buffer(key, fingerprint_tensor(value).to(device))
 
     @classmethod
     def from_config(cls, cfg):
@@ -223,25 +197,7 @@ class MasKD(nn.Module):
         student = build_model(student_config(cfg))
         teacher = teacher_from_config(cfg)
         source = mask_source_class(mcfg.MASK_SOURCE)
-        if mcfg.TOKENS_WEIGHTS:
-            # levels and shapes from the file; the constructor keeps those it can align
-            tokens = tokens_from_file(
-                mcfg.TOKENS_WEIGHTS, mcfg.NUM_TOKENS, mcfg.WEIGHTED, "MODEL.MASKD.TOKENS_WEIGHTS"
-            )
-        elif mcfg.ALLOW_RANDOM_TOKENS or not source.LEARNED_TOKENS:
-            if source.LEARNED_TOKENS:
-                logger.warning("MODEL.MASKD.TOKENS_WEIGHTS is empty: distilling with random tokens")
-            t_shapes = teacher.backbone.output_shape()
-            levels = resolve_in_features(list(mcfg.IN_FEATURES), {"teacher": head_levels(teacher)})
-            tokens = build_level_tokens(
-                {lv: t_shapes[lv].channels for lv in levels}, mcfg.NUM_TOKENS, mcfg.WEIGHTED
-            )
-        else:
-            raise ValueError(
-                "MODEL.MASKD.TOKENS_WEIGHTS is empty: stage 2 needs the receptive tokens learned "
-                "in stage 1 (its model_final.pth, or a tokens export); set "
-                "MODEL.MASKD.ALLOW_RANDOM_TOKENS only for the random-token ablation"
-            )
+        tokens = stage2_tokens(mcfg, teacher, source.LEARNED_TOKENS)
         return {
             "student": student,
             "teacher": teacher,
@@ -255,8 +211,21 @@ class MasKD(nn.Module):
             "in_features": list(mcfg.IN_FEATURES),
             "level_map": parse_level_map(mcfg.LEVEL_MAP),
             "image_area_only": mcfg.IMAGE_AREA_ONLY,
-            "mask_source": source.from_tokens(tokens, **source.from_config(mcfg)),
+            "mask_source": source.from_tokens(tokens, **_source_args(source, mcfg)),
         }
+
+    @classmethod
+    def build_inference_model(cls, cfg) -> nn.Module:
+        """The model that evaluates a checkpoint of this stage-2 config (``--eval-only``): the
+        student alone, from its own config; MasKD's inference is the student's, so teacher and
+        tokens are neither built nor read (the checkpoint's ``student.*`` weights load into it).
+        """
+        return build_model(student_config(cfg))
+
+    @classmethod
+    def lazy_inference_node(cls, node):
+        """:meth:`build_inference_model` for a LazyConfig ``model`` node: its ``student``."""
+        return node.student
 
     @property
     def device(self) -> torch.device:
@@ -316,112 +285,15 @@ class MasKD(nn.Module):
         losses.update(extra)
         return losses
 
-    def head_losses(self, teacher_features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The head-level KD terms of this step (weighted), from what the student recorded in
-        its forward and the teacher's heads on its own features."""
-        return {
-            term.LOSS_NAME: term(self.student, self.teacher, teacher_features)
-            for term in self.head_kd
-        }
 
-    def custom_masks_active(self) -> bool:
-        """Whether student-customised masks are used at the current iteration."""
-        if self.custom_mask_warmup < 0:
-            return False
-        return get_event_storage().iter >= self.custom_mask_warmup
-
-    def level_pair(self, level, student_features, teacher_features, image_sizes, padded):
-        """One distilled level's features as the loss compares them.
-
-        Returns:
-            ((N, C_s, H, W) student, (N, C_t, H, W) teacher features, (N, 1, H, W) image-area
-            cells or None (the loss covers the padded batch), N (h_l, w_l) image-area sizes).
-        """
-        s = student_features[self.student_levels[level]]
-        t = teacher_features[level]
-        if self.image_area_only:
-            t, s, valid, sizes = image_area(t, s, image_sizes, self.strides[level])
-            return s, t, valid, sizes
-        if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
-            raise ValueError(
-                f"level '{level}': student features {tuple(s.shape)} and teacher features "
-                f"{tuple(t.shape)} differ in batch or spatial size; student and teacher must "
-                "see the same padded images (same size divisibility), or set "
-                "MODEL.MASKD.IMAGE_AREA_ONLY"
-            )
-        if image_sizes is None:  # the whole maps
-            return s, t, None, [tuple(t.shape[-2:])] * t.shape[0]
-        return s, t, None, level_sizes(image_sizes, padded, t.shape[-2:])
-
-    def distillation_losses(
-        self,
-        student_features: Dict[str, torch.Tensor],
-        teacher_features: Dict[str, torch.Tensor],
-        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
-        padded: Optional[Tuple[int, int]] = None,
-        batched_inputs: Sequence[dict] = (),
-    ):
-        """The masked distillation loss of every level (unweighted), with the masks of the
-        mask source.
-
-        Args:
-            student_features: student level -> (N, C_s, H_s, W_s) features.
-            teacher_features: teacher level -> (N, C_t, H_t, W_t) features.
-            image_sizes: N (h, w) sizes of the images before padding; None: every image fills
-                the maps (only where the loss covers the padded batch).
-            padded: (H, W) of the padded batch (with ``image_sizes``).
-            batched_inputs: the step's inputs (for sources that read the ground truth).
-
-        Returns:
-            (level -> scalar loss; level -> ((N, T, H, W) masks of the source before
-            customisation, (N, T) weights or None), without gradient; level -> N (h_l, w_l)
-            image-area sizes).
-        """
-        if self.image_area_only and image_sizes is None:
-            raise ValueError("the loss over the image area needs the image sizes")
-        custom = self.custom_masks_active()
-        losses, kept, all_sizes = {}, {}, {}
-        for level in self.in_features:
-            s, t, valid, sizes = self.level_pair(
-                level, student_features, teacher_features, image_sizes, padded
-            )
-            rt = self.tokens[level]
-            with torch.no_grad():
-                masks, weights = self.mask_source(
-                    level, rt, t, self.strides[level], valid, sizes, list(batched_inputs)
-                )
-            kept[level], all_sizes[level] = (masks, weights), sizes
-            aligned = self.align[level](s)  # (N, C_t, H, W)
-            if custom:
-                with torch.no_grad():
-                    masks = masks * self.mask_source.customise(level, rt, aligned)
-            losses[level] = masked_distillation_loss(aligned, t, masks, weights)
-        return losses, kept, all_sizes
-
-
-def student_config(cfg):
-    """The student's own yacs config in a stage-2 config: ``MODEL.META_ARCHITECTURE`` set to
-    ``MODEL.MASKD.STUDENT_META_ARCHITECTURE`` (a copy; ``cfg`` is not changed)."""
-    out = cfg.clone()
-    out.defrost()
-    out.MODEL.META_ARCHITECTURE = cfg.MODEL.MASKD.STUDENT_META_ARCHITECTURE
-    return out
-
-
-def check_head_kd(
-    head_kd: Sequence[HeadKD], image_area_only: bool, teacher: nn.Module, student: nn.Module
-) -> None:
-    """Refuse head-level KD terms that the pair cannot have: cell-by-cell terms where the two
-    models pad differently (or the loss covers the image area only), or two terms of one loss
-    name."""
-    for term in head_kd:
-        if image_area_only and term.SAME_GRID:
-            raise ValueError(
-                f"{term.LOSS_NAME} compares the teacher's and the student's dense head outputs "
-                "cell by cell, which needs both to pad alike; teacher "
-                f"{padding_of(teacher)} and student {padding_of(student)} do not, or "
-                "IMAGE_AREA_ONLY is set"
-            )
-    names = [term.LOSS_NAME for term in head_kd]
-    if len(set(names)) != len(names):
-        raise ValueError(f"head-level KD terms with the same loss name: {names}")
+def _source_args(source, mcfg) -> dict:
+    """The mask source's arguments from ``MODEL.MASKD``, or a clear error if its keys are not
+    there (a source registered after the config was made)."""
+    try:
+        return source.from_config(mcfg)
+    except (AttributeError, KeyError) as e:
+        raise KeyError(
+            f"mask source '{source.NAME}' reads keys that MODEL.MASKD does not have ({e}): it was "
+            "registered after the config was made. Import the module that registers it before "
+            "the config is made (train_net.py, distill_net.py: --import MODULE)"
+        ) from None

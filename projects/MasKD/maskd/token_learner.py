@@ -1,6 +1,7 @@
 """Stage 1: learn the receptive tokens with the teacher frozen."""
 
 import contextlib
+import inspect
 import logging
 from typing import Dict, List, Optional
 
@@ -8,6 +9,8 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.registry import locate
+from omegaconf import DictConfig
 from torch import nn
 
 from ._compat import NORM_TYPES
@@ -192,6 +195,28 @@ class MasKDTokenLearner(nn.Module):
             "teacher_from_checkpoint": not load_teacher,
             "input_format": cfg.INPUT.FORMAT,
         }
+
+    @classmethod
+    def build_inference_model(cls, cfg) -> nn.Module:
+        """The model that evaluates a stage-1 checkpoint (``--eval-only``): the masked teacher,
+        its weights not read from ``MODEL.MASKD.TEACHER.WEIGHTS`` (the checkpoint holds teacher
+        and tokens)."""
+        return cls(cfg, load_teacher=False).to(torch.device(cfg.MODEL.DEVICE))
+
+    @classmethod
+    def lazy_inference_node(cls, node):
+        """:meth:`build_inference_model` for a LazyConfig ``model`` node: the teacher's builder
+        told not to load its weights, where it takes ``load`` (:func:`maskd.build_teacher`)."""
+        target = node.teacher.get("_target_") if isinstance(node.teacher, DictConfig) else None
+        if isinstance(target, str):
+            target = locate(target)
+        try:
+            takes_load = "load" in inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            takes_load = False
+        if takes_load:
+            node.teacher.load = False
+        return node
 
     @property
     def tokens(self) -> nn.ModuleDict:

@@ -83,10 +83,24 @@ def add_head_kd_config(maskd_node: CfgNode) -> None:
 
 
 def build_head_kd(maskd_node: CfgNode) -> List[HeadKD]:
-    """The registered terms enabled (``WEIGHT > 0``) in ``MODEL.MASKD``, built."""
+    """The registered terms enabled (``WEIGHT > 0``) in ``MODEL.MASKD``, built.
+
+    Raises:
+        KeyError: a registered term has no config node (it was registered after the config
+            was made): no term is ever skipped silently.
+        ValueError: a negative ``WEIGHT``.
+    """
     terms: List[HeadKD] = []
     for name, cls in sorted(HEAD_KD_REGISTRY):
         node: Optional[CfgNode] = maskd_node.get(cls.CONFIG_KEY)
+        if node is None:
+            raise KeyError(
+                f"the head-level KD term {name} is registered, but the config has no "
+                f"MODEL.MASKD.{cls.CONFIG_KEY}: it was registered after the config was made. "
+                "Import the module that registers it before the config is made (train_net.py, "
+                "distill_net.py: --import MODULE; in Python: before get_maskd_cfg() or "
+                "add_maskd_config())"
+            )
         if node is not None and node.WEIGHT < 0:
             raise ValueError(
                 f"MODEL.MASKD.{cls.CONFIG_KEY}.WEIGHT must be >= 0 (0: off), got {node.WEIGHT}"

@@ -1,4 +1,4 @@
-"""The plain formulation of the MasKD losses, written as the published code does it.
+"""The plain (literal) formulation of the MasKD losses, written as the published code does it.
 
 For tests (the reference the efficient losses must equal) and benchmarks (what they are timed
 against) only: these materialise (N, T, C, H, W) tensors and are never used for training.
