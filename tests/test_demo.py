@@ -33,7 +33,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     run(
         [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
         + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
-        + ["--sources", "tokens", "uniform"],
+        + ["--sources", "tokens", "uniform", "--jobs", "2"],
         tmp_path,
         timeout=1800,  # the whole quick demo: 2 teachers, 2 stage-1 seeds, the ablation
     )
@@ -115,7 +115,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     again = run(
         [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
         + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
-        + ["--sources", "tokens", "uniform"],
+        + ["--sources", "tokens", "uniform", "--jobs", "2"],
         tmp_path,
     )
     # 1 baseline; per teacher: the teacher, 4 pipeline stages, 1 extra stage-1 run, 2 ablation

@@ -44,9 +44,22 @@ def _summary(out):
 
 def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
     tmp, args = setup
+    # with a head-level KD term of the user's own, from a module outside the package
+    (tmp / "user_ext").mkdir(exist_ok=True)
+    module = tmp / "user_ext" / "box_weight_kd.py"
+    module.write_text(USER_TERM)
+    args = args + ["--import", str(module)]
+    args += ["--student-opts", "MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5"]
+    tail = ["--", "SOLVER.BASE_LR", "0.004"]  # overrides of both stages, after --
     out = tmp / "run"
-    proc = run([DISTILL_NET, *args, "--output", str(out)], tmp)
+    proc = run([DISTILL_NET, *args, "--output", str(out), *tail], tmp)
     log = proc.stdout + proc.stderr
+    assert "of both stages: SOLVER.BASE_LR 0.004" in log
+    assert "of stage 2 only: MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5" in log
+    records = [json.loads(ln) for ln in open(out / "student" / "metrics.json")]
+    assert any(r.get("loss_box_weight_kd", 0) > 0 for r in records)
+    assert "BASE_LR: 0.004" in (out / "tokens" / "config.yaml").read_text()  # both stages
+    assert "BASE_LR: 0.004" in (out / "student" / "config.yaml").read_text()
     summary = _summary(out)
     assert list(summary["stages"]) == ["tokens", "student", "export", "evaluate"]
     stages = summary["stages"]
@@ -74,19 +87,13 @@ def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
 
     # Run again: every stage is kept, nothing retrains.
     mtime = os.path.getmtime(stages["student"]["checkpoint"])
-    again = run([DISTILL_NET, *args, "--output", str(out)], tmp)
+    again = run([DISTILL_NET, *args, "--output", str(out), *tail], tmp)
     assert (again.stdout + again.stderr).count("finished before, kept") == 4
     assert os.path.getmtime(stages["student"]["checkpoint"]) == mtime
     # A changed command for a finished stage is refused, naming the stage; --restart reruns.
     changed = run(
-        [
-            DISTILL_NET,
-            *args,
-            "--output",
-            str(out),
-            "--student-opts",
-            "MODEL.MASKD.LOSS_WEIGHT 2.0",
-        ],
+        [DISTILL_NET, "--student-opts", "MODEL.MASKD.LOSS_WEIGHT 2.0", *args, "--output", str(out)]
+        + tail,
         tmp,
         check=False,
     )
@@ -96,8 +103,8 @@ def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
     # --restart student: stage 2 trains again from scratch (not resumed from its final
     # checkpoint) with the new command; the export and evaluation follow; stage 1 is kept
     restarted = run(
-        [DISTILL_NET, *args, "--output", str(out), "--restart", "student"]
-        + ["--student-opts", "MODEL.MASKD.LOSS_WEIGHT 2.0"],
+        [DISTILL_NET, "--student-opts", "MODEL.MASKD.LOSS_WEIGHT 2.0", "--restart", "student"]
+        + [*args, "--output", str(out), *tail],
         tmp,
     )
     log = restarted.stdout + restarted.stderr
@@ -108,6 +115,15 @@ def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
     trained_to_the_end = [r for r in records if "total_loss" in r and r["iteration"] == 2]
     assert len(trained_to_the_end) == 2  # the first run and the rerun trained all 3 iterations
     assert _summary(out)["stages"]["evaluate"]["results"]["bbox"]
+    # without --import the term's key does not exist, and the error says how to make it exist
+    bad = run(
+        [DISTILL_NET, *setup[1], "--output", str(tmp / "no_import"), "--stages", "student"]
+        + ["--tokens-weights", stages["tokens"]["checkpoint"]]
+        + ["--student-opts", "MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5"],
+        tmp,
+        check=False,
+    )
+    assert bad.returncode != 0 and "--import MODULE" in bad.stderr
 
 
 def test_pipeline_resumes_a_killed_stage_from_its_checkpoint(setup):
@@ -225,37 +241,6 @@ class BoxWeightKD(HeadKD):
         params = student.roi_heads.box_predictor.parameters()
         return self.weight * sum(p.pow(2).mean() for p in params)
 """
-
-
-def test_a_term_of_a_users_module_through_distill_net(setup):
-    tmp, args = setup
-    (tmp / "user_ext").mkdir(exist_ok=True)
-    module = tmp / "user_ext" / "box_weight_kd.py"
-    module.write_text(USER_TERM)
-    out = tmp / "user_term"
-    proc = run(
-        [DISTILL_NET, *args, "--output", str(out), "--stages", "tokens", "student", "export"]
-        + ["--import", str(module), "--student-opts", "MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5"]
-        + ["--", "SOLVER.BASE_LR", "0.004"],
-        tmp,
-    )
-    log = proc.stdout + proc.stderr
-    assert "of both stages: SOLVER.BASE_LR 0.004" in log
-    assert "of stage 2 only: MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5" in log
-    records = [json.loads(ln) for ln in open(out / "student" / "metrics.json")]
-    assert any(r.get("loss_box_weight_kd", 0) > 0 for r in records)
-    assert "BASE_LR: 0.004" in (out / "tokens" / "config.yaml").read_text()  # both stages
-    assert "BASE_LR: 0.004" in (out / "student" / "config.yaml").read_text()
-    assert (out / "export" / "student.pth").exists()  # the export imported the module too
-    # without --import the key does not exist, and the error says how to make it exist
-    bad = run(
-        [DISTILL_NET, *args, "--output", str(tmp / "no_import"), "--stages", "tokens", "student"]
-        + ["--tokens-weights", str(out / "tokens" / "model_final.pth")]
-        + ["--student-opts", "MODEL.MASKD.BOX_WEIGHT_KD.WEIGHT 0.5"],
-        tmp,
-        check=False,
-    )
-    assert bad.returncode != 0 and "--import MODULE" in bad.stderr
 
 
 def test_per_stage_overrides_never_absorb_those_of_both_stages(setup, monkeypatch):

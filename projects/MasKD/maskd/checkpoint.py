@@ -20,6 +20,7 @@ from ._compat import SafeLoadingCheckpointer
 from .checkpoint_format import TOKEN_PREFIXES, checkpoint_kind, read_checkpoint
 from .checkpoint_loading import load_checkpoint_dict, load_weights_strict
 from .files import atomic_write, remove_stale_temporaries, write_text
+from .safe_pickle import UnsafePickleError
 from .token_files import extract_tokens_state, load_tokens, tokens_from_file, tokens_teacher_print
 
 __all__ = [
@@ -66,6 +67,8 @@ class MasKDCheckpointer(SafeLoadingCheckpointer):
             what = "MODEL.WEIGHTS (train.init_checkpoint)"
         try:
             return super().resume_or_load(path, resume=resume)
+        except UnsafePickleError as e:
+            raise UnsafePickleError(f"{what}: {e}") from None
         except ValueError as e:
             raise ValueError(f"{what}: '{path}': {e}") from None
 
