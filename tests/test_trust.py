@@ -81,11 +81,13 @@ def _write(ws, cfg, name):
 
 
 def _train_net_error(ws, config_file, *extra):
-    """The message of the error that train_net.py (its cli, in this process) stops with."""
+    """The message of the error that train_net.py (its cli, in this process) stops with. The
+    datasets are registered in this process already (by the fixture, or by another test module
+    with the same generated content)."""
     import train_net
 
     with pytest.raises(Exception) as info:
-        train_net.cli(["--config-file", str(ws["tmp"] / config_file), *ws["register"], *extra])
+        train_net.cli(["--config-file", str(ws["tmp"] / config_file), *extra])
     return str(info.value)
 
 
