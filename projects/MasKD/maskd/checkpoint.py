@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._compat import SafeLoadingCheckpointer
-from .checkpoint_format import TOKEN_PREFIXES, checkpoint_kind, read_checkpoint
+from .checkpoint_format import TOKEN_PREFIXES, checkpoint_kind, read_checkpoint, short_list
 from .checkpoint_loading import load_checkpoint_dict, load_weights_strict
 from .files import atomic_write, remove_stale_temporaries, write_text
 from .safe_pickle import UnsafePickleError
@@ -34,6 +34,7 @@ __all__ = [
     "tokens_teacher_print",
     "extract_tokens_state",
     "TOKEN_PREFIXES",
+    "short_list",
     "atomic_write",
     "remove_stale_temporaries",
     "write_text",

@@ -26,6 +26,7 @@ from .safe_pickle import UnsafePickleError
 __all__ = [
     "read_checkpoint",
     "checkpoint_kind",
+    "bare_key",
     "bare_state",
     "print_at",
     "short_list",
@@ -76,7 +77,7 @@ def read_checkpoint(
 def checkpoint_kind(keys) -> Optional[str]:
     """What a checkpoint's keys say it is: "stage 1 (MasKDTokenLearner)", "stage 2 (MasKD)",
     "tokens export", "MasKD", or None for any other (non-MasKD) checkpoint."""
-    keys = [k[len("module.") :] if k.startswith("module.") else k for k in keys]
+    keys = [bare_key(k) for k in keys]
     if any(k.startswith("student.") for k in keys):
         return STAGE2
     if any(k.startswith(TOKEN_PREFIXES[0]) for k in keys):
@@ -94,8 +95,13 @@ STAGE1, STAGE2 = "stage 1 (MasKDTokenLearner)", "stage 2 (MasKD)"
 TOKENS_EXPORT = "tokens export"
 
 
+def bare_key(key: str) -> str:
+    """A state-dict key without the ``module.`` prefix of DDP-wrapped checkpoints."""
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
 def bare_state(state: Dict[str, Any]) -> Dict[str, Any]:
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {bare_key(k): v for k, v in state.items()}
 
 
 def print_at(state: Dict[str, Any], weights_key: str, config_key: str) -> TeacherPrint:

@@ -12,6 +12,7 @@ from .checkpoint_format import (
     STAGE1,
     STAGE2,
     TOKEN_PREFIXES,
+    bare_key,
     bare_state,
     checkpoint_kind,
     print_at,
@@ -64,7 +65,7 @@ def load_checkpoint_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> Incomp
             checkpoint["model"] = {
                 k.split("student.", 1)[1]: v
                 for k, v in checkpoint["model"].items()
-                if k.split("module.", 1)[-1].startswith("student.")
+                if bare_key(k).startswith("student.")
             }
         elif kind is not None:
             raise ValueError(
@@ -140,7 +141,7 @@ def _keep_configured_teacher(model: nn.Module, checkpoint: Dict[str, Any]) -> No
             "teacher config the run was made with"
         )
     for key in list(state):
-        bare = key[len("module.") :] if key.startswith("module.") else key
+        bare = bare_key(key)
         if bare in (FINGERPRINT_KEY, CONFIG_KEY) or (
             bare.startswith("teacher.") and not bare.startswith(TOKEN_PREFIXES[0])
         ):
@@ -195,7 +196,7 @@ def _keep_configured_tokens(model: nn.Module, checkpoint: Dict[str, Any]) -> Non
         logger.info("The checkpoint's receptive tokens replace the untrained configured ones")
         return
     for key in list(state):
-        bare = key[len("module.") :] if key.startswith("module.") else key
+        bare = bare_key(key)
         if bare.startswith(TOKEN_PREFIXES[1]) or bare in (TOKENS_KEY, TOKENS_CONFIG_KEY):
             del state[key]
 

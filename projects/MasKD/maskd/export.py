@@ -23,6 +23,7 @@ from .checkpoint import (
     atomic_write,
     extract_tokens_state,
     read_checkpoint,
+    short_list,
     tokens_teacher_print,
     write_text,
 )
@@ -74,14 +75,11 @@ def _keep_known_keys(node: CfgNode, reference: CfgNode) -> None:
             _keep_known_keys(node[key], reference[key])
 
 
-def _same_file(a: str, b: str) -> bool:
-    return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
-
-
 def _refuse_overwriting_inputs(outputs, inputs) -> None:
+    """Fail if an output is one of the (existing) input files, whatever the path says."""
     for out in outputs:
         for what, path in inputs:
-            if _same_file(out, path) or (
+            if (
                 path
                 and os.path.exists(out)
                 and os.path.exists(path)
@@ -116,11 +114,9 @@ def check_student_fits(out_cfg, student: Dict[str, torch.Tensor], checkpoint_pat
         if got[k] != expected[k]
     ]
     if problems:
-        shown = "; ".join(problems[:8]) + (
-            f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""
-        )
         raise ValueError(
-            f"the config does not describe the student of '{checkpoint_path}': {shown}. Give "
+            f"the config does not describe the student of '{checkpoint_path}': "
+            f"{short_list(problems)}. Give "
             "the stage-2 config (and overrides) the checkpoint was trained with"
         )
 

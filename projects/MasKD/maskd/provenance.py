@@ -84,18 +84,21 @@ def fingerprint(state: Dict[str, torch.Tensor]) -> str:
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
 
 
+_NOT_SIMPLE = object()
+
+
 def _simple(value):
-    """``value`` if it is made of None, bools, numbers and strings only, else None."""
+    """``value`` (tuples as lists) if it is made of None, bools, numbers and strings only, else
+    :data:`_NOT_SIMPLE`."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
         items = [_simple(v) for v in value]
-        return items if all(i is not None or v is None for i, v in zip(items, value)) else None
+        return _NOT_SIMPLE if any(i is _NOT_SIMPLE for i in items) else items
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         items = {k: _simple(v) for k, v in value.items()}
-        ok = all(items[k] is not None or value[k] is None for k in value)
-        return items if ok else None
-    return None
+        return _NOT_SIMPLE if any(i is _NOT_SIMPLE for i in items.values()) else items
+    return _NOT_SIMPLE
 
 
 def config_fingerprint(teacher: nn.Module) -> str:
@@ -129,7 +132,7 @@ def _module_settings(module: nn.Module) -> dict:
         if key in _MODULE_INTERNALS:
             continue
         simple = _simple(value)
-        if simple is not None or value is None:
+        if simple is not _NOT_SIMPLE:
             out[key] = simple
     return out
 

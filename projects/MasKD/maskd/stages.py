@@ -20,7 +20,6 @@ __all__ = [
     "EXPORT_MODULE",
     "StageRunner",
     "override",
-    "is_lazy",
     "config_digests",
     "mark",
     "unmark",
@@ -44,17 +43,11 @@ _KEYS = {
 }
 
 
-def is_lazy(config_file: str) -> bool:
-    """Whether a config file is a LazyConfig (.py, or a .yaml LazyConfig.save wrote) rather
-    than a yacs .yaml."""
-    return is_lazy_config(config_file)
-
-
 def override(config_file: str, what: str, value: str) -> List[str]:
     """The command-line override that sets ``what`` (a key of ``_KEYS``) in ``config_file``'s
     config system: ``["KEY", value]`` for yacs, ``["key=value"]`` for LazyConfig."""
     yacs_key, lazy_key = _KEYS[what]
-    return [f"{lazy_key}={value}"] if is_lazy(config_file) else [yacs_key, value]
+    return [f"{lazy_key}={value}"] if is_lazy_config(config_file) else [yacs_key, value]
 
 
 class StageRunner:

@@ -46,9 +46,10 @@ import logging
 import shlex
 from typing import List, Sequence
 
+from ..config import is_lazy_config
 from ..extensions import add_import_argument
 from ..pipeline import run_pipeline
-from ..stages import STAGES, StageRunner, is_lazy
+from ..stages import STAGES, StageRunner
 
 __all__ = ["get_parser", "main"]
 
@@ -105,7 +106,7 @@ def check_overrides(opts: Sequence[str], config_file: str, what: str) -> None:
     yacs takes ``KEY VALUE`` pairs, LazyConfig ``key=value`` items."""
     if not opts or not config_file:
         return
-    if is_lazy(config_file):
+    if is_lazy_config(config_file):
         bad = [o for o in opts if "=" not in o]
         if bad:
             raise SystemExit(
