@@ -36,6 +36,7 @@ ROOT = os.path.dirname(HERE)
 import report as rep  # noqa: E402  (demo/report.py and demo/shapes.py, beside this script)
 from shapes import shapes_dataset  # noqa: E402
 
+from maskd.mask_sources import mask_source_class  # noqa: E402
 from maskd.pipeline import STAGES, StageRunner, run_pipeline  # noqa: E402
 
 logger = logging.getLogger("maskd.demo")
@@ -51,12 +52,14 @@ TEST_OPTS = ["DATASETS.TEST", '("maskd_shapes_test",)']
 
 
 # The mask sources of the ablation (MODEL.MASKD.MASK_SOURCE) and "tokens_variant": tokens
-# learned with other stage-1 settings (--variant-opts, e.g. the mask-area prior), used as "tokens".
-ABLATION = ("tokens", "uniform", "gt_boxes", "random_tokens")
+# learned with other stage-1 settings (--variant-opts, e.g. the partition objective), used as
+# "tokens". gt_boxes, gt_partition and gt_instances are oracles (the ground truth's regions).
+ABLATION = ("tokens", "uniform", "gt_boxes", "gt_partition", "gt_instances", "random_tokens")
 # The students of the ablation distil features only: the RoI box-regression KD is off.
 FEATURE_ONLY = ["MODEL.MASKD.ROI_REG_KD.WEIGHT", "0.0"]
-# Sources without student-customised masks (maskd.mask_sources: CUSTOMISABLE) need it off.
-NOT_CUSTOMISABLE = ("uniform", "gt_boxes")
+# The ablation's students are evaluated on val (where choices are made: is there headroom?)
+# and on test (what is reported).
+VAL_AND_TEST = ["DATASETS.TEST", '("maskd_shapes_val", "maskd_shapes_test")']
 
 
 def run_demo(
@@ -200,8 +203,8 @@ def run_demo(
             for source in sources:
                 variant = source == "tokens_variant"
                 src = "tokens" if variant else source
-                opts_src = opts + FEATURE_ONLY + ["MODEL.MASKD.MASK_SOURCE", src]
-                if src in NOT_CUSTOMISABLE:
+                opts_src = opts + FEATURE_ONLY + ["MODEL.MASKD.MASK_SOURCE", src] + VAL_AND_TEST
+                if not mask_source_class(src).CUSTOMISABLE:  # e.g. uniform, the oracles
                     opts_src += ["MODEL.MASKD.CUSTOM_MASK_WARMUP", "-1"]
                 if variant:
                     opts_src += list(variant_opts)
@@ -273,9 +276,19 @@ def teacher_results(tr) -> dict:
         "maskd in training": {
             s: rep.final_metrics(p["stages"]["student"]["dir"]) for s, p in tr["maskd"].items()
         },
-        # the ablation's students: their own final evaluation (no export)
+        # the ablation's students: their own final evaluation (no export), test and val
         "ablation": {
-            src: {s: rep.final_metrics(p["stages"]["student"]["dir"]) for s, p in runs.items()}
+            src: {
+                s: rep.final_metrics(p["stages"]["student"]["dir"], "maskd_shapes_test")
+                for s, p in runs.items()
+            }
+            for src, runs in tr["ablation"].items()
+        },
+        "ablation val": {
+            src: {
+                s: rep.final_metrics(p["stages"]["student"]["dir"], "maskd_shapes_val")
+                for s, p in runs.items()
+            }
             for src, runs in tr["ablation"].items()
         },
     }

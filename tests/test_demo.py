@@ -11,7 +11,9 @@ import re
 import pytest
 from tiny import ROOT, run
 
-STATS = {"coverage", "constant", "dice", "weight_entropy", "combined"}
+STATS = {"coverage", "constant", "dice", "weight_entropy", "combined", "tokens_eff"}
+STATS |= {"weighted_dice", "gt_share", "gt_share_uniform"}  # every demo image has boxes
+SOURCES = ["tokens", "uniform", "gt_partition"]
 LEVELS = {"p2", "p3", "p4", "p5", "p6"}
 
 
@@ -33,7 +35,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     run(
         [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
         + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
-        + ["--sources", "tokens", "uniform", "--jobs", "2"],
+        + ["--sources", *SOURCES, "--jobs", "2"],
         tmp_path,
         timeout=1800,  # the whole quick demo: 2 teachers, 2 stage-1 seeds, the ablation
     )
@@ -43,25 +45,30 @@ def test_quick_demo_writes_the_report(tmp_path):
     runs = {"student_seed0", "teacher_t0", "tokens_t0_seed0", "tokens_t0_seed1", "maskd_t0_seed0"}
     runs |= {"teacher_t1", "tokens_t1_seed0", "tokens_t1_seed1", "maskd_t1_seed0"}
     runs |= {f"maskd_t{t}_seed0 {stage}" for t in (0, 1) for stage in ("export", "evaluate")}
-    runs |= {f"ablation_t{t}_{src}_seed0" for t in (0, 1) for src in ("tokens", "uniform")}
+    runs |= {f"ablation_t{t}_{src}_seed0" for t in (0, 1) for src in SOURCES}
     assert set(times) == runs and all(v > 0 for v in times.values())
-    # the ablation's students: features only, with their mask source, evaluated on test
+    # the ablation's students: features only, with their mask source, evaluated on val and test
     for t in (0, 1):
-        for src in ("tokens", "uniform"):
+        for src in SOURCES:
             folder = out / f"ablation_t{t}_{src}_seed0" / "student"
             config = (folder / "config.yaml").read_text()
-            assert f"MASK_SOURCE: {src}" in config and "maskd_shapes_test" in config
+            assert f"MASK_SOURCE: {src}" in config
+            assert "- maskd_shapes_val\n  - maskd_shapes_test" in config
             keys = {k for line in open(folder / "metrics.json") for k in json.loads(line)}
             assert "loss_maskd" in keys and "loss_roi_reg_kd" not in keys
-        abl = results["teachers"][str(t)]["ablation"]
-        assert set(abl) == {"tokens", "uniform"}
-        aps = {src: abl[src]["0"]["AP"] for src in abl}
+            assert {"maskd_shapes_val/bbox/AP", "maskd_shapes_test/bbox/AP"} <= keys
+        tr = results["teachers"][str(t)]
+        assert set(tr["ablation"]) == set(tr["ablation val"]) == set(SOURCES)
+        aps = {src: tr["ablation"][src]["0"]["AP"] for src in SOURCES}
         section = report[report.index("## Mask sources") : report.index("## Goals")]
         block = section[section.index(f"Teacher seed {t}:") :]
         cells = _row(block, "uniform (whole-map mimicking)")
         assert cells[1] == _cell(aps["uniform"])
+        cells = _row(block, "oracle: boxes and background, 1/2 each")
         if None not in aps.values():
-            assert cells[3].startswith(_cell(aps["tokens"] - aps["uniform"], signed=True))
+            assert cells[4].startswith(_cell(aps["gt_partition"] - aps["uniform"], signed=True))
+            assert cells[5].startswith(_cell(aps["tokens"] - aps["gt_partition"], signed=True))
+        assert f"teacher seed {t}: headroom, gt_partition - uniform >= +0.5 AP" in report
     # each MasKD student went through distill_net.py's four stages
     for t in (0, 1):
         pipeline = json.loads((out / f"maskd_t{t}_seed0" / "pipeline.json").read_text())
@@ -100,11 +107,12 @@ def test_quick_demo_writes_the_report(tmp_path):
             assert set(tok["token statistics"]) == LEVELS
             for level, st in tok["token statistics"].items():
                 assert set(st) == STATS, level
-                assert all(0.0 <= st[s] <= 1.0 for s in STATS - {"combined"}), st
+                assert all(0.0 <= st[s] <= 1.0 for s in STATS - {"combined", "tokens_eff"}), st
+                assert 1.0 <= st["tokens_eff"] <= 6.0 + 1e-6, st
         assert set(tr["maskd"]) == {"0"}
     assert "equal to the stage-2 run's final evaluation in 2 of 2 run(s)" in report
-    for level in LEVELS:
-        assert re.search(rf"^\| {level} \|( \d\.\d\d\d \|){{5}}$", report, re.M), level
+    for level in LEVELS:  # nine statistics and the re-weighting
+        assert re.search(rf"^\| {level} \|( \d\.\d\d\d \|){{9}} \d+\.\d\d \|$", report, re.M)
     assert "## Goals" in report and "| total |" in report
     assert report.count("retention >= 0.95 for every stage-1 seed") == 2
     assert (out / "loss_curves.png").stat().st_size > 0
@@ -115,12 +123,12 @@ def test_quick_demo_writes_the_report(tmp_path):
     again = run(
         [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
         + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
-        + ["--sources", "tokens", "uniform", "--jobs", "2"],
+        + ["--sources", *SOURCES, "--jobs", "2"],
         tmp_path,
     )
-    # 1 baseline; per teacher: the teacher, 4 pipeline stages, 1 extra stage-1 run, 2 ablation
+    # 1 baseline; per teacher: the teacher, 4 pipeline stages, 1 extra stage-1 run, 3 ablation
     # students
-    assert (again.stdout + again.stderr).count("finished before, kept") == 17
+    assert (again.stdout + again.stderr).count("finished before, kept") == 19
     assert json.loads((out / "results.json").read_text())["results"] == results
 
 
@@ -271,32 +279,72 @@ def test_report_of_the_mask_source_ablation(tmp_path):
     def m(ap):
         return {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2}
 
+    def runs(aps):
+        return {s: m(ap) for s, ap in enumerate(aps)}
+
     tr["ablation"] = {
-        "tokens": {s: m(ap) for s, ap in enumerate([4.0, 5.0, 6.0])},
-        "uniform": {s: m(ap) for s, ap in enumerate([3.0, 5.0, 5.5])},  # tokens: +1, 0, +0.5
-        "gt_boxes": {s: m(ap) for s, ap in enumerate([4.5, 5.0, 6.0])},  # tokens: -0.5, 0, 0
+        "tokens": runs([4.0, 5.0, 6.0]),
+        "uniform": runs([3.0, 5.0, 5.5]),  # tokens: +1, 0, +0.5
+        "gt_boxes": runs([4.5, 5.0, 6.0]),  # minus uniform: +1.5, 0, +0.5 -> +0.67
+        "gt_partition": runs([5.0, 6.0, 6.5]),  # minus uniform: +2, +1, +1 -> +1.33
     }
-    selective = {"constant": 0.4, "combined": 0.5}
+    tr["ablation val"] = {
+        "uniform": runs([3.0, 3.0, 3.0]),
+        "gt_partition": runs([3.5, 3.0, 3.1]),  # +0.2 on val
+        "tokens": runs([3.0, 3.0, 3.0]),
+    }
+    spread = {"tokens_eff": 2.5, "gt_share": 0.6, "gt_share_uniform": 0.3}
     tr["tokens"][0]["token statistics"] = {
-        "p2": selective,
-        "p3": selective,
-        "p4": {"constant": 0.6, "combined": 0.5},  # too many constant masks
-        "p5": {"constant": 0.1, "combined": 0.95},  # nearly everything kept
+        "p2": spread,
+        "p3": spread,
+        "p4": {"tokens_eff": 1.2},  # one token carries the weight
+        "p5": spread,
     }
+    for k in (1, 2):  # the other stage-1 seeds: two levels only
+        tr["tokens"][k]["token statistics"] = {"p2": spread, "p3": spread, "p4": {}}
     report = open(
         demo.write_report(str(tmp_path), results, {}, 0.0, 1.0, False, demo.DEFAULT)
     ).read()
     assert (
-        "| uniform (whole-map mimicking) | 4.50 ± 1.32 | 3.00, 5.00, 5.50 | +0.50 |"
+        "| uniform (whole-map mimicking) | 4.50 ± 1.32 | 3.00, 5.00, 5.50 | +0.50 | - |"
         " +0.50 (+1.00, +0.00, +0.50) |" in report
     )
     assert (
-        "| learned tokens (the paper's stage 1) | 5.00 ± 1.00 | 4.00, 5.00, 6.00 | +1.00 | - |"
-        in report
+        "| oracle: boxes and background, 1/2 each | 5.83 ± 0.76 | 5.00, 6.00, 6.50 | +1.83 |"
+        " +1.33 (+2.00, +1.00, +1.00) | -0.83 (-1.00, -1.00, -0.50) |" in report
     )
+    assert (
+        "| learned tokens (the paper's stage 1) | 5.00 ± 1.00 | 4.00, 5.00, 6.00 | +1.00 |"
+        " +0.50 (+1.00, +0.00, +0.50) | - |" in report
+    )
+    assert "oracle: boxes and background, 1/2 each +0.20 (+0.50, +0.00, +0.10)" in report
+    # the re-weighting column: gt_share / gt_share_uniform
+    assert re.search(r"^\| p2 \|.* 2\.500 \|.* 0\.600 \| 0\.300 \| 2\.00 \|$", report, re.M)
     goals = report[report.index("## Goals") :]
-    assert "learned tokens - uniform >= +0.5 AP (mean): reached (+0.50)" in goals
-    assert "learned tokens >= ground-truth boxes (mean): NOT reached (-0.17)" in goals
-    # only seed 0's statistics were made selective on two levels: not reached
-    assert "learned tokens: selective masks" in goals and "NOT reached (seed 0: p2, p3" in goals
-    assert demo.selective_levels(tr["tokens"][0]["token statistics"]) == ["p2", "p3"]
+    assert (
+        "headroom, gt_partition - uniform >= +0.5 AP (mean): test reached (+1.33; per seed"
+        " +2.00, +1.00, +1.00); val NOT reached (+0.20; per seed +0.50, +0.00, +0.10)" in goals
+    )
+    assert "headroom, gt_boxes - uniform >= +0.5 AP (mean): test reached (+0.67;" in goals
+    # the learned tokens need half of the best oracle's gain: +0.67; they have +0.50
+    assert (
+        "learned tokens - uniform >= half of gt_partition - uniform (>= +0.67): NOT reached"
+        in goals
+    )
+    assert (
+        "learned tokens: effective number of weighted tokens >= 2 on >= 3 levels with retention"
+        " >= 0.95, every stage-1 seed: NOT reached (seed 0: p2, p3, p5, retention 1.000;"
+        " seed 1: p2, p3, retention 0.990" in goals
+    )
+    assert demo.partition_levels(tr["tokens"][0]["token statistics"]) == ["p2", "p3", "p5"]
+
+    # no oracle with headroom: the learned tokens' share of it is not asked
+    tr["ablation"]["gt_partition"] = runs([3.0, 5.0, 5.9])  # +0.13
+    tr["ablation"]["gt_boxes"] = runs([3.0, 5.0, 5.5])
+    report = open(
+        demo.write_report(str(tmp_path), results, {}, 0.0, 1.0, False, demo.DEFAULT)
+    ).read()
+    assert (
+        "learned tokens - uniform: +0.50; no oracle beats uniform by +0.5 on test (best"
+        " gt_partition +0.13)" in report
+    )

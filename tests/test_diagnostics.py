@@ -1,4 +1,5 @@
-"""Token-quality diagnostics and the retention of stage 1 (issue 13)."""
+"""Token-quality diagnostics (the statistics of the masks, of the weighted tokens and of the
+loss weight on the ground-truth cells) and the retention of stage 1."""
 
 import math
 
@@ -8,7 +9,14 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tiny import maskd_cfg, tiny_batch, write_teacher
 
-from maskd.diagnostics import CONSTANT_STD, level_sizes, put_token_statistics, token_statistics
+from maskd.diagnostics import (
+    CONSTANT_STD,
+    STAT_NAMES,
+    foreground_cells,
+    level_sizes,
+    put_token_statistics,
+    token_statistics,
+)
 from maskd.engine import evaluate_with_retention, retention
 from maskd.losses import dice_diversity_loss
 
@@ -67,6 +75,57 @@ def test_combined_mask_shows_a_switched_off_level():
     assert token_statistics(2 * on_off)["combined"].item() == 2.0
 
 
+def test_weighted_token_statistics_against_written_out_references():
+    """tokens_eff = 1 / sum w^2, weighted_dice = Dice of pairs weighted by w_i w_j, and the
+    share of the per-cell loss weight sum_t w_t M_t^2 / sum M_t on the boxes' cells, each
+    computed with loops; a uniform mask gives the boxes their share of the cells."""
+    g = torch.Generator().manual_seed(0)
+    n, t, h, w = 3, 4, 5, 6
+    masks = torch.rand(n, t, h, w, generator=g)
+    weights = torch.rand(n, t, generator=g).softmax(dim=1)
+    fg = (torch.rand(n, h, w, generator=g) < 0.3).float()
+    fg[2] = 0  # an image without boxes is left out of gt_share
+    stats = token_statistics(masks, weights, foreground=fg)
+    eff, wdice, share, share_u = [], [], [], []
+    for i in range(n):
+        eff.append(1.0 / sum(weights[i, k].item() ** 2 for k in range(t)))
+        num = den = 0.0
+        for a in range(t):
+            for b in range(t):
+                if a != b:
+                    ma, mb = masks[i, a].flatten(), masks[i, b].flatten()
+                    d = 2 * (ma @ mb) / (ma @ ma + mb @ mb + 1e-6)
+                    num += weights[i, a].item() * weights[i, b].item() * d.item()
+                    den += weights[i, a].item() * weights[i, b].item()
+        wdice.append(num / den)
+        if fg[i].sum() > 0:
+            cell = sum(weights[i, k] * masks[i, k].square() / masks[i, k].sum() for k in range(t))
+            share.append(((cell * fg[i]).sum() / cell.sum()).item())
+            share_u.append(fg[i].mean().item())
+    assert stats["tokens_eff"].item() == pytest.approx(sum(eff) / n, rel=1e-5)
+    assert stats["weighted_dice"].item() == pytest.approx(sum(wdice) / n, rel=1e-5)
+    assert stats["gt_share"].item() == pytest.approx(sum(share) / 2, rel=1e-5)
+    assert stats["gt_share_uniform"].item() == pytest.approx(sum(share_u) / 2, rel=1e-5)
+
+    # one token with all the weight: one effective token, no weighted pair
+    one_hot = token_statistics(masks, torch.eye(t)[:n], foreground=fg)
+    assert one_hot["tokens_eff"].item() == pytest.approx(1.0)
+    assert one_hot["weighted_dice"].item() == 0.0
+    # unweighted tokens are averaged by the loss: T effective tokens, the plain Dice
+    plain = token_statistics(masks, foreground=fg)
+    assert plain["tokens_eff"].item() == pytest.approx(t)
+    assert plain["weighted_dice"].item() == pytest.approx(plain["dice"].item(), rel=1e-5)
+    # whole-map mimicking re-weights nothing; the oracle partition gives the boxes half
+    ones = token_statistics(torch.ones(n, 1, h, w), foreground=fg)
+    assert ones["gt_share"].item() == pytest.approx(ones["gt_share_uniform"].item())
+    partition = torch.stack([fg, 1 - fg], dim=1)
+    halves = token_statistics(partition, torch.full((n, 2), 0.5), foreground=fg)
+    assert halves["gt_share"].item() == pytest.approx(0.5)
+    assert halves["gt_share_uniform"].item() < 0.45
+    # no box anywhere: no gt_share
+    assert "gt_share" not in token_statistics(masks, weights, foreground=torch.zeros(n, h, w))
+
+
 def test_padding_is_left_out():
     # Image 1 fills the batch; image 0 is 4x4 of 8x8, constant inside, different in the padding.
     masks = torch.zeros(2, 2, 8, 8)
@@ -88,7 +147,7 @@ def test_statistics_go_to_the_storage_with_the_metric_tag():
     masks = torch.rand(2, 3, 4, 4)
     with EventStorage() as storage:
         written = put_token_statistics(storage, {"p3": token_statistics(masks)})
-        expected = ("coverage", "constant", "dice", "combined")
+        expected = ("coverage", "constant", "dice", "combined", "tokens_eff", "weighted_dice")
         assert set(written) == {f"[metric]tokens/p3/{k}" for k in expected}
         assert storage.history("[metric]tokens/p3/coverage").latest() == pytest.approx(
             masks.mean().item()
@@ -111,7 +170,7 @@ def test_both_stages_log_token_statistics_per_level(stage1):
         names = set(storage.histories())
     levels = model.in_features
     for lv in levels:
-        for stat in ("coverage", "constant", "dice", "weight_entropy", "combined"):
+        for stat in STAT_NAMES:  # tiny_batch has boxes: gt_share too
             assert f"[metric]tokens/{lv}/{stat}" in names, (lv, stat)
 
     ckpt = tmp / "tokens.pth"
@@ -132,8 +191,10 @@ def test_both_stages_log_token_statistics_per_level(stage1):
         feats = model2.teacher.backbone(preprocess_images(model2.teacher, batch).tensor)
     for lv in model2.in_features:
         rt = model2.tokens[lv]
+        fg = foreground_cells(batch, model2.strides[lv], *feats[lv].shape[-2:])
         with torch.no_grad():
-            expected = token_statistics(rt.masks(feats[lv]), rt.weights(feats[lv]))
+            expected = token_statistics(rt.masks(feats[lv]), rt.weights(feats[lv]), foreground=fg)
+        assert "gt_share" in expected
         for stat, value in expected.items():
             assert logged[f"[metric]tokens/{lv}/{stat}"] == pytest.approx(value.item(), rel=1e-5)
 
@@ -201,10 +262,13 @@ def test_mask_grids_state_the_statistics_of_each_level(stage1, tmp_path):
     with torch.no_grad():
         feats = model.teacher.backbone.inner(preprocess_images(model.teacher, [item]).tensor)
     assert list(stats) == model.in_features
+    strides = {lv: s.stride for lv, s in model.teacher.backbone.output_shape().items()}
     for lv, rt in model.tokens.items():
+        fg = foreground_cells([item], strides[lv], *feats[lv].shape[-2:])
         with torch.no_grad():
-            expected = token_statistics(rt.masks(feats[lv]), rt.weights(feats[lv]))
+            expected = token_statistics(rt.masks(feats[lv]), rt.weights(feats[lv]), foreground=fg)
         assert stats[lv] == pytest.approx({k: v.item() for k, v in expected.items()}, rel=1e-5)
+        assert "gt_share" in stats[lv]
     image = item["image"].permute(1, 2, 0).numpy()
     fig = mask_grid(image, masks, statistics=stats)
     labels = [ax.get_xlabel() for ax in fig.axes[:: 1 + model.tokens["p2"].num_tokens]]

@@ -24,7 +24,7 @@ from maskd.mask_sources import (
 )
 from maskd.receptive_tokens import build_level_tokens
 
-SOURCES = ("tokens", "uniform", "gt_boxes", "random_tokens")
+SOURCES = ("tokens", "uniform", "gt_boxes", "random_tokens", "gt_partition", "gt_instances")
 
 
 def build(tmp_path, source="tokens", warmup=-1, **opts):
@@ -181,6 +181,121 @@ def test_gt_boxes_background_out_of_range_is_refused(tmp_path):
         build(tmp_path, "gt_boxes", **{"GT_BOXES.BACKGROUND": 1.5})
 
 
+# ----------------------------------------------------------------------------- gt partitions
+def partition_reference(source, batch, stride, h, w, fg_weight):
+    """Region masks and weights written out image by image: the boxes' cells (together, or
+    box by box) and the rest, the nominal weights renormalised over the regions with cells."""
+    all_masks, all_weights = [], []
+    for x in batch:
+        boxes = x["instances"].gt_boxes.tensor
+        fg = cells_reference(boxes, stride, h, w)
+        if source == "gt_partition":
+            regions = [fg]
+            nominal = [fg_weight]
+        else:
+            regions = [cells_reference(b[None], stride, h, w) for b in boxes]
+            nominal = [fg_weight / max(1, len(boxes))] * len(boxes)
+        regions.append(1.0 - fg)
+        nominal.append(1.0 - fg_weight)
+        kept = [wt if r.sum() > 0 else 0.0 for r, wt in zip(regions, nominal)]
+        all_masks.append(regions)
+        all_weights.append([wt / sum(kept) for wt in kept])
+    t = max(len(r) for r in all_masks)
+    masks = torch.zeros(len(batch), t, h, w)
+    weights = torch.zeros(len(batch), t)
+    for i, (regions, wts) in enumerate(zip(all_masks, all_weights)):
+        # the background last, the boxes first, padding between them (instances only)
+        for k, (r, wt) in enumerate(zip(regions[:-1], wts[:-1])):
+            masks[i, k], weights[i, k] = r, wt
+        masks[i, -1], weights[i, -1] = regions[-1], wts[-1]
+    return masks, weights
+
+
+@pytest.mark.parametrize("source", ["gt_partition", "gt_instances"])
+@pytest.mark.parametrize("fg_weight", [0.5, 0.8])
+def test_gt_partitions_weigh_each_region_by_its_weight_not_its_area(tmp_path, source, fg_weight):
+    """The loss is sum over regions of weight x the region's mean squared difference,
+    computed region by region (an image without boxes: the background's mean alone)."""
+    key = "GT_PARTITION" if source == "gt_partition" else "GT_INSTANCES"
+    model = build(tmp_path, source, **{f"{key}.FOREGROUND_WEIGHT": fg_weight})
+    batch = tiny_batch(3, 64, seed=3, empty=(1,))  # image 1 has no boxes
+    assert min(len(batch[i]["instances"]) for i in (0, 2)) >= 1
+    s, t = features(model, n=3)
+    with EventStorage(0):
+        got, kept, _ = model.distillation_losses(s, t, [(64, 64)] * 3, (64, 64), batch)
+    for lv, stride in model.strides.items():
+        h, w = t[lv].shape[-2:]
+        d2 = (model.align[lv](s[lv]) - t[lv]).square().mean(1)  # (N, H, W)
+        per_image = []
+        for i, x in enumerate(batch):
+            boxes = x["instances"].gt_boxes.tensor
+            fg = cells_reference(boxes, stride, h, w)
+            regions = (
+                [fg]
+                if source == "gt_partition"
+                else [cells_reference(b[None], stride, h, w) for b in boxes]
+            )
+            share = [fg_weight / max(1, len(regions))] * len(regions) + [1.0 - fg_weight]
+            regions = regions + [1.0 - fg]
+            terms = [(wt, d2[i][r > 0].mean()) for wt, r in zip(share, regions) if r.sum() > 0]
+            per_image.append(sum(wt * v for wt, v in terms) / sum(wt for wt, _ in terms))
+        torch.testing.assert_close(got[lv], torch.stack(per_image).mean())
+        masks, weights = kept[lv]
+        want_masks, want_weights = partition_reference(source, batch, stride, h, w, fg_weight)
+        torch.testing.assert_close(masks, want_masks)
+        torch.testing.assert_close(weights, want_weights)
+        # the image without boxes: background only, over every cell
+        assert weights[1, -1] == 1 and masks[1, -1].sum() == h * w
+        torch.testing.assert_close(weights.sum(1), torch.ones(3))
+
+
+def test_gt_partition_differs_from_uniform_where_the_objects_are_few_cells(tmp_path):
+    """A negative control: with the error concentrated on the boxes' cells, the partition
+    gives them half of the loss where uniform gives them their share of the cells."""
+    model = build(tmp_path, "gt_partition")
+    lv, stride = "p2", model.strides["p2"]
+    batch = tiny_batch(1, 64, seed=3)
+    s, t = features(model, n=1)
+    h, w = t[lv].shape[-2:]
+    fg = cells_reference(batch[0]["instances"].gt_boxes.tensor, stride, h, w)
+    assert 0 < fg.mean() < 0.5
+    with torch.no_grad():
+        aligned = model.align[lv](s[lv])
+    t_lv = aligned + fg  # a difference of 1 on the boxes' cells, 0 elsewhere
+    masks, weights = model.mask_source(lv, None, t_lv, stride, None, [(h, w)], batch)
+    got = masked_distillation_loss(aligned, t_lv, masks, weights)
+    torch.testing.assert_close(got, torch.tensor(0.5))
+    uniform = masked_distillation_loss(aligned, t_lv, torch.ones(1, 1, h, w))
+    torch.testing.assert_close(uniform, fg.mean())
+
+
+def test_gt_partition_weight_out_of_range_and_missing_ground_truth_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"GT_PARTITION.FOREGROUND_WEIGHT must lie in"):
+        build(tmp_path, "gt_partition", **{"GT_PARTITION.FOREGROUND_WEIGHT": 1.5})
+    with pytest.raises(ValueError, match=r"GT_INSTANCES.FOREGROUND_WEIGHT must lie in"):
+        mask_source_class("gt_instances")(foreground_weight=float("nan"))
+    model = build(tmp_path, "gt_instances")
+    s, t = features(model)
+    batch = [{"image": torch.zeros(3, 64, 64, dtype=torch.uint8)}] * 2
+    with EventStorage(0), pytest.raises(ValueError, match="'gt_instances' needs the ground truth"):
+        model.distillation_losses(s, t, [(64, 64)] * 2, (64, 64), batch)
+
+
+@pytest.mark.parametrize("source", ["gt_partition", "gt_instances"])
+def test_gt_partitions_over_the_image_area_leave_the_padding_out(tmp_path, source):
+    model = build(tmp_path, source, IMAGE_AREA_ONLY=True)
+    batch = tiny_batch(2, 64, seed=3)
+    s, t = features(model)
+    sizes = [(64, 64), (37, 50)]
+    with EventStorage(0):
+        _, kept, level_sizes = model.distillation_losses(s, t, sizes, (64, 64), batch)
+    for lv in model.in_features:
+        masks = kept[lv][0]
+        h, w = level_sizes[lv][1]
+        assert masks[1, :, h:].sum() == 0 and masks[1, :, :, w:].sum() == 0
+        torch.testing.assert_close(masks[1].sum(0)[:h, :w].clamp_max(1), torch.ones(h, w))
+
+
 # ----------------------------------------------------------------------------- random tokens
 def test_random_tokens_are_untrained_seeded_and_saved(tmp_path):
     learned = build_level_tokens({"p2": TEACHER_FPN, "p3": TEACHER_FPN}, 4, True)
@@ -222,6 +337,8 @@ def reference_masks(model, source, lv, s, t, batch):
             cells_reference(x["instances"].gt_boxes.tensor, model.strides[lv], h, w) for x in batch
         ]
         return torch.stack(fg)[:, None], None
+    if source in ("gt_partition", "gt_instances"):
+        return partition_reference(source, batch, model.strides[lv], h, w, 0.5)
     rt = source_tokens(model, source, lv)
     return torch.sigmoid(torch.einsum("tc,nchw->nthw", rt.tokens, t)), rt.weights(t)
 

@@ -2,8 +2,10 @@
 """Visualise the receptive masks of learned tokens: one PNG grid per image (rows: levels,
 columns: the image and one overlay per token), like the paper's mask figure. Under each level's
 image: its token statistics (maskd.diagnostics: coverage, share of near-constant masks, Dice
-overlap between tokens, token-weight entropy); their means over the images are logged and
-written to <output>/token_statistics.json.
+overlap between tokens, token-weight entropy, combined mask, effective number of weighted
+tokens, overlap of the weighted tokens, and for --dataset images the share of stage 2's loss
+weight on the ground-truth boxes' cells beside that under whole-map mimicking); their means over
+the images are logged and written to <output>/token_statistics.json.
 
     python tools/visualize_masks.py --config-file configs/.../<stage-1>.yaml \\
         --checkpoint output/<stage-1>/model_final.pth --input a.jpg b.jpg --output vis/
@@ -80,9 +82,10 @@ def main(argv=None):
     import_modules(args.imports)
     register_coco_datasets(args.register_coco or [])
 
-    files = list(args.input)
+    records = [{"file_name": f} for f in args.input]
     if args.dataset:
-        files += [d["file_name"] for d in DatasetCatalog.get(args.dataset)[: args.num]]
+        records += DatasetCatalog.get(args.dataset)[: args.num]
+    files = [r["file_name"] for r in records]
     if not files:
         parser.error("no images: give --input files or --dataset")
     missing = [f for f in files if not os.path.isfile(f)]
@@ -94,17 +97,36 @@ def main(argv=None):
     resize = T.ResizeShortestEdge(min_size, max_size)
     os.makedirs(args.output, exist_ok=True)
     per_image = {}
-    for path in files:
+    for record in records:
+        path = record["file_name"]
         image = utils.read_image(path, format=input_format)
-        image = resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(image.transpose(2, 0, 1).copy())
+        transform = resize.get_transform(image)
+        image = transform.apply_image(image)
+        item = {"image": torch.as_tensor(image.transpose(2, 0, 1).copy())}
+        if "annotations" in record:  # the ground-truth boxes, for the statistics' gt_share
+            boxes_only = [
+                {k: v for k, v in a.items() if k not in ("segmentation", "keypoints")}
+                for a in record["annotations"]
+                if a.get("iscrowd", 0) == 0
+            ]
+            annotations = [
+                utils.transform_instance_annotations(
+                    a, T.TransformList([transform]), image.shape[:2]
+                )
+                for a in boxes_only
+            ]
+            item["instances"] = utils.annotations_to_instances(annotations, image.shape[:2])
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_masks.png")
-        _, per_image[path] = save_mask_grid(model, {"image": tensor}, out, input_format)
-    # The token statistics of each level, averaged over the images (as in the grids' labels).
-    levels = next(iter(per_image.values()))
+        _, per_image[path] = save_mask_grid(model, item, out, input_format)
+    # The token statistics of each level, averaged over the images that have them (as in the
+    # grids' labels; gt_share only over images with boxes).
+    levels = {lv: list(st) for lv, st in next(iter(per_image.values())).items()}
+    for stats in per_image.values():
+        for lv, st in stats.items():
+            levels[lv] += [k for k in st if k not in levels[lv]]
     mean = {
-        lv: {k: statistics.mean(s[lv][k] for s in per_image.values()) for k in levels[lv]}
-        for lv in levels
+        lv: {k: statistics.mean(s[lv][k] for s in per_image.values() if k in s[lv]) for k in names}
+        for lv, names in levels.items()
     }
     with open(os.path.join(args.output, "token_statistics.json"), "w") as f:
         json.dump({"mean": mean, "images": per_image}, f, indent=1)

@@ -180,7 +180,9 @@ def add_maskd_config(cfg: CN) -> CN:
     # Stage 2: MASK_SOURCE, where the masks of loss_maskd come from (maskd/mask_sources/):
     # "tokens" (the learned receptive tokens: the paper), "uniform" (every cell: whole-map
     # mimicking), "gt_boxes" (the ground-truth boxes' cells; GT_BOXES.BACKGROUND elsewhere),
-    # "random_tokens" (untrained tokens); each source declares its own keys in its file.
+    # "random_tokens" (untrained tokens), "gt_partition" and "gt_instances" (oracle partitions:
+    # boxes and background, or each box and background, weighted separately; GT_PARTITION.* and
+    # GT_INSTANCES.FOREGROUND_WEIGHT); each source declares its own keys in its file.
     add_mask_source_config(_C)
 
     # Head-level KD terms of the paper's detection configs, all off by default (WEIGHT 0.0):

@@ -20,6 +20,22 @@ below make such failures visible during both stages (event storage: metric print
   Near 0, the level is switched off: e.g. the weights went to a token whose mask is all off,
   and the masked teacher loses accuracy (its retention falls).
 
+What stage 2 can gain over whole-map mimicking comes from several weighted tokens on different
+regions, each normalised by its own area (``w_t sum M_t^2 D^2 / sum M_t``), so three numbers
+measure that mechanism:
+
+* ``tokens_eff``: the effective number of weighted tokens, ``1 / sum_t w_t^2`` averaged over
+  images (1: one token carries all the weight; T: equal weights). Unweighted tokens count as
+  equal weights 1/T (the loss averages them), so T.
+* ``weighted_dice``: how much the weighted tokens' masks overlap: the pairwise Dice of the masks
+  weighted by ``w_i w_j`` (``sum_{i != j} w_i w_j dice_ij / sum_{i != j} w_i w_j``), averaged
+  over images; 0 where one token has all the weight (no weighted pair).
+* ``gt_share`` (when the ground-truth boxes are given): the share of stage 2's per-cell loss
+  weight ``sum_t w_t M_t^2 / sum M_t`` that falls on the cells of the ground-truth boxes,
+  averaged over the images that have boxes; ``gt_share_uniform`` is the same share under
+  whole-map mimicking, i.e. the boxes' share of the cells. Their ratio is the re-weighting of
+  the objects the masks achieve (1: none).
+
 Padding (the area beyond each image's size in a padded batch) is left out when the image sizes
 are given.
 """
@@ -29,11 +45,47 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["CONSTANT_STD", "STAT_NAMES", "token_statistics", "level_sizes", "put_token_statistics"]
+__all__ = [
+    "CONSTANT_STD",
+    "STAT_NAMES",
+    "token_statistics",
+    "level_sizes",
+    "put_token_statistics",
+    "foreground_cells",
+]
 
 # A mask whose spatial standard deviation is below this counts as near-constant.
 CONSTANT_STD = 0.05
-STAT_NAMES = ("coverage", "constant", "dice", "weight_entropy", "combined")
+# The statistics of token_statistics, in the order reports and figures show them.
+STAT_NAMES = (
+    "coverage",
+    "constant",
+    "dice",
+    "weight_entropy",
+    "combined",
+    "tokens_eff",
+    "weighted_dice",
+    "gt_share",
+    "gt_share_uniform",
+)
+
+
+def foreground_cells(batched_inputs, stride: int, height: int, width: int):
+    """(N, H, W) 0/1 cells of each image's ground-truth boxes at one level (as the
+    ``gt_boxes`` mask source marks them), or None where an input has no ``instances``.
+
+    Args:
+        batched_inputs: N dicts as detectron2's DatasetMapper makes them (boxes in the batch's
+            pixel coordinates).
+        stride: the level's stride; height, width: its grid.
+    """
+    from .mask_sources.gt_boxes import box_cells
+
+    if not batched_inputs or any("instances" not in x for x in batched_inputs):
+        return None
+    return torch.stack(
+        [box_cells(x["instances"].gt_boxes.tensor, stride, height, width) for x in batched_inputs]
+    )
 
 
 def level_sizes(image_sizes: Sequence[Tuple[int, int]], padded: Tuple[int, int], feature_hw):
@@ -60,6 +112,7 @@ def token_statistics(
     weights: Optional[torch.Tensor] = None,
     sizes: Optional[Sequence[Tuple[int, int]]] = None,
     constant_std: float = CONSTANT_STD,
+    foreground: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """The token-quality numbers of one feature level (see the module docstring).
 
@@ -69,10 +122,13 @@ def token_statistics(
         sizes: N valid (h, w) at this level's resolution (see :func:`level_sizes`); the area
             beyond them is left out. None: the whole map.
         constant_std: spatial standard deviation below which a mask counts as near-constant.
+        foreground: (N, H, W) 0/1 cells of the ground-truth boxes (:func:`foreground_cells`),
+            or None.
 
     Returns:
         dict of 0-dim float tensors: "coverage", "constant", "dice", "weight_entropy" (only
-        with ``weights``) and "combined". Empty for N == 0.
+        with ``weights``), "combined", "tokens_eff", "weighted_dice", and with ``foreground``
+        (if some image has box cells) "gt_share" and "gt_share_uniform". Empty for N == 0.
     """
     if masks.dim() != 4:
         raise ValueError(f"masks must have shape (N, T, H, W), got {tuple(masks.shape)}")
@@ -101,19 +157,29 @@ def token_statistics(
         "coverage": mean.mean(),
         "constant": (var.sqrt() < constant_std).float().mean(),
     }
+    if weights is not None and weights.shape != (n, t):
+        raise ValueError(f"weights must have shape (N, T) = ({n}, {t}), got {tuple(weights.shape)}")
+    # the weights as the loss applies them: unweighted tokens are averaged
+    w_loss = m.new_full((n, t), 1.0 / t) if weights is None else weights.detach().float()
+    pair = w_loss.unsqueeze(2) * w_loss.unsqueeze(1)  # (N, T, T): w_i w_j
     if t > 1:
         gram = torch.bmm(m, m.transpose(1, 2))  # (N, T, T); padding is zero
         sq = torch.diagonal(gram, dim1=1, dim2=2)  # (N, T)
         dice = 2.0 * gram / (sq.unsqueeze(2) + sq.unsqueeze(1) + 1e-6)
         off = ~torch.eye(t, dtype=torch.bool, device=m.device)
         out["dice"] = dice[:, off].mean()
+        pair_sum = pair[:, off].sum(dim=1)  # (N,)
+        weighted = (pair * dice)[:, off].sum(dim=1) / pair_sum.clamp_min(1e-12)
+        out["weighted_dice"] = torch.where(pair_sum > 1e-12, weighted, 0.0).mean()
     else:
         out["dice"] = m.new_zeros(())
+        out["weighted_dice"] = m.new_zeros(())
+    out["tokens_eff"] = (1.0 / w_loss.square().sum(dim=1)).mean()
+    if foreground is not None:
+        share = _gt_share(m, w_loss, valid, foreground)
+        if share is not None:
+            out["gt_share"], out["gt_share_uniform"] = share
     if weights is not None:
-        if weights.shape != (n, t):
-            raise ValueError(
-                f"weights must have shape (N, T) = ({n}, {t}), got {tuple(weights.shape)}"
-            )
         wt = weights.detach().double().clamp_min(1e-12)
         entropy = -(wt * wt.log()).sum(dim=1)  # (N,)
         out["weight_entropy"] = (entropy.mean() / math.log(t)).float() if t > 1 else m.new_zeros(())
@@ -122,6 +188,25 @@ def token_statistics(
         combined = m.sum(dim=1)  # (N, HW)
     out["combined"] = (combined.sum(dim=1) / area[:, 0]).mean()
     return out
+
+
+def _gt_share(m, w_loss, valid, foreground):
+    """(gt_share, gt_share_uniform) of the images with box cells, or None if none has any.
+
+    Args:
+        m: (N, T, HW) masks, zero outside ``valid``; w_loss: (N, T) weights as the loss applies
+        them; valid: (N, 1, HW); foreground: (N, H, W) box cells.
+    """
+    n = m.shape[0]
+    fg = foreground.reshape(n, -1).to(m) * valid[:, 0]  # (N, HW)
+    has = fg.sum(dim=1) > 0
+    if not bool(has.any()):
+        return None
+    # the per-cell loss weight of stage 2: sum_t w_t M_t^2 / sum_hw M_t
+    cell = torch.einsum("nt,ntp->np", w_loss / m.sum(dim=2).clamp_min(1e-12), m.square())
+    learned = (cell * fg).sum(dim=1) / cell.sum(dim=1).clamp_min(1e-12)  # (N,)
+    uniform = fg.sum(dim=1) / valid[:, 0].sum(dim=1).clamp_min(1.0)  # (N,)
+    return learned[has].mean(), uniform[has].mean()
 
 
 def put_token_statistics(storage, stats: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, float]:

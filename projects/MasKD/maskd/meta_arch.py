@@ -10,7 +10,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .backbone import RecordingBackbone
-from .diagnostics import put_token_statistics, token_statistics
+from .diagnostics import foreground_cells, put_token_statistics, token_statistics
 from .head_kd import HeadKD, build_head_kd
 from .inherit import inherit_neck_and_heads
 from .losses import raise_if_not_finite
@@ -270,7 +270,16 @@ class MasKD(Stage2Losses, nn.Module):
             batched_inputs,
         )
         put_token_statistics(
-            storage, {lv: token_statistics(m, w, sizes[lv]) for lv, (m, w) in masks.items()}
+            storage,
+            {
+                lv: token_statistics(
+                    m,
+                    w,
+                    sizes[lv],
+                    foreground=foreground_cells(batched_inputs, self.strides[lv], *m.shape[-2:]),
+                )
+                for lv, (m, w) in masks.items()
+            },
         )
         raise_if_not_finite(losses, "the student's task losses", storage.iter)
         raise_if_not_finite(per_level, "loss_maskd (per level)", storage.iter)

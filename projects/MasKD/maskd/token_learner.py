@@ -15,7 +15,7 @@ from torch import nn
 
 from ._compat import NORM_TYPES
 from .backbone import TokenMaskedBackbone
-from .diagnostics import level_sizes, put_token_statistics, token_statistics
+from .diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
 from .losses import raise_if_not_finite
 from .pairing import resolve_channel_orders, teacher_batch
 from .provenance import (
@@ -270,10 +270,16 @@ class MasKDTokenLearner(nn.Module):
         raise_if_not_finite(dice, "loss_dice (per level)", storage.iter)
         masks, padded = self.teacher.backbone.pop_masks()
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        strides = {lv: shape.stride for lv, shape in self.teacher.backbone.output_shape().items()}
         put_token_statistics(
             storage,
             {
-                lv: token_statistics(m, w, level_sizes(image_sizes, padded, m.shape[-2:]))
+                lv: token_statistics(
+                    m,
+                    w,
+                    level_sizes(image_sizes, padded, m.shape[-2:]),
+                    foreground=foreground_cells(batched_inputs, strides[lv], *m.shape[-2:]),
+                )
                 for lv, (m, w) in masks.items()
             },
         )

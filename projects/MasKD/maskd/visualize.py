@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import unwrap_backbone
-from .diagnostics import level_sizes, token_statistics
+from .diagnostics import foreground_cells, level_sizes, token_statistics
 from .pairing import teacher_batch
 from .teacher import preprocess_images
 
@@ -23,7 +23,8 @@ def receptive_masks(model, batched_input: dict, with_statistics: bool = False):
 
     Args:
         model: a ``MasKDTokenLearner`` or ``MasKD`` model (its ``tokens`` and ``teacher``).
-        batched_input: one dict as detectron2's DatasetMapper makes it ("image": (3, H, W)).
+        batched_input: one dict as detectron2's DatasetMapper makes it ("image": (3, H, W);
+            with "instances", the ground-truth boxes give the statistics their ``gt_share``).
         with_statistics: also return the token statistics of every level
             (:func:`maskd.diagnostics.token_statistics`, at the level's resolution, without
             padding), the numbers the training logs show.
@@ -36,7 +37,9 @@ def receptive_masks(model, batched_input: dict, with_statistics: bool = False):
     # the teacher's channel order (MasKD models convert for a teacher that reads the other one)
     inputs = teacher_batch([batched_input], model.input_format, model.teacher_format)
     images = preprocess_images(teacher, inputs)
-    features = unwrap_backbone(teacher.backbone)(images.tensor)
+    backbone = unwrap_backbone(teacher.backbone)
+    features = backbone(images.tensor)
+    strides = {lv: shape.stride for lv, shape in backbone.output_shape().items()}
     h, w = images.image_sizes[0]
     padded = tuple(images.tensor.shape[-2:])
     out, stats = {}, {}
@@ -46,7 +49,11 @@ def receptive_masks(model, batched_input: dict, with_statistics: bool = False):
         if with_statistics:
             weights = rt.weights(feat) if rt.weighted else None  # (1, T)
             sizes = level_sizes(images.image_sizes, padded, masks.shape[-2:])
-            stats[level] = {k: v.item() for k, v in token_statistics(masks, weights, sizes).items()}
+            fg = foreground_cells(inputs, strides[level], *masks.shape[-2:])
+            stats[level] = {
+                k: v.item()
+                for k, v in token_statistics(masks, weights, sizes, foreground=fg).items()
+            }
         masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
         out[level] = masks[0, :, :h, :w].float().cpu()
     return (out, stats) if with_statistics else out
@@ -58,6 +65,10 @@ _SHORT = {
     "dice": "dice",
     "weight_entropy": "H(w)",
     "combined": "comb",
+    "tokens_eff": "T_eff",
+    "weighted_dice": "dice_w",
+    "gt_share": "gt",
+    "gt_share_uniform": "gt_unif",
 }
 
 

@@ -6,6 +6,10 @@ is imported with the package, so its ``@MASK_SOURCE_REGISTRY.register()`` is all
 * ``gt_boxes`` (:class:`GTBoxMasks`): the ground-truth boxes' cells, background weighted by
   ``MODEL.MASKD.GT_BOXES.BACKGROUND``.
 * ``random_tokens`` (:class:`RandomTokenMasks`): untrained tokens.
+* ``gt_partition`` (:class:`GTPartitionMasks`): the oracle partition, ground-truth boxes and
+  background as two masks of weight 1/2 each (``MODEL.MASKD.GT_PARTITION.FOREGROUND_WEIGHT``).
+* ``gt_instances`` (:class:`GTInstanceMasks`): one mask per ground-truth box plus the
+  background (``MODEL.MASKD.GT_INSTANCES.FOREGROUND_WEIGHT``).
 """
 
 import importlib
@@ -19,6 +23,7 @@ from .base import (
     mask_source_class,
 )
 from .gt_boxes import GTBoxMasks, box_cells
+from .gt_partition import GTInstanceMasks, GTPartitionMasks, region_weights
 from .random_tokens import RandomTokenMasks
 from .tokens import TokenMasks
 from .uniform import UniformMasks
@@ -36,5 +41,8 @@ __all__ = [
     "UniformMasks",
     "GTBoxMasks",
     "RandomTokenMasks",
+    "GTPartitionMasks",
+    "GTInstanceMasks",
     "box_cells",
+    "region_weights",
 ]

@@ -6,7 +6,8 @@ one. For every distilled level and training step it turns what the step offers (
 features, that level's frozen receptive tokens, the ground truth) into the (N, T, H, W) masks and
 optional (N, T) weights of :func:`maskd.losses.masked_distillation_loss`. The paper's source is
 ``tokens``; the others are its ablations (``uniform``: whole-map mimicking, FitNet-style;
-``gt_boxes``: the ground-truth box prior; ``random_tokens``: untrained tokens).
+``gt_boxes``: the ground-truth box prior; ``random_tokens``: untrained tokens; ``gt_partition``,
+``gt_instances``: oracle partitions of the image by its ground truth).
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -126,7 +127,9 @@ def mask_source_class(name: str) -> type:
 def add_mask_source_config(maskd_node: CfgNode) -> None:
     """Add ``MASK_SOURCE`` and the keys of every registered source to ``MODEL.MASKD``."""
     # Where the masks of loss_maskd come from: "tokens" (the paper), "uniform" (whole-map
-    # mimicking), "gt_boxes" (the ground-truth boxes), "random_tokens" (untrained tokens).
+    # mimicking), "gt_boxes" (the ground-truth boxes), "random_tokens" (untrained tokens),
+    # "gt_partition" / "gt_instances" (oracle partitions: boxes and background, or each box
+    # and background, as separately weighted masks).
     maskd_node.MASK_SOURCE = "tokens"
     for _, cls in sorted(MASK_SOURCE_REGISTRY):
         cls.add_config(maskd_node)
