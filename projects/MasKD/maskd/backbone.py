@@ -15,17 +15,23 @@ load into a wrapped model, and a wrapped model's checkpoint loads into a plain o
 """
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from detectron2.modeling import Backbone
 from torch import nn
 
 from ._compat import register_state_dict_hook
-from .losses import combined_mask, dice_diversity_loss, masked_aggregate
+from .losses import FILLS, combined_mask, masked_aggregate, neutral_fill
 from .receptive_tokens import ReceptiveTokens
 
-__all__ = ["TokenMaskedBackbone", "RecordingBackbone", "TransparentWrapper", "unwrap_backbone"]
+__all__ = [
+    "TokenMaskedBackbone",
+    "LevelMasks",
+    "RecordingBackbone",
+    "TransparentWrapper",
+    "unwrap_backbone",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +103,30 @@ def _expand_inner(module, state_dict, prefix, *args):
             state_dict[inner_prefix + key[len(prefix) :]] = state_dict.pop(key)
 
 
+class LevelMasks(NamedTuple):
+    """The receptive masks of one level in one training forward of stage 1."""
+
+    masks: torch.Tensor  # (N, T, H, W)
+    weights: Optional[torch.Tensor]  # (N, T), or None for unweighted tokens
+    combined: torch.Tensor  # (N, H, W): sum_t w_t M_t
+
+
 class TokenMaskedBackbone(_TransparentBackbone):
     """A frozen teacher backbone whose distilled levels are replaced by the tokens' masked
     aggregate ``sum_t w_t * M_t * F`` (stage 1).
 
     The wrapped backbone runs under ``torch.no_grad()``: its features are inputs of the tokens.
-    Levels not in ``tokens`` pass through unchanged.
+    Levels not in ``tokens`` pass through unchanged. The masks of the last training forward are
+    exposed, with their gradient, for the token learner's own losses (:meth:`pop_masks`).
     """
 
-    def __init__(self, inner: Backbone, tokens: nn.ModuleDict):
+    def __init__(self, inner: Backbone, tokens: nn.ModuleDict, fill: str = "zeros"):
         """
         Args:
             inner: the teacher's backbone, producing a dict of (N, C_l, H_l, W_l) features.
             tokens: one :class:`ReceptiveTokens` per distilled level, keyed by level name.
+            fill: what masked-out cells become (:func:`maskd.losses.neutral_fill`): "zeros"
+                (the paper), "mean" or "blur".
         """
         super().__init__(inner)
         shapes = inner.output_shape()
@@ -124,10 +141,11 @@ class TokenMaskedBackbone(_TransparentBackbone):
                     f"level '{name}' has {shapes[name].channels} channels, but its tokens "
                     f"expect {getattr(rt, 'channels', None)}"
                 )
+        if fill not in FILLS:
+            raise ValueError(f"MODEL.MASKD.FILL must be one of {FILLS}, got '{fill}'")
         self.tokens = tokens
-        self.last_dice: Optional[Dict[str, torch.Tensor]] = None
-        self.last_area: Optional[Dict[str, torch.Tensor]] = None
-        self.last_masks: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
+        self.fill = fill
+        self.last_masks: Optional[Dict[str, LevelMasks]] = None
         self.last_input_hw: Optional[Tuple[int, int]] = None
         self.masking = True
 
@@ -139,59 +157,42 @@ class TokenMaskedBackbone(_TransparentBackbone):
         Returns:
             The backbone's feature dict, the distilled levels masked (unmasked while
             ``self.masking`` is False: the plain teacher, for the retention of stage 1). In
-            training mode the per-level Dice diversity losses of this call are left in
-            ``self.last_dice`` for the token learner, which takes them with :meth:`pop_dice`,
-            and the detached masks and weights in ``self.last_masks`` (see :meth:`pop_masks`).
+            training mode the masks of this call stay until the token learner takes them
+            (:meth:`pop_masks`).
         """
         with torch.no_grad():
             features = self.inner(x)
         if not self.masking:
             return features
-        dice, area, kept = {}, {}, {}
+        kept = {}
         out = dict(features)
         for name, rt in self.tokens.items():
             feat = features[name]
             masks = rt.masks(feat)  # (N, T, H, W)
             weights = rt.weights(feat) if rt.weighted else None  # (N, T)
             combined = combined_mask(masks, weights)  # (N, H, W)
-            out[name] = masked_aggregate(feat, masks, weights, combined)  # (N, C, H, W)
-            if self.training:
-                dice[name] = dice_diversity_loss(masks)
-                area[name] = combined.float().mean()
-                kept[name] = (masks.detach(), None if weights is None else weights.detach())
-        self.last_dice = dice if self.training else None
-        self.last_area = area if self.training else None
+            fill = neutral_fill(feat, self.fill)
+            out[name] = masked_aggregate(feat, masks, weights, combined, fill)  # (N, C, H, W)
+            kept[name] = LevelMasks(masks, weights, combined)
         self.last_masks = kept if self.training else None
         self.last_input_hw = tuple(x.shape[-2:])
         return out
 
-    def _pop(self, name: str):
-        """Return and clear ``self.<name>``, left by the last training forward."""
-        value = getattr(self, name)
-        if value is None:
-            raise RuntimeError(
-                "the teacher's forward did not call its backbone: no receptive masks were made"
-            )
-        setattr(self, name, None)
-        return value
-
-    def pop_dice(self) -> Dict[str, torch.Tensor]:
-        """Returns and clears the per-level Dice losses of the last forward (scalar tensors)."""
-        return self._pop("last_dice")
-
-    def pop_area(self) -> Dict[str, torch.Tensor]:
-        """Returns and clears the per-level mean of the combined mask ``sum_t w_t M_t`` of the
-        last training forward (scalar tensors with gradient; padding included)."""
-        return self._pop("last_area")
-
-    def pop_masks(self) -> Tuple[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]], tuple]:
+    def pop_masks(self) -> Tuple[Dict[str, LevelMasks], Tuple[int, int]]:
         """Returns and clears the masks of the last training forward.
 
         Returns:
-            (level -> ((N, T, H, W) masks, (N, T) weights or None), detached;
-            (H, W) of the padded input batch).
+            (level -> :class:`LevelMasks`, with their gradient; (H, W) of the padded batch).
+
+        Raises:
+            RuntimeError: no training forward made masks since the last call.
         """
-        return self._pop("last_masks"), self.last_input_hw
+        if self.last_masks is None:
+            raise RuntimeError(
+                "the teacher's forward did not call its backbone: no receptive masks were made"
+            )
+        masks, self.last_masks = self.last_masks, None
+        return masks, self.last_input_hw
 
 
 class RecordingBackbone(_TransparentBackbone):

@@ -177,6 +177,24 @@ def add_maskd_config(cfg: CN) -> CN:
     # Stage 1, opt-in (not in the paper): weight of loss_area, the mask-area prior (the mean of
     # the combined mask sum_t w_t M_t, summed over levels). 0.0: off, the paper's objective.
     _C.AREA_WEIGHT = 0.0
+    # Opt-in levers of a stage-1 objective whose tokens partition the map (not in the paper;
+    # docs/mask_sources.md). The first two are the tokens' form, saved with them: stage 2 must
+    # have the same values.
+    # How mask logits become masks: "sigmoid" (each token on its own: the paper) or "softmax"
+    # (over the tokens: the masks of a cell sum to one).
+    _C.MASK_NORM = "sigmoid"
+    # eps in [0, 1): token weights eps / T + (1 - eps) softmax, never one-hot. 0.0: the paper.
+    _C.WEIGHT_FLOOR = 0.0
+    # Stage 1: what a cell switched off by the masks becomes, F~ = c F + (1 - c) fill with
+    # c = sum_t w_t M_t: "zeros" (the paper), "mean" (the level's per-image channel mean) or
+    # "blur" (a 5x5 box blur of the level), so that masking a cell costs the teacher less.
+    _C.FILL = "zeros"
+    # Stage 1: the pairs the Dice loss compares: "all" (the paper) or "weighted" (pairs weighted
+    # by w_i w_j, the weights detached: the tokens that carry weight must not overlap).
+    _C.DICE_PAIRS = "all"
+    # Stage 1: a minimum share a of the image per token: loss_token_area = DICE_WEIGHT x mean over
+    # images and tokens of relu(a - mean_hw M_t) / a. 0.0: off (the paper).
+    _C.MIN_TOKEN_AREA = 0.0
     # Stage 2: MASK_SOURCE, where the masks of loss_maskd come from (maskd/mask_sources/):
     # "tokens" (the learned receptive tokens: the paper), "uniform" (every cell: whole-map
     # mimicking), "gt_boxes" (the ground-truth boxes' cells; GT_BOXES.BACKGROUND elsewhere),

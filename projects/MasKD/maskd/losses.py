@@ -12,10 +12,17 @@ import torch
 __all__ = [
     "masked_distillation_loss",
     "dice_diversity_loss",
+    "min_token_area_loss",
     "combined_mask",
     "masked_aggregate",
+    "neutral_fill",
+    "FILLS",
     "raise_if_not_finite",
 ]
+
+# What a cell switched off by the masks of stage 1 becomes (see :func:`neutral_fill`).
+FILLS = ("zeros", "mean", "blur")
+BLUR_KERNEL = 5
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -105,16 +112,22 @@ def masked_distillation_loss(
         return per_token.sum() / max(n * t, 1)
 
 
-def dice_diversity_loss(masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def dice_diversity_loss(
+    masks: torch.Tensor, eps: float = 1e-6, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Dice similarity between the masks of different tokens, to keep the masks diverse.
 
     For one image with masks flattened to ``m_t`` (HW,), ``dice(i, j) = 2 <m_i, m_j> /
     (|m_i|^2 + |m_j|^2 + eps)``; the loss is the mean over images and ordered pairs i != j,
-    computed from the (N, T, T) Gram matrix.
+    computed from the (N, T, T) Gram matrix. With ``weights`` (opt-in, not the paper's), each
+    image's pairs are weighted by ``w_i w_j`` instead: ``sum_{i != j} w_i w_j dice(i, j) /
+    sum_{i != j} w_i w_j``, so that the tokens carrying the weight are the ones kept apart (an
+    image without a weighted pair adds 0); the weights get no gradient from it.
 
     Args:
         masks: (N, T, H, W) soft masks.
         eps: added to the denominator.
+        weights: (N, T) token weights, or None (every pair counts alike: the paper).
 
     Returns:
         A scalar tensor (float32, or float64 for float64 inputs). With a single token (T = 1)
@@ -124,6 +137,8 @@ def dice_diversity_loss(masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     if masks.dim() != 4:
         raise ValueError(f"masks must have shape (N, T, H, W), got {tuple(masks.shape)}")
     n, t = masks.shape[:2]
+    if weights is not None and weights.shape != (n, t):
+        raise ValueError(f"weights must have shape (N, T) = ({n}, {t}), got {tuple(weights.shape)}")
     dtype = _compute_dtype(masks)
     with torch.autocast(device_type=masks.device.type, enabled=False):
         m = masks.to(dtype).flatten(2)  # (N, T, HW)
@@ -133,7 +148,65 @@ def dice_diversity_loss(masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         sq_norm = torch.diagonal(gram, dim1=1, dim2=2)  # (N, T)
         dice = 2.0 * gram / (sq_norm.unsqueeze(2) + sq_norm.unsqueeze(1) + eps)  # (N, T, T)
         off_diag = ~torch.eye(t, dtype=torch.bool, device=masks.device)
-        return dice[:, off_diag].sum() / (n * t * (t - 1))
+        if weights is None:
+            return dice[:, off_diag].sum() / (n * t * (t - 1))
+        w = weights.detach().to(dtype)
+        pair = (w.unsqueeze(2) * w.unsqueeze(1))[:, off_diag]  # (N, T(T-1))
+        total = pair.sum(dim=1)  # (N,)
+        per_image = (pair * dice[:, off_diag]).sum(dim=1) / total.clamp_min(torch.finfo(dtype).tiny)
+        return per_image.sum() / n
+
+
+def min_token_area_loss(masks: torch.Tensor, min_area: float) -> torch.Tensor:
+    """How far the tokens fall short of a minimum area (opt-in, not the paper's):
+    ``mean over images and tokens of relu(a - mean_hw M_t) / a``, so a token switched off
+    everywhere costs 1 and a token covering at least ``a`` of the map costs nothing.
+
+    Args:
+        masks: (N, T, H, W) soft masks.
+        min_area: a in (0, 1].
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 inputs); 0, connected to the graph of
+        ``masks``, for N == 0.
+    """
+    if masks.dim() != 4:
+        raise ValueError(f"masks must have shape (N, T, H, W), got {tuple(masks.shape)}")
+    if not 0.0 < min_area <= 1.0:
+        raise ValueError(f"MODEL.MASKD.MIN_TOKEN_AREA must lie in (0, 1], got {min_area}")
+    dtype = _compute_dtype(masks)
+    with torch.autocast(device_type=masks.device.type, enabled=False):
+        m = masks.to(dtype)
+        if m.numel() == 0:
+            return m.sum() * 0.0
+        area = m.mean(dim=(2, 3))  # (N, T)
+        return ((min_area - area).clamp_min(0.0) / min_area).mean()
+
+
+def neutral_fill(features: torch.Tensor, kind: str) -> Optional[torch.Tensor]:
+    """What a masked-out cell of stage 1 becomes (opt-in, not the paper's), from the frozen
+    teacher features: None for "zeros" (the paper: the cell is multiplied by its mask), the
+    level's per-image channel mean for "mean", a 5x5 box blur of the level for "blur" (the
+    remedy of perturbation-based saliency: a switched-off cell looks like its surroundings
+    rather than like nothing the teacher's heads have seen).
+
+    Args:
+        features: (N, C, H, W) features.
+        kind: one of :data:`FILLS`.
+
+    Returns:
+        None, (N, C, 1, 1) or (N, C, H, W), without gradient.
+    """
+    if kind not in FILLS:
+        raise ValueError(f"MODEL.MASKD.FILL must be one of {FILLS}, got '{kind}'")
+    if kind == "zeros":
+        return None
+    with torch.no_grad():
+        if kind == "mean":
+            return features.mean(dim=(2, 3), keepdim=True)
+        return torch.nn.functional.avg_pool2d(
+            features, BLUR_KERNEL, stride=1, padding=BLUR_KERNEL // 2, count_include_pad=False
+        )
 
 
 def combined_mask(masks: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -158,16 +231,20 @@ def masked_aggregate(
     masks: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
     combined: Optional[torch.Tensor] = None,
+    fill: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The masked aggregate of stage 1, ``sum_t w_t * (M_t * x)``.
 
-    Computed as ``x * (sum_t w_t M_t)``: no (N, T, C, H, W) intermediate.
+    Computed as ``x * c`` with ``c = sum_t w_t M_t``: no (N, T, C, H, W) intermediate. With a
+    ``fill`` (:func:`neutral_fill`), ``x * c + fill * (1 - c)``: what the masks take away is
+    replaced by the fill instead of zeros.
 
     Args:
         features: (N, C, H, W) features x.
         masks: (N, T, H, W) soft masks.
         weights: (N, T) token weights, or None for the plain sum over tokens.
         combined: :func:`combined_mask` of ``masks`` and ``weights`` if already computed.
+        fill: None (zeros: the paper), or a tensor broadcastable to (N, C, H, W).
 
     Returns:
         (N, C, H, W) tensor in the dtype of ``features``.
@@ -183,7 +260,10 @@ def masked_aggregate(
         )
     if combined is None:
         combined = combined_mask(masks, weights)
-    return features * combined.unsqueeze(1).to(features.dtype)  # (N, C, H, W)
+    c = combined.unsqueeze(1).to(features.dtype)  # (N, 1, H, W)
+    if fill is None:
+        return features * c  # (N, C, H, W)
+    return features * c + fill.to(features.dtype) * (1.0 - c)
 
 
 def raise_if_not_finite(losses: Dict[str, torch.Tensor], source: str, iteration: int) -> None:

@@ -7,6 +7,15 @@ tokens ``R`` of shape (T, C). Token t yields the mask
 
 and, with ``weighted=True``, a small head predicts per-image token weights w of shape (N, T)
 (softmax over T). The masked aggregate used in stage 1 is ``sum_t w_t * M_t * x``.
+
+Two opt-in forms (not the paper's; for tokens that partition the map, see the project's
+mask-source page), kept with the tokens in every checkpoint (the ``form`` buffer) so that
+stage 2 computes the masks and weights stage 1 learned:
+
+* ``mask_norm="softmax"``: ``M[n, :, h, w] = softmax_t(R x[n, :, h, w])``, the masks of a cell
+  sum to one (a soft partition of the map among the tokens).
+* ``weight_floor=eps``: ``w = eps / T + (1 - eps) softmax(g(x))``: every token keeps at least
+  ``eps / T`` of the weight, so the weights cannot become one-hot.
 """
 
 import logging
@@ -18,9 +27,21 @@ from torch import nn
 
 from .losses import masked_aggregate
 
-__all__ = ["ReceptiveTokens", "build_level_tokens"]
+__all__ = ["ReceptiveTokens", "build_level_tokens", "MASK_NORMS", "paper_form"]
 
 logger = logging.getLogger(__name__)
+
+# How the mask logits become masks: "sigmoid" per token (the paper), "softmax" over the tokens.
+MASK_NORMS = ("sigmoid", "softmax")
+# The weight floor is kept in the ``form`` buffer in millionths (an integer tensor: exact, and
+# untouched by dtype conversions of the module).
+_FLOOR_UNITS = 1_000_000
+FORM_KEY = "form"
+
+
+def paper_form() -> torch.Tensor:
+    """The ``form`` buffer of the paper's tokens (sigmoid masks, no weight floor)."""
+    return torch.tensor([0, 0], dtype=torch.int64)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,12 +58,23 @@ class ReceptiveTokens(nn.Module):
             Conv1x1(C->T); its softmax over T gives the mask weights. None if not weighted.
     """
 
-    def __init__(self, channels: int, num_tokens: int = 6, weighted: bool = True):
+    def __init__(
+        self,
+        channels: int,
+        num_tokens: int = 6,
+        weighted: bool = True,
+        mask_norm: str = "sigmoid",
+        weight_floor: float = 0.0,
+    ):
         """
         Args:
             channels: C, the number of channels of the feature level.
             num_tokens: T, the number of receptive tokens (detection: 6, segmentation: 8).
             weighted: whether to predict per-image token weights (on for detection).
+            mask_norm: "sigmoid" (each mask on its own: the paper) or "softmax" (over the
+                tokens: the masks of a cell sum to one).
+            weight_floor: eps in [0, 1): each token's weight is at least eps / T (0: the
+                paper's softmax). Weighted tokens only.
         """
         super().__init__()
         if channels <= 0 or num_tokens <= 0:
@@ -50,9 +82,24 @@ class ReceptiveTokens(nn.Module):
                 f"ReceptiveTokens needs channels > 0 and num_tokens > 0, "
                 f"got channels={channels}, num_tokens={num_tokens}"
             )
+        if mask_norm not in MASK_NORMS:
+            raise ValueError(
+                f"MODEL.MASKD.MASK_NORM must be one of {MASK_NORMS}, got '{mask_norm}'"
+            )
+        if not 0.0 <= weight_floor < 1.0:  # NaN fails too
+            raise ValueError(f"MODEL.MASKD.WEIGHT_FLOOR must lie in [0, 1), got {weight_floor}")
+        if weight_floor > 0 and not weighted:
+            raise ValueError(
+                f"MODEL.MASKD.WEIGHT_FLOOR = {weight_floor} needs weighted tokens "
+                "(MODEL.MASKD.WEIGHTED True)"
+            )
         self.channels = channels
         self.num_tokens = num_tokens
         self.weighted = weighted
+        self.mask_norm = mask_norm
+        self.weight_floor = round(weight_floor * _FLOOR_UNITS) / _FLOOR_UNITS
+        form = [MASK_NORMS.index(mask_norm), round(weight_floor * _FLOOR_UNITS)]
+        self.register_buffer(FORM_KEY, torch.tensor(form, dtype=torch.int64))
         self.tokens = nn.Parameter(torch.empty(num_tokens, channels))
         nn.init.normal_(self.tokens, mean=0.0, std=0.01)
         if weighted:
@@ -70,7 +117,30 @@ class ReceptiveTokens(nn.Module):
             self.weight_head = None
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, num_tokens={self.num_tokens}, weighted={self.weighted}"
+        return (
+            f"channels={self.channels}, num_tokens={self.num_tokens}, weighted={self.weighted}, "
+            f"mask_norm={self.mask_norm}, weight_floor={self.weight_floor}"
+        )
+
+    def describe_form(self) -> str:
+        return f"mask_norm={self.mask_norm}, weight_floor={self.weight_floor}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Tokens saved without a ``form`` have the paper's; a file's form must be this
+        module's (the masks and weights are computed from it)."""
+        key = prefix + FORM_KEY
+        if key not in state_dict:
+            state_dict[key] = paper_form()
+        theirs = torch.as_tensor(state_dict[key])
+        if theirs.shape == self.form.shape and not torch.equal(theirs.to(self.form), self.form):
+            code, floor = theirs.tolist()
+            norm = MASK_NORMS[code] if 0 <= code < len(MASK_NORMS) else f"unknown ({code})"
+            raise ValueError(
+                f"receptive tokens '{prefix.rstrip('.')}' were saved with mask_norm={norm}, "
+                f"weight_floor={floor / _FLOOR_UNITS}; this model's are {self.describe_form()} "
+                "(MODEL.MASKD.MASK_NORM, MODEL.MASKD.WEIGHT_FLOOR)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -100,9 +170,11 @@ class ReceptiveTokens(nn.Module):
             x: (N, C, H, W) features.
 
         Returns:
-            (N, T, H, W) soft masks in (0, 1): plain dot product, sigmoid, no softmax over pixels.
+            (N, T, H, W) soft masks in (0, 1): plain dot product, then a sigmoid (the paper), or
+            a softmax over the tokens (``mask_norm="softmax"``); never a softmax over pixels.
         """
-        return self.mask_logits(x).sigmoid()
+        logits = self.mask_logits(x)  # (N, T, H, W)
+        return logits.softmax(dim=1) if self.mask_norm == "softmax" else logits.sigmoid()
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -110,7 +182,8 @@ class ReceptiveTokens(nn.Module):
             x: (N, C, H, W) features.
 
         Returns:
-            (N, T) token weights, softmax over T (float32 or float64).
+            (N, T) token weights, softmax over T (float32 or float64); with a weight floor
+            eps, ``eps / T + (1 - eps) * softmax``.
 
         The head is Conv3x3 -> global average pool -> Conv1x1. Nothing non-linear lies between
         the 3x3 conv and the pool, so the pooled output equals the 3x3 kernel applied to nine
@@ -141,7 +214,10 @@ class ReceptiveTokens(nn.Module):
             pooled = torch.einsum("ocij,ncij->no", conv3.weight.to(dtype), window_sums)
             pooled = pooled / (h * w) + conv3.bias.to(dtype)  # (N, C)
             logits = pooled @ conv1.weight.to(dtype).flatten(1).t() + conv1.bias.to(dtype)
-        return logits.softmax(dim=1)  # (N, T)
+        weights = logits.softmax(dim=1)  # (N, T)
+        if self.weight_floor > 0:
+            weights = self.weight_floor / self.num_tokens + (1.0 - self.weight_floor) * weights
+        return weights
 
     def mask_features(self, x: torch.Tensor) -> torch.Tensor:
         """The masked aggregate of stage 1.
@@ -157,14 +233,24 @@ class ReceptiveTokens(nn.Module):
         return masked_aggregate(x, self.masks(x), weights)  # (N, C, H, W)
 
 
-def build_level_tokens(channels: Dict[str, int], num_tokens: int, weighted: bool) -> nn.ModuleDict:
+def build_level_tokens(
+    channels: Dict[str, int],
+    num_tokens: int,
+    weighted: bool,
+    mask_norm: str = "sigmoid",
+    weight_floor: float = 0.0,
+) -> nn.ModuleDict:
     """One :class:`ReceptiveTokens` per feature level.
 
     Args:
         channels: level name -> number of channels C of that level (in distillation order).
         num_tokens: T per level.
         weighted: whether each level has a mask-weight head.
+        mask_norm, weight_floor: the tokens' form (:class:`ReceptiveTokens`).
     """
     return nn.ModuleDict(
-        {name: ReceptiveTokens(c, num_tokens, weighted) for name, c in channels.items()}
+        {
+            name: ReceptiveTokens(c, num_tokens, weighted, mask_norm, weight_floor)
+            for name, c in channels.items()
+        }
     )

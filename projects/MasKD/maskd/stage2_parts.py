@@ -58,7 +58,12 @@ def stage2_tokens(mcfg, teacher: nn.Module, learned: bool) -> nn.ModuleDict:
     if mcfg.TOKENS_WEIGHTS:
         # levels and shapes from the file; the constructor keeps those it can align
         tokens = tokens_from_file(
-            mcfg.TOKENS_WEIGHTS, mcfg.NUM_TOKENS, mcfg.WEIGHTED, "MODEL.MASKD.TOKENS_WEIGHTS"
+            mcfg.TOKENS_WEIGHTS,
+            mcfg.NUM_TOKENS,
+            mcfg.WEIGHTED,
+            "MODEL.MASKD.TOKENS_WEIGHTS",
+            mask_norm=mcfg.MASK_NORM,
+            weight_floor=mcfg.WEIGHT_FLOOR,
         )
     elif mcfg.ALLOW_RANDOM_TOKENS or not learned:
         if learned:
@@ -66,7 +71,11 @@ def stage2_tokens(mcfg, teacher: nn.Module, learned: bool) -> nn.ModuleDict:
         t_shapes = teacher.backbone.output_shape()
         levels = resolve_in_features(list(mcfg.IN_FEATURES), {"teacher": head_levels(teacher)})
         tokens = build_level_tokens(
-            {lv: t_shapes[lv].channels for lv in levels}, mcfg.NUM_TOKENS, mcfg.WEIGHTED
+            {lv: t_shapes[lv].channels for lv in levels},
+            mcfg.NUM_TOKENS,
+            mcfg.WEIGHTED,
+            mcfg.MASK_NORM,
+            mcfg.WEIGHT_FLOOR,
         )
     else:
         raise ValueError(

@@ -2,6 +2,7 @@
 with the fingerprints of the teacher they were learned for."""
 
 import logging
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -25,7 +26,7 @@ from .provenance import (
     checkpoint_teacher_state,
     fingerprint,
 )
-from .receptive_tokens import ReceptiveTokens
+from .receptive_tokens import FORM_KEY, MASK_NORMS, ReceptiveTokens, paper_form
 
 __all__ = ["extract_tokens_state", "load_tokens", "tokens_teacher_print", "tokens_from_file"]
 
@@ -33,15 +34,30 @@ logger = logging.getLogger(__name__)
 
 
 def extract_tokens_state(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The receptive-token weights of a MasKD checkpoint, keyed ``<level>.<param>``.
+    """The receptive-token weights of a MasKD checkpoint, keyed ``<level>.<param>``; a level
+    saved without its ``form`` (tokens of the paper's form, from files that predate it) gets
+    the paper's.
 
     Returns an empty dict if the checkpoint holds none.
     """
     for prefix in TOKEN_PREFIXES:
         found = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if found:
+            for level in {k.split(".", 1)[0] for k in found}:
+                found.setdefault(f"{level}.{FORM_KEY}", paper_form())
             return found
     return {}
+
+
+def _form_of(value, level: str, path: str, what: str):
+    """(mask_norm, weight_floor) of a level's ``form`` tensor in a file."""
+    form = torch.as_tensor(value)
+    if form.shape != (2,) or form.dtype != torch.int64:
+        raise ValueError(f"{what}: '{path}': '{level}.{FORM_KEY}' is not a form of tokens")
+    code, floor = form.tolist()
+    if not 0 <= code < len(MASK_NORMS) or not 0 <= floor < 1_000_000:
+        raise ValueError(f"{what}: '{path}': '{level}.{FORM_KEY}' = {form.tolist()} is unknown")
+    return MASK_NORMS[code], floor / 1_000_000
 
 
 def load_tokens(
@@ -140,28 +156,33 @@ def tokens_from_file(
     num_tokens: Optional[int] = None,
     weighted: Optional[bool] = None,
     what: str = "model.tokens.weights",
+    mask_norm: Optional[str] = None,
+    weight_floor: Optional[float] = None,
 ) -> nn.ModuleDict:
-    """Build the learned receptive tokens of a checkpoint, their levels and shapes read from it
-    (a LazyConfig-callable builder for :class:`maskd.MasKD`'s ``tokens``).
+    """Build the learned receptive tokens of a checkpoint, their levels, shapes and form read
+    from it (a LazyConfig-callable builder for :class:`maskd.MasKD`'s ``tokens``).
 
     Args:
         weights: a stage-1 checkpoint, stage-2 checkpoint or tokens export.
-        num_tokens, weighted: if given, what the file must hold (else anything).
+        num_tokens, weighted, mask_norm, weight_floor: if given, what the file must hold
+            (else anything).
         what: the config key naming the file, for messages.
 
     Returns:
         level -> loaded ReceptiveTokens (T, C from the file; weighted if the file has
-        ``weight_head`` tensors), frozen.
+        ``weight_head`` tensors; the file's mask normalisation and weight floor), frozen.
     """
     checkpoint = read_checkpoint(weights, what=what)
     state = extract_tokens_state(checkpoint.get("model", {}))
     if not state:
         raise ValueError(f"{what}: '{weights}' holds no receptive tokens")
-    channels, counts, heads = {}, {}, {}
+    channels, counts, heads, forms = {}, {}, {}, {}
     for key, value in state.items():
         level, name = key.split(".", 1)
         if name == "tokens":
             counts[level], channels[level] = tuple(value.shape)
+        elif name == FORM_KEY:
+            forms[level] = _form_of(value, level, weights, what)
         heads[level] = heads.get(level, False) or name.startswith("weight_head.")
     missing = sorted(set(heads) - set(channels))
     if missing:
@@ -177,8 +198,16 @@ def tokens_from_file(
                 f"{what}: the tokens of '{weights}' are {'' if heads[level] else 'not '}weighted "
                 f"on level '{level}', weighted={weighted} was asked for"
             )
+        norm, floor = forms[level]
+        asked = (mask_norm or norm, floor if weight_floor is None else weight_floor)
+        if norm != asked[0] or not math.isclose(floor, asked[1], abs_tol=1e-6):
+            raise ValueError(
+                f"{what}: the tokens of '{weights}' on level '{level}' have mask_norm={norm}, "
+                f"weight_floor={floor}; mask_norm={asked[0]}, weight_floor={asked[1]} was asked "
+                "for (MODEL.MASKD.MASK_NORM, MODEL.MASKD.WEIGHT_FLOOR must be those of stage 1)"
+            )
     tokens = nn.ModuleDict(
-        {lv: ReceptiveTokens(channels[lv], counts[lv], heads[lv]) for lv in channels}
+        {lv: ReceptiveTokens(channels[lv], counts[lv], heads[lv], *forms[lv]) for lv in channels}
     )
     load_tokens(tokens, weights, what, checkpoint)  # the file is read once
     return tokens.requires_grad_(False).eval()

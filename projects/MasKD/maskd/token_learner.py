@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ._compat import NORM_TYPES
-from .backbone import TokenMaskedBackbone
+from .backbone import LevelMasks, TokenMaskedBackbone
 from .diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
-from .losses import raise_if_not_finite
+from .losses import dice_diversity_loss, min_token_area_loss, raise_if_not_finite
 from .pairing import resolve_channel_orders, teacher_batch
 from .provenance import (
     CONFIG_KEY,
@@ -28,9 +28,12 @@ from .provenance import (
 from .receptive_tokens import build_level_tokens
 from .teacher import freeze, head_levels, teacher_from_config
 
-__all__ = ["MasKDTokenLearner", "resolve_in_features"]
+__all__ = ["MasKDTokenLearner", "resolve_in_features", "DICE_PAIRS"]
 
 logger = logging.getLogger(__name__)
+
+# The pairs of tokens the Dice loss compares: all (the paper), or weighted by w_i w_j.
+DICE_PAIRS = ("all", "weighted")
 
 
 def resolve_in_features(
@@ -97,6 +100,11 @@ class MasKDTokenLearner(nn.Module):
     plus ``loss_dice`` (the Dice diversity loss summed over levels, times ``dice_weight``).
     Inference: the teacher's predictions on masked features.
 
+    Opt-in levers for tokens that partition the map (not the paper's; 0 / the paper's value
+    leaves each off): the tokens' form (``mask_norm``, ``weight_floor``), the ``fill`` of
+    masked-out cells, Dice over weighted pairs (``dice_pairs``), a minimum area per token
+    (``min_token_area``, ``loss_token_area``) and the area prior (``area_weight``, ``loss_area``).
+
     Attributes:
         teacher: the teacher meta-architecture; its ``backbone`` is a
             :class:`TokenMaskedBackbone` holding the tokens.
@@ -115,6 +123,11 @@ class MasKDTokenLearner(nn.Module):
         area_weight: float = 0.0,
         teacher_from_checkpoint: bool = False,
         input_format: Optional[str] = None,
+        mask_norm: str = "sigmoid",
+        weight_floor: float = 0.0,
+        fill: str = "zeros",
+        dice_pairs: str = "all",
+        min_token_area: float = 0.0,
     ):
         """
         Args:
@@ -136,12 +149,29 @@ class MasKDTokenLearner(nn.Module):
             input_format: the channel order of the batch ("BGR", "RGB"; ``INPUT.FORMAT``);
                 None: the teacher's. A teacher that reads the other of RGB/BGR gets the batch
                 converted (:mod:`maskd.pairing`), in training and in evaluation.
+            mask_norm, weight_floor: the tokens' form (:class:`maskd.ReceptiveTokens`):
+                "sigmoid" masks (the paper) or "softmax" over the tokens; a floor eps on the
+                token weights (eps / T each at least; 0: the paper).
+            fill: what masked-out cells become (:func:`maskd.losses.neutral_fill`): "zeros"
+                (the paper), "mean", "blur".
+            dice_pairs: "all" (the paper) or "weighted": the Dice loss over pairs weighted by
+                ``w_i w_j`` (:func:`maskd.losses.dice_diversity_loss`).
+            min_token_area: a > 0 adds ``loss_token_area``, ``dice_weight`` times
+                :func:`maskd.losses.min_token_area_loss` summed over levels (0: off).
         """
         super().__init__()
         if dice_weight < 0:
             raise ValueError(f"MODEL.MASKD.DICE_WEIGHT must be >= 0, got {dice_weight}")
         if area_weight < 0:
             raise ValueError(f"MODEL.MASKD.AREA_WEIGHT must be >= 0, got {area_weight}")
+        if dice_pairs not in DICE_PAIRS:
+            raise ValueError(
+                f"MODEL.MASKD.DICE_PAIRS must be one of {DICE_PAIRS}, got '{dice_pairs}'"
+            )
+        if dice_pairs == "weighted" and not weighted:
+            raise ValueError("MODEL.MASKD.DICE_PAIRS 'weighted' needs weighted tokens")
+        if not 0.0 <= min_token_area <= 1.0:  # NaN fails too
+            raise ValueError(f"MODEL.MASKD.MIN_TOKEN_AREA must lie in [0, 1], got {min_token_area}")
         if num_tokens < 2 and dice_weight > 0:
             raise ValueError(
                 f"MODEL.MASKD.NUM_TOKENS = {num_tokens}: the Dice loss compares pairs of tokens, so "
@@ -163,20 +193,32 @@ class MasKDTokenLearner(nn.Module):
         read = head_levels(teacher)
         levels = resolve_in_features(in_features, {"teacher": read})
         tokens = build_level_tokens(
-            {lv: shapes[lv].channels for lv in levels}, num_tokens, weighted
+            {lv: shapes[lv].channels for lv in levels},
+            num_tokens,
+            weighted,
+            mask_norm,
+            weight_floor,
         ).to(device)
         self.input_format, self.teacher_format = resolve_channel_orders(input_format, teacher)
         # The wrapper is built here, once, and is part of the module tree: no hooks.
-        teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens)
+        teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens, fill)
         self.teacher = teacher
         self.in_features = levels
         self.dice_weight = dice_weight
         self.area_weight = area_weight
+        self.dice_pairs = dice_pairs
+        self.min_token_area = min_token_area
+        self.strides = {lv: shapes[lv].stride for lv in levels}
         logger.info(
-            "MasKDTokenLearner: %d tokens (weighted=%s) on levels %s",
+            "MasKDTokenLearner: %d tokens (weighted=%s, %s) on levels %s; fill %s, Dice over "
+            "%s pairs, minimum token area %s",
             num_tokens,
             weighted,
+            tokens[levels[0]].describe_form(),
             levels,
+            fill,
+            dice_pairs,
+            min_token_area or "off",
         )
 
     @classmethod
@@ -194,6 +236,11 @@ class MasKDTokenLearner(nn.Module):
             "area_weight": mcfg.AREA_WEIGHT,
             "teacher_from_checkpoint": not load_teacher,
             "input_format": cfg.INPUT.FORMAT,
+            "mask_norm": mcfg.MASK_NORM,
+            "weight_floor": mcfg.WEIGHT_FLOOR,
+            "fill": mcfg.FILL,
+            "dice_pairs": mcfg.DICE_PAIRS,
+            "min_token_area": mcfg.MIN_TOKEN_AREA,
         }
 
     @classmethod
@@ -232,6 +279,38 @@ class MasKDTokenLearner(nn.Module):
         self.teacher.eval()
         return self
 
+    def token_losses(self, masks: Dict[str, LevelMasks]) -> Dict[str, torch.Tensor]:
+        """The tokens' own losses of one step, from the masks the backbone wrapper made.
+
+        Args:
+            masks: level -> :class:`maskd.backbone.LevelMasks` (with gradient).
+
+        Returns:
+            ``loss_dice`` (``dice_weight`` x the Dice diversity loss, summed over levels), and
+            where enabled ``loss_token_area`` and ``loss_area``.
+
+        Raises:
+            FloatingPointError: a non-finite per-level Dice loss, naming the level.
+        """
+        storage = get_event_storage()
+        dice = {
+            lv: dice_diversity_loss(
+                m.masks, weights=m.weights if self.dice_pairs == "weighted" else None
+            )
+            for lv, m in masks.items()
+        }
+        raise_if_not_finite(dice, "loss_dice (per level)", storage.iter)
+        out = {"loss_dice": self.dice_weight * sum(dice.values())}
+        if self.min_token_area > 0:
+            out["loss_token_area"] = self.dice_weight * sum(
+                min_token_area_loss(m.masks, self.min_token_area) for m in masks.values()
+            )
+        if self.area_weight > 0:  # the mean of the combined mask, padding included
+            out["loss_area"] = self.area_weight * sum(
+                m.combined.float().mean() for m in masks.values()
+            )
+        return out
+
     @contextlib.contextmanager
     def masks_disabled(self):
         """Inside this block the model evaluates as the plain teacher: its backbone's features
@@ -250,8 +329,8 @@ class MasKDTokenLearner(nn.Module):
             batched_inputs: a list of dicts, as detectron2's DatasetMapper produces them.
 
         Returns:
-            training: dict of scalar losses: the teacher's task losses, ``loss_dice`` and,
-                with ``area_weight`` > 0, ``loss_area``;
+            training: dict of scalar losses: the teacher's task losses and those of
+                :meth:`token_losses` (``loss_dice``; ``loss_token_area``, ``loss_area`` where on);
                 the token statistics of every level (:mod:`maskd.diagnostics`) go to the
                 event storage.
             inference: the teacher's outputs on masked features, one dict per image.
@@ -263,29 +342,25 @@ class MasKDTokenLearner(nn.Module):
             return self.teacher(batched_inputs)
         with task_loss_mode(self.teacher):
             losses = self.teacher(batched_inputs)
-        dice = self.teacher.backbone.pop_dice()
-        area = self.teacher.backbone.pop_area()
         storage = get_event_storage()
         raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
-        raise_if_not_finite(dice, "loss_dice (per level)", storage.iter)
         masks, padded = self.teacher.backbone.pop_masks()
+        ours = self.token_losses(masks)
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
-        strides = {lv: shape.stride for lv, shape in self.teacher.backbone.output_shape().items()}
         put_token_statistics(
             storage,
             {
                 lv: token_statistics(
-                    m,
-                    w,
-                    level_sizes(image_sizes, padded, m.shape[-2:]),
-                    foreground=foreground_cells(batched_inputs, strides[lv], *m.shape[-2:]),
+                    m.masks.detach(),
+                    None if m.weights is None else m.weights.detach(),
+                    level_sizes(image_sizes, padded, m.masks.shape[-2:]),
+                    foreground=foreground_cells(
+                        batched_inputs, self.strides[lv], *m.masks.shape[-2:]
+                    ),
                 )
-                for lv, (m, w) in masks.items()
+                for lv, m in masks.items()
             },
         )
-        ours = {"loss_dice": self.dice_weight * sum(dice.values())}
-        if self.area_weight > 0:
-            ours["loss_area"] = self.area_weight * sum(area.values())
         clash = sorted(set(ours) & set(losses))
         if clash:
             raise KeyError(f"the teacher already returns losses named {clash}")

@@ -36,7 +36,11 @@ class RandomTokenMasks(TokenMasks):
     def from_tokens(cls, tokens, **kwargs):
         first = tokens[next(iter(tokens))]
         fresh = build_level_tokens(
-            {lv: rt.channels for lv, rt in tokens.items()}, first.num_tokens, first.weighted
+            {lv: rt.channels for lv, rt in tokens.items()},
+            first.num_tokens,
+            first.weighted,
+            first.mask_norm,
+            first.weight_floor,
         ).to(first.tokens.device)
         logger.info("mask source 'random_tokens': untrained tokens on levels %s", list(tokens))
         return cls(fresh, **kwargs)
