@@ -24,8 +24,8 @@ from tiny import (
     write_teacher,
 )
 
-import maskd.backbone
 import maskd.checkpoint
+import maskd.token_learner
 from maskd.checkpoint import MasKDCheckpointer
 from maskd.engine import MasKDTrainer, register_coco_datasets
 
@@ -235,7 +235,9 @@ def test_non_finite_losses_name_the_term(ws, monkeypatch):
         model.train()(batch)
 
     learner = build_model(stage_cfg(ws, "MasKDTokenLearner", "nan"))
-    monkeypatch.setattr(maskd.backbone, "dice_diversity_loss", lambda m: m.sum() * float("nan"))
+    monkeypatch.setattr(
+        maskd.token_learner, "dice_diversity_loss", lambda m, weights: m.sum() * float("nan")
+    )
     with EventStorage(0), pytest.raises(FloatingPointError, match="loss_dice"):
         learner.train()(batch)
 
