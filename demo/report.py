@@ -153,10 +153,14 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
         "# MasKD demo report",
         "",
         f"Mode: {'QUICK (pipeline check only; the numbers mean nothing)' if quick else 'default'}."
-        f" Dataset: procedural shapes, {size['n_train']} train / {size['n_val']} val images."
+        f" Dataset: procedural shapes, {size['n_train']} train / {size['n_val']} val /"
+        f" {size['n_test']} test images."
         f" {len(teachers)} teacher seed(s) x {len(seeds)} student seed(s); student rows are"
         " means over the student seeds.",
         "",
+    ]
+    lines += data_lines(results.get("data"))
+    lines += [
         "| model | AP | AP50 | AP75 | AP vs baseline student |",
         "|---|---|---|---|---|",
     ]
@@ -291,6 +295,23 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+def data_lines(data) -> List[str]:
+    """The data variant and how much of its val split is object (none if not recorded)."""
+    if not data:
+        return []
+    stats = data["val"]
+    levels = [k for k in stats if k.startswith("cells in boxes, ")]
+    return [
+        f"Data: variant `{data['variant']}`; val split: {stats['objects per image']:.1f} objects"
+        f" per image, median box side {stats['median box side']:.0f} px, each box"
+        f" {100 * stats['box area / image area']:.1f}% of the image on average; share of the cells"
+        " inside boxes per level: "
+        + ", ".join(f"{k.split(', ')[1]} {stats[k]:.2f}" for k in levels)
+        + ".",
+        "",
+    ]
 
 
 STAT_COLUMNS = (

@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 import report as rep  # noqa: E402  (demo/report.py and demo/shapes.py, beside this script)
-from shapes import shapes_dataset  # noqa: E402
+from shapes import VARIANTS, foreground_statistics, shapes_dataset  # noqa: E402
 
 from maskd.mask_sources import mask_source_class  # noqa: E402
 from maskd.pipeline import STAGES, StageRunner, run_pipeline  # noqa: E402
@@ -74,6 +74,7 @@ def run_demo(
     sources: Sequence[str] = (),
     variant_opts: Sequence[str] = (),
     jobs: int = 1,
+    data: str = "default",
 ) -> str:
     """Run the whole demo and write ``<output>/report.md``; returns its path.
 
@@ -98,6 +99,8 @@ def run_demo(
             the variant's stage-1 runs and of its students, e.g. ``MODEL.MASKD.WEIGHTED False``
             or ``MODEL.MASKD.AREA_WEIGHT 0.05``.
         jobs: how many training runs at a time (each then on one thread).
+        data: the scenes of the generated data (``demo/shapes.py``: "default", or "small":
+            many small objects); use an output folder per variant.
     """
     if fresh and os.path.isdir(output):
         logger.info("[demo] --fresh: removing %s", output)
@@ -118,6 +121,7 @@ def run_demo(
         size["n_train"],
         size["n_val"],
         num_test=size["n_test"],
+        variant=data,
     )
     register = []
     for split, (json_file, image_dir) in splits.items():
@@ -241,6 +245,7 @@ def run_demo(
         for s, p in tr["maskd"].items():
             distill |= rep.loss_keys(p["stages"]["student"]["dir"]) - rep.loss_keys(baselines[s])
     results = {
+        "data": {"variant": data, "val": foreground_statistics(splits["val"][0])},
         "distillation losses": sorted(distill),
         "maskd overrides": list(maskd_opts),
         "variant overrides": list(variant_opts),
@@ -387,6 +392,12 @@ def main(argv=None):
         help="overrides of the stage-1 runs and students of tokens_variant",
     )
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time")
+    parser.add_argument(
+        "--data",
+        default="default",
+        choices=sorted(VARIANTS),
+        help="the scenes of the generated data (small: many small objects)",
+    )
     args = parser.parse_args(argv)
     setup_logger(name="maskd")
     path = run_demo(
@@ -401,6 +412,7 @@ def main(argv=None):
         sources=args.sources,
         variant_opts=args.variant_opts,
         jobs=args.jobs,
+        data=args.data,
     )
     with open(path) as f:
         print(f.read())

@@ -17,13 +17,27 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-__all__ = ["CLASSES", "generate_split", "register_shapes", "shapes_dataset"]
+__all__ = [
+    "CLASSES",
+    "VARIANTS",
+    "generate_split",
+    "register_shapes",
+    "shapes_dataset",
+    "foreground_statistics",
+]
 
 logger = logging.getLogger("maskd.demo.shapes")
 
 CLASSES = ["disc", "square", "triangle", "cross", "ring"]
 SEM_IGNORE = 255
 _VERSION = 2  # bump when the generator changes, so caches are rebuilt
+# The scenes of each data variant: object radius as a share of the image side, the most
+# objects per image, the fewest visible pixels an object keeps. "small": many small objects and
+# background the majority of the cells at every level, closer to what detection datasets have.
+VARIANTS = {
+    "default": dict(radius=(0.06, 0.22), max_objects=6, min_pixels=20),
+    "small": dict(radius=(0.025, 0.08), max_objects=12, min_pixels=8),
+}
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -89,16 +103,16 @@ def _shape_mask(rng: np.random.Generator, cls: int, size: int, r: float, cx: flo
     return m.astype(bool)
 
 
-def _render(rng: np.random.Generator, size: int, max_objects: int):
+def _render(rng: np.random.Generator, size: int, max_objects: int, radius, min_pixels: int):
     img = _background(rng, size)
     sem = np.full((size, size), len(CLASSES), np.uint8)  # the last label is background
     masks, classes = [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         cls = int(rng.integers(0, len(CLASSES)))
-        r = rng.uniform(size * 0.06, size * 0.22)
+        r = rng.uniform(size * radius[0], size * radius[1])
         cx, cy = rng.uniform(r * 0.5, size - r * 0.5, 2)
         m = _shape_mask(rng, cls, size, r, cx, cy)
-        if m.sum() < 20:
+        if m.sum() < min_pixels:
             continue
         color = rng.integers(0, 256, 3).astype(np.float32)
         if rng.random() < 0.5:  # stripe texture
@@ -113,21 +127,28 @@ def _render(rng: np.random.Generator, size: int, max_objects: int):
             prev &= ~m
         masks.append(m)
         classes.append(cls)
-    keep = [i for i, m in enumerate(masks) if m.sum() >= 20]  # drop shapes hidden by others
+    keep = [i for i, m in enumerate(masks) if m.sum() >= min_pixels]  # drop hidden shapes
     for i in keep:
         sem[masks[i]] = classes[i]
     return img, sem, [masks[i] for i in keep], [classes[i] for i in keep]
 
 
 def generate_split(
-    root: str, split: str, num_images: int, seed: int, size: int = 128, max_objects: int = 6
+    root: str, split: str, num_images: int, seed: int, size: int = 128, variant: str = "default"
 ) -> Tuple[str, str]:
     """Write one split (images, semantic maps, COCO json) under ``root``, unless cached.
+
+    Args:
+        variant: the scenes (:data:`VARIANTS`).
 
     Returns:
         (annotation json path, image folder).
     """
-    folder = os.path.join(root, f"{split}_v{_VERSION}_n{num_images}_s{seed}_px{size}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown data variant '{variant}' (known: {sorted(VARIANTS)})")
+    scene = VARIANTS[variant]
+    tag = "" if variant == "default" else f"_{variant}"
+    folder = os.path.join(root, f"{split}_v{_VERSION}{tag}_n{num_images}_s{seed}_px{size}")
     json_file = os.path.join(folder, "annotations.json")
     image_dir = os.path.join(folder, "images")
     if os.path.isfile(json_file):
@@ -139,7 +160,9 @@ def generate_split(
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for i in tqdm(range(num_images), desc=f"generating {split} ({num_images} images)"):
-        img, sem, masks, classes = _render(rng, size, max_objects)
+        img, sem, masks, classes = _render(
+            rng, size, scene["max_objects"], scene["radius"], scene["min_pixels"]
+        )
         name = f"{i:06d}.png"
         cv2.imwrite(os.path.join(image_dir, name), img)
         cv2.imwrite(os.path.join(folder, "sem_seg", name), sem)
@@ -169,7 +192,13 @@ def generate_split(
 
 
 def shapes_dataset(
-    root: str, num_train: int, num_val: int, seed: int = 0, size: int = 128, num_test: int = 0
+    root: str,
+    num_train: int,
+    num_val: int,
+    seed: int = 0,
+    size: int = 128,
+    num_test: int = 0,
+    variant: str = "default",
 ):
     """Generate (or reuse) the train and val splits, and a test split if ``num_test`` > 0.
 
@@ -178,12 +207,56 @@ def shapes_dataset(
     test. Returns {split: (json, image folder)}.
     """
     splits = {
-        "train": generate_split(root, "train", num_train, seed, size),
-        "val": generate_split(root, "val", num_val, seed + 10_000, size),
+        "train": generate_split(root, "train", num_train, seed, size, variant),
+        "val": generate_split(root, "val", num_val, seed + 10_000, size, variant),
     }
     if num_test > 0:
-        splits["test"] = generate_split(root, "test", num_test, seed + 20_000, size)
+        splits["test"] = generate_split(root, "test", num_test, seed + 20_000, size, variant)
     return splits
+
+
+def foreground_statistics(json_file: str, strides=(4, 8, 16, 32, 64)) -> Dict[str, float]:
+    """What share of a split is object, as the oracle mask sources see it.
+
+    Returns:
+        {"objects per image", "median box side" (pixels), "small boxes" (the share of boxes
+        under 32x32 pixels, COCO's "small"), "box area / image area" (mean per box), and
+        "cells in boxes, p<k>" for each stride 2^k: the mean share of a level's cells that the
+        boxes overlap (as maskd.mask_sources.box_cells marks them)}.
+    """
+    import torch
+
+    from maskd.mask_sources import box_cells
+
+    with open(json_file) as f:
+        data = json.load(f)
+    boxes = {im["id"]: [] for im in data["images"]}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        boxes[a["image_id"]].append([x, y, x + w, y + h])
+    areas = [a["bbox"][2] * a["bbox"][3] for a in data["annotations"]]
+    sides = sorted(math.sqrt(a) for a in areas)
+    out = {
+        "objects per image": len(areas) / max(1, len(boxes)),
+        "median box side": sides[len(sides) // 2] if sides else math.nan,
+        "small boxes": sum(a < 32 * 32 for a in areas) / max(1, len(areas)),
+        "box area / image area": float(
+            np.mean([a / (im["width"] * im["height"]) for a, im in _with_images(data)])
+        ),
+    }
+    for stride in strides:
+        shares = []
+        for im in data["images"]:
+            h, w = math.ceil(im["height"] / stride), math.ceil(im["width"] / stride)
+            cells = box_cells(torch.tensor(boxes[im["id"]]).reshape(-1, 4), stride, h, w)
+            shares.append(cells.mean().item())
+        out[f"cells in boxes, p{int(math.log2(stride))}"] = float(np.mean(shares))
+    return out
+
+
+def _with_images(data):
+    images = {im["id"]: im for im in data["images"]}
+    return [(a["bbox"][2] * a["bbox"][3], images[a["image_id"]]) for a in data["annotations"]]
 
 
 def register_shapes(
@@ -228,11 +301,26 @@ if __name__ == "__main__":
     parser.add_argument("--num-train", type=int, default=800)
     parser.add_argument("--num-val", type=int, default=200)
     parser.add_argument("--num-test", type=int, default=0)
+    parser.add_argument("--variant", default="default", choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--statistics", action="store_true", help="print the foreground statistics of JSON_FILE"
+    )
     args = parser.parse_args()
     if args.generate:
-        splits = shapes_dataset(args.generate, args.num_train, args.num_val, num_test=args.num_test)
+        splits = shapes_dataset(
+            args.generate,
+            args.num_train,
+            args.num_val,
+            num_test=args.num_test,
+            variant=args.variant,
+        )
         print(json.dumps(splits))  # the last line: {split: [json, image folder]}
+    elif args.statistics and args.json_file:
+        for key, value in foreground_statistics(args.json_file).items():
+            print(f"{key}: {value:.3f}")
     elif args.json_file and args.output and args.without_class:
         print(without_class(args.json_file, args.without_class, args.output), "annotations dropped")
     else:
-        parser.error("give --generate ROOT, or JSON_FILE OUTPUT --without-class NAME")
+        parser.error(
+            "give --generate ROOT, JSON_FILE --statistics, or JSON_FILE OUTPUT --without-class NAME"
+        )

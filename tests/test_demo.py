@@ -73,6 +73,10 @@ def test_quick_demo_writes_the_report(tmp_path):
     for t in (0, 1):
         pipeline = json.loads((out / f"maskd_t{t}_seed0" / "pipeline.json").read_text())
         assert list(pipeline["stages"]) == ["tokens", "student", "export", "evaluate"]
+    # the data's foreground statistics, of the val split
+    assert results["data"]["variant"] == "default"
+    share = results["data"]["val"]["cells in boxes, p2"]
+    assert f"Data: variant `default`" in report and f"p2 {share:.2f}, p3" in report
     # the shipped recipe: masked feature loss plus RoI box-regression KD, named in the report
     assert results["distillation losses"] == ["loss_maskd", "loss_roi_reg_kd"]
     assert "`loss_maskd`, `loss_roi_reg_kd`" in report
@@ -302,9 +306,25 @@ def test_report_of_the_mask_source_ablation(tmp_path):
     }
     for k in (1, 2):  # the other stage-1 seeds: two levels only
         tr["tokens"][k]["token statistics"] = {"p2": spread, "p3": spread, "p4": {}}
+    results["data"] = {
+        "variant": "small",
+        "val": {
+            "objects per image": 6.5,
+            "median box side": 14.2,
+            "small boxes": 1.0,
+            "box area / image area": 0.013,
+            "cells in boxes, p2": 0.117,
+            "cells in boxes, p6": 0.824,
+        },
+    }
     report = open(
         demo.write_report(str(tmp_path), results, {}, 0.0, 1.0, False, demo.DEFAULT)
     ).read()
+    assert (
+        "Data: variant `small`; val split: 6.5 objects per image, median box side 14 px, each box"
+        " 1.3% of the image on average; share of the cells inside boxes per level: p2 0.12,"
+        " p6 0.82." in report
+    )
     assert (
         "| uniform (whole-map mimicking) | 4.50 ± 1.32 | 3.00, 5.00, 5.50 | +0.50 | - |"
         " +0.50 (+1.00, +0.00, +0.50) |" in report

@@ -98,3 +98,44 @@ def test_a_split_without_one_class(tmp_path):
     assert after["annotations"] == [a for a in before["annotations"] if a["category_id"] != ring]
     with pytest.raises(ValueError, match="no class 'hexagon'"):
         without_class(json_file, "hexagon", out)
+
+
+def test_the_small_variant_has_many_small_objects_and_the_default_is_unchanged(tmp_path):
+    from shapes import foreground_statistics
+
+    default, _ = generate_split(str(tmp_path), "val", 24, seed=0)
+    small, _ = generate_split(str(tmp_path), "val", 24, seed=0, variant="small")
+    assert "_small_" in os.path.basename(os.path.dirname(small))
+    assert "_small_" not in os.path.basename(os.path.dirname(default))
+    a, b = foreground_statistics(default), foreground_statistics(small)
+    assert b["median box side"] < a["median box side"] / 2
+    assert b["objects per image"] > a["objects per image"]
+    for level in ("p2", "p3", "p4"):  # background is the majority of the cells
+        assert b[f"cells in boxes, {level}"] < 0.35 < a[f"cells in boxes, {level}"] + 0.2
+    with pytest.raises(ValueError, match="unknown data variant 'huge'"):
+        generate_split(str(tmp_path), "val", 2, seed=0, variant="huge")
+
+
+def test_foreground_statistics_of_a_written_split(tmp_path):
+    from shapes import foreground_statistics
+
+    # image 1 (64x64): a 16x16 box at (0, 0) and a 40x30 box at (24, 40); image 2: no box
+    data = {
+        "images": [{"id": 1, "width": 64, "height": 64}, {"id": 2, "width": 64, "height": 64}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [0, 0, 16, 16]},
+            {"id": 2, "image_id": 1, "bbox": [24, 40, 40, 30]},
+        ],
+    }
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(data))
+    stats = foreground_statistics(str(path), strides=(8, 32))
+    assert stats["objects per image"] == 1.0
+    assert stats["small boxes"] == 0.5  # 16x16 is under COCO's 32x32, 40x30 is not
+    assert stats["median box side"] == pytest.approx(1200**0.5)
+    # stride 8 (8x8 cells): box 1 covers 2x2 cells, box 2 5 columns x 3 rows (cut at the
+    # border): 19 of 64
+    assert stats["cells in boxes, p3"] == pytest.approx((19 / 64 + 0) / 2)
+    # stride 32 (2x2 cells): box 1 the top-left cell, box 2 the two bottom cells: 3 of 4
+    assert stats["cells in boxes, p5"] == pytest.approx((3 / 4 + 0) / 2)
+    assert stats["box area / image area"] == pytest.approx((256 + 1200) / 2 / 4096)
