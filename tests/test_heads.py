@@ -292,3 +292,30 @@ def test_a_term_registered_after_the_config_is_made_is_named_not_skipped(tmp_pat
     first = import_modules([str(tmp_path / "mine.py")])[0]
     again = import_modules([str(tmp_path / "mine.py")])[0]
     assert first is again and first.COUNT == [1]  # every process/stage may import it again
+
+
+def test_a_module_that_fails_to_import_stops_the_command(tmp_path, monkeypatch):
+    """A user's module that raises (a syntax error, a missing dependency) is never reported as
+    imported: the error reaches the command line, which stops before any config is made, and
+    the file is imported afresh once fixed."""
+    import sys
+
+    from maskd.cli.train import cli as train_cli
+    from maskd.extensions import import_modules
+
+    broken = tmp_path / "broken_term.py"
+    broken.write_text("def oops(:\n")
+    with pytest.raises(SyntaxError):
+        import_modules([str(broken)])
+    (tmp_path / "needs_dep.py").write_text("import a_dependency_that_is_not_installed\n")
+    with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
+        import_modules([str(tmp_path / "needs_dep.py")])
+    monkeypatch.syspath_prepend(str(tmp_path))  # the same module imported by name
+    with pytest.raises(ModuleNotFoundError, match="'a_dependency_that_is_not_installed'$"):
+        import_modules(["needs_dep"])
+    assert not any("needs_dep" in name or "broken_term" in name for name in sys.modules)
+    # through train_net's command line: the import error, not a run
+    with pytest.raises(SyntaxError):
+        train_cli(["--import", str(broken), "--config-file", str(tmp_path / "never_read.yaml")])
+    broken.write_text("FIXED = True\n")
+    assert import_modules([str(broken)])[0].FIXED

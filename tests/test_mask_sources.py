@@ -168,6 +168,29 @@ def test_gt_boxes_masks_and_loss(tmp_path, background):
         torch.testing.assert_close(got[lv], torch.stack(per_image).mean())
 
 
+def test_gt_boxes_background_never_covers_the_padding(tmp_path):
+    """Over the image area only, the background value stops at each image's border: padding
+    cells have mask 0, so they add nothing to loss_maskd (written out cell by cell)."""
+    model = build(tmp_path, "gt_boxes", IMAGE_AREA_ONLY=True, **{"GT_BOXES.BACKGROUND": 0.25})
+    batch = tiny_batch(2, 64, seed=3)
+    s, t = features(model)
+    sizes = [(64, 64), (37, 50)]
+    with EventStorage(0):
+        got, kept, level_sizes = model.distillation_losses(s, t, sizes, (64, 64), batch)
+    for lv, stride in model.strides.items():
+        masks = kept[lv][0]
+        h, w = level_sizes[lv][1]
+        assert masks[1, :, h:].sum() == 0 and masks[1, :, :, w:].sum() == 0
+        assert masks[1, :, :h, :w].min() >= 0.25
+        d2 = (model.align[lv](s[lv]) - t[lv]).square().mean(1)  # (N, H, W)
+        per_image = []
+        for i, (hi, wi) in enumerate(level_sizes[lv]):
+            fg = cells_reference(batch[i]["instances"].gt_boxes.tensor, stride, hi, wi)
+            m = fg + 0.25 * (1 - fg)  # the image area alone
+            per_image.append((m.square() * d2[i, :hi, :wi]).sum() / m.sum())
+        torch.testing.assert_close(got[lv], torch.stack(per_image).mean())
+
+
 def test_gt_boxes_needs_the_ground_truth(tmp_path):
     model = build(tmp_path, "gt_boxes")
     s, t = features(model)
@@ -322,6 +345,10 @@ def test_random_tokens_are_untrained_seeded_and_saved(tmp_path):
 
 
 # ----------------------------------------------------------------------------- every source
+def _gen(level):
+    return torch.Generator().manual_seed(sum(map(ord, level)))
+
+
 def source_tokens(model, source, lv):
     """The ReceptiveTokens whose masks a token source uses at level ``lv``."""
     return model.mask_source.tokens[lv] if source == "random_tokens" else model.tokens[lv]
@@ -350,6 +377,9 @@ def test_each_source_value_and_gradient_against_a_detached_reference(tmp_path, s
     student-customised masks after the warm-up."""
     customisable = mask_source_class(source).CUSTOMISABLE
     model = build(tmp_path, source, warmup=2 if customisable else -1)
+    with torch.no_grad():  # trained-size tokens: masks far from 0.5, with large gradients
+        for lv in model.in_features:
+            source_tokens(model, source, lv).tokens.normal_(0, 0.5, generator=_gen(lv))
     batch = tiny_batch(2, 64, seed=4)
     s, t = features(model)
     for it in (0, 5):  # before and after the warm-up

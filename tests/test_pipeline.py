@@ -147,11 +147,17 @@ def test_pipeline_resumes_a_killed_stage_from_its_checkpoint(setup):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    checkpoint = out / "tokens" / "model_0000001.pth"
+    # the checkpoint file appears just before last_checkpoint names it: wait for the name
+    last = out / "tokens" / "last_checkpoint"
+
+    def named_checkpoint():
+        name = last.read_text().strip() if last.exists() else ""
+        return name.startswith("model_") and (out / "tokens" / name).exists()
+
     deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert checkpoint.exists(), "stage 1 wrote no checkpoint"
+    while not named_checkpoint() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert named_checkpoint(), "stage 1 wrote no checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "tokens" / "stage.json").exists()  # not marked finished
@@ -264,3 +270,31 @@ def test_per_stage_overrides_never_absorb_those_of_both_stages(setup, monkeypatc
     assert calls[-1]["opts"] == ["SEED", "4"] and calls[-1]["student_opts"] == ["SEED", "1"]
     with pytest.raises(SystemExit, match="unknown options"):
         distill_net.main(argv + ["--no-such-flag"])
+
+
+@pytest.mark.parametrize("kind", ["py", "yaml"])
+def test_a_finished_stage_whose_config_changed_is_refused(tmp_path, kind):
+    """The marker keeps the digest of every config file the stage's arguments name, LazyConfig
+    .py files and a yacs file's local _BASE_ included: an edited one is refused before anything
+    runs."""
+    from maskd.stages import StageRunner, config_digests, mark
+
+    if kind == "py":
+        config = tmp_path / "student.py"
+        config.write_text("from maskd.model_zoo import get_config\nLR = 0.01\n")
+        edited = config
+    else:
+        (tmp_path / "base.yaml").write_text("SOLVER:\n  BASE_LR: 0.01\n")
+        config = tmp_path / "student.yaml"
+        config.write_text('_BASE_: "base.yaml"\n')
+        edited = tmp_path / "base.yaml"
+    out_dir = tmp_path / "stage"
+    out_dir.mkdir()
+    args = ["--config-file", str(config), "SEED", "0"]
+    assert str(edited) in config_digests(args)
+    mark(str(out_dir), "student", args, 1.0)
+    runner = StageRunner(python="/the/command/must/not/run")
+    assert runner.run("student", str(out_dir), args) == str(out_dir)  # unchanged: kept
+    edited.write_text(edited.read_text().replace("0.01", "0.02"))
+    with pytest.raises(ValueError, match=rf"contents of {edited} changed since.*--restart student"):
+        runner.run("student", str(out_dir), args)

@@ -29,6 +29,9 @@ import maskd.token_learner
 from maskd.checkpoint import MasKDCheckpointer
 from maskd.engine import MasKDTrainer, register_coco_datasets
 
+# this module's dataset names: registered in-process, with files of its own
+DATASETS = ("reliability_train", "reliability_val")
+
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
@@ -36,14 +39,14 @@ def ws(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
     val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
-    register_coco_datasets([("tiny_train", *train), ("tiny_val", *val)])
+    register_coco_datasets([(DATASETS[0], *train), (DATASETS[1], *val)])
     teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
     stage1 = maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights)
     MasKDCheckpointer(build_model(stage1), save_dir=str(tmp)).save("tokens")
     return {
         "tmp": tmp,
-        "register": ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val],
-        "datasets": [*("tiny_train", *train), *("tiny_val", *val)],
+        "register": ["--register-coco", DATASETS[0], *train, "--register-coco", DATASETS[1], *val],
+        "datasets": [*(DATASETS[0], *train), *(DATASETS[1], *val)],
         "teacher": (teacher_config, teacher_weights),
         "tokens": str(tmp / "tokens.pth"),
     }
@@ -51,7 +54,7 @@ def ws(tmp_path_factory):
 
 def stage_cfg(ws, stage, out, **solver):
     cfg = maskd_cfg(stage, "rcnn", *ws["teacher"], ws["tokens"] if stage == "MasKD" else "")
-    cfg = tiny_training(cfg, ws["tmp"] / out)
+    cfg = tiny_training(cfg, ws["tmp"] / out, DATASETS)
     cfg.SOLVER.IMS_PER_BATCH = 2
     for k, v in solver.items():
         setattr(cfg.SOLVER, k, v)

@@ -11,7 +11,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from tiny import (
     ROOT,
@@ -52,22 +51,23 @@ def _evil_pkl(folder, name="evil.pkl"):
     return path, marker
 
 
+# this module's dataset names: registered in-process, with files of its own
+DATASETS = ("trust_train", "trust_val")
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trust")
     train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
     val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
-    # in-process trainers use the names; other test modules may have registered them (with
-    # the same generated content) already
-    if "tiny_train" not in DatasetCatalog.list():
-        register_coco_datasets([("tiny_train", *train), ("tiny_val", *val)])
+    register_coco_datasets([(DATASETS[0], *train), (DATASETS[1], *val)])
     teacher = write_teacher(tmp, "rcnn", seed=0, name="teacher_a")
     other = write_teacher(tmp, "rcnn", seed=1, name="teacher_b")
     stage1 = maskd_cfg("MasKDTokenLearner", "rcnn", *teacher[:2])
     MasKDCheckpointer(build_model(stage1), save_dir=str(tmp)).save("tokens_a")
     return {
         "tmp": tmp,
-        "register": ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val],
+        "register": ["--register-coco", DATASETS[0], *train, "--register-coco", DATASETS[1], *val],
         "teacher": teacher[:2],
         "other": other[:2],
         "tokens": str(tmp / "tokens_a.pth"),
@@ -140,7 +140,9 @@ def test_a_model_zoo_style_teacher_pkl_loads_strictly(ws, tmp_path):
 def test_train_net_refuses_a_code_running_pickle_in_every_weights_key(ws, key):
     tmp = ws["tmp"]
     path, marker = _evil_pkl(str(tmp), f"evil_{key.replace('.', '_')}.pkl")
-    cfg = tiny_training(maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]), tmp / "evil")
+    cfg = tiny_training(
+        maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]), tmp / "evil", DATASETS
+    )
     cfg.merge_from_list([key, path])
     message = _train_net_error(ws, _write(ws, cfg, "evil.yaml"))
     assert "io.open" in message and "refused" in message and key in message
@@ -163,7 +165,9 @@ def test_stage1_checkpoints_record_their_teacher(ws):
 
 def test_tokens_of_another_teacher_are_refused_by_train_net(ws):
     tmp = ws["tmp"]
-    cfg = tiny_training(maskd_cfg("MasKD", "rcnn", *ws["other"], ws["tokens"]), tmp / "other")
+    cfg = tiny_training(
+        maskd_cfg("MasKD", "rcnn", *ws["other"], ws["tokens"]), tmp / "other", DATASETS
+    )
     message = _train_net_error(ws, _write(ws, cfg, "other.yaml"))
     assert "were learned for another teacher" in message
     ours = fingerprint(build_teacher(ws["other"][0], weights=ws["other"][1]).state_dict())
@@ -206,7 +210,7 @@ def test_token_export_keeps_the_fingerprint_and_checks_it(ws, tmp_path):
 def test_a_stage1_checkpoint_in_stage2_evaluation_names_both_stages(ws):
     tmp = ws["tmp"]
     cfg = maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"])
-    cfg = tiny_training(cfg, tmp / "eval_wrong")
+    cfg = tiny_training(cfg, tmp / "eval_wrong", DATASETS)
     message = _train_net_error(
         ws, _write(ws, cfg, "s2.yaml"), "--eval-only", "MODEL.WEIGHTS", ws["tokens"]
     )
@@ -244,15 +248,19 @@ def test_resume_keeps_the_configured_teacher_and_checks_the_checkpoints_copy(ws,
 
 def test_stage1_teacher_with_other_classes_than_the_data_is_refused(ws, tmp_path):
     config, weights, _ = write_teacher(tmp_path, "rcnn", opts=["MODEL.ROI_HEADS.NUM_CLASSES", "5"])
-    cfg = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", config, weights), tmp_path / "o")
-    with pytest.raises(ValueError, match=r"teacher.*predicts 5 classes.*'tiny_train' has 3"):
+    cfg = tiny_training(
+        maskd_cfg("MasKDTokenLearner", "rcnn", config, weights), tmp_path / "o", DATASETS
+    )
+    with pytest.raises(ValueError, match=r"teacher.*predicts 5 classes.*'trust_train' has 3"):
         MasKDTrainer(cfg)
 
 
 def test_stage2_student_with_other_classes_than_the_data_is_refused(ws, tmp_path):
-    cfg = tiny_training(maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]), tmp_path / "s")
+    cfg = tiny_training(
+        maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]), tmp_path / "s", DATASETS
+    )
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
-    with pytest.raises(ValueError, match=r"the student predicts 5 classes.*'tiny_train' has 3"):
+    with pytest.raises(ValueError, match=r"the student predicts 5 classes.*'trust_train' has 3"):
         MasKDTrainer(cfg)
 
 
@@ -308,7 +316,9 @@ def test_teacher_of_another_channel_order_gets_the_batch_in_its_order(ws, tmp_pa
 def test_model_built_for_another_channel_order_than_the_run_is_refused(ws, tmp_path):
     # LazyConfig runs name the data's order twice (model.input_format, the mapper's
     # image_format); the trainer refuses a run where they differ.
-    cfg = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]), tmp_path / "f")
+    cfg = tiny_training(
+        maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]), tmp_path / "f", DATASETS
+    )
     model = build_model(cfg)
     check_input_format(model, "BGR", "INPUT.FORMAT")
     with pytest.raises(ValueError, match="built for BGR images.*feeds RGB \\(image_format\\)"):
@@ -458,3 +468,22 @@ def test_the_collective_timeout_is_a_flag(monkeypatch):
     assert seen["timeout"].total_seconds() == 1800  # detectron2's default
     with pytest.raises(SystemExit, match="must be positive"):
         train_net.cli(["--config-file", "x.yaml", "--dist-timeout", "0"])
+
+
+@pytest.mark.parametrize(
+    "module,name",
+    [("numpy.testing._private.utils", "runstring"), ("numpy", "load"), ("os", "system")],
+)
+def test_a_pickle_that_only_names_a_global_outside_the_allow_list_is_refused(
+    tmp_path, module, name
+):
+    """Not called, only stored: a weights file must still never hand back a function (the
+    allow-list holds the few numpy and torch globals weights need, not numpy at large)."""
+    key = b"model"
+    data = b"\x80\x02}X" + len(key).to_bytes(4, "little") + key
+    data += b"c" + module.encode() + b"\n" + name.encode() + b"\n" + b"s."
+    path = tmp_path / "names_a_global.pkl"
+    path.write_bytes(data)
+    with pytest.raises(UnsafePickleError):
+        result = load_pkl(str(path))
+        assert not callable(result.get("model")), "the loader handed back a function"

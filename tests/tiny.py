@@ -275,9 +275,12 @@ def maskd_cfg(stage, student_kind, teacher_config, teacher_weights, tokens_weigh
 
 
 def run(args, tmp, check=True, timeout=900):
-    """Run ``python ARGS`` in ``tmp`` with this checkout on the path; assert success."""
+    """Run ``python ARGS`` in ``tmp`` with this checkout on the path; assert success. The
+    command gets this process's thread count, so that its numbers equal those computed here."""
+    import torch
+
     path = os.pathsep.join([os.path.join(ROOT, "tests"), os.path.join(ROOT, "projects", "MasKD")])
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run(
         [sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -307,10 +310,11 @@ def finite_loss_records(folder):
     return records
 
 
-def tiny_training(cfg, output_dir):
-    """Make a config train 3 iterations on the tiny datasets (tiny_train, tiny_val)."""
-    cfg.DATASETS.TRAIN = ("tiny_train",)
-    cfg.DATASETS.TEST = ("tiny_val",)
+def tiny_training(cfg, output_dir, datasets=("tiny_train", "tiny_val")):
+    """Make a config train 3 iterations on the tiny datasets (names of (train, val); a test
+    module that registers its own files in-process gives them names of its own)."""
+    cfg.DATASETS.TRAIN = (datasets[0],)
+    cfg.DATASETS.TEST = (datasets[1],)
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.INPUT.MIN_SIZE_TRAIN = (64,)
     cfg.INPUT.MAX_SIZE_TRAIN = 128
