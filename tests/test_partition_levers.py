@@ -258,11 +258,49 @@ def test_the_token_losses_are_those_of_the_exposed_masks(teacher_files):
         model.teacher.backbone.pop_masks()
 
 
+@pytest.mark.parametrize("gate", ["absolute", "relative"])
+def test_the_weight_gate_of_the_aggregate_value_and_gradient(teacher_files, gate):
+    """relative: c = sum_t (w_t / max_s w_s) M_t, the most weighted token's cells pass whole;
+    absolute (the paper): c = sum_t w_t M_t. Against the aggregate written out, with its
+    gradient for the tokens and the weight head."""
+    _, model = _stage1(
+        teacher_files, **{"MODEL.MASKD.WEIGHT_GATE": gate, "MODEL.MASKD.FILL": "mean"}
+    )
+    backbone = model.teacher.backbone.train()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        feats = backbone.inner(images)
+    lv = "p3"
+    rt = model.tokens[lv]
+    with torch.no_grad():
+        rt.tokens.normal_(0, 0.3)  # trained-size tokens
+    out = backbone(images)[lv]
+    backbone.pop_masks()
+    x = feats[lv]
+    m = torch.sigmoid(torch.einsum("tc,nchw->nthw", rt.tokens, x))
+    w = rt.weights(x)
+    g = w / w.max(dim=1, keepdim=True).values if gate == "relative" else w
+    c = (m * g[:, :, None, None]).sum(dim=1, keepdim=True)
+    want = x * c + x.mean(dim=(2, 3), keepdim=True) * (1 - c)
+    torch.testing.assert_close(out, want)
+    if gate == "relative":  # the top token's cells pass whole where its mask is 1
+        assert g.max(dim=1).values.eq(1).all()
+    up = torch.randn_like(out)
+    params = [rt.tokens, rt.weight_head[2].weight]
+    got = torch.autograd.grad((out * up).sum(), params)
+    ref = torch.autograd.grad((want * up).sum(), params)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+        assert a.abs().sum() > 0
+
+
 def test_stage1_refuses_bad_levers_by_key(teacher_files):
     with pytest.raises(ValueError, match="MODEL.MASKD.DICE_PAIRS must be one of"):
         _stage1(teacher_files, **{"MODEL.MASKD.DICE_PAIRS": "some"})
     with pytest.raises(ValueError, match="MODEL.MASKD.FILL must be one of"):
         _stage1(teacher_files, **{"MODEL.MASKD.FILL": "noise"})
+    with pytest.raises(ValueError, match="MODEL.MASKD.WEIGHT_GATE must be one of"):
+        _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_GATE": "soft"})
     with pytest.raises(ValueError, match=r"MIN_TOKEN_AREA must lie in \[0, 1\]"):
         _stage1(teacher_files, **{"MODEL.MASKD.MIN_TOKEN_AREA": 2.0})
 

@@ -28,6 +28,7 @@ from .receptive_tokens import ReceptiveTokens
 __all__ = [
     "TokenMaskedBackbone",
     "LevelMasks",
+    "GATES",
     "RecordingBackbone",
     "TransparentWrapper",
     "unwrap_backbone",
@@ -103,12 +104,16 @@ def _expand_inner(module, state_dict, prefix, *args):
             state_dict[inner_prefix + key[len(prefix) :]] = state_dict.pop(key)
 
 
+# How the token weights scale the masks in stage 1's aggregate (see TokenMaskedBackbone).
+GATES = ("absolute", "relative")
+
+
 class LevelMasks(NamedTuple):
     """The receptive masks of one level in one training forward of stage 1."""
 
     masks: torch.Tensor  # (N, T, H, W)
     weights: Optional[torch.Tensor]  # (N, T), or None for unweighted tokens
-    combined: torch.Tensor  # (N, H, W): sum_t w_t M_t
+    combined: torch.Tensor  # (N, H, W): sum_t g_t M_t, g the weights as the gate uses them
 
 
 class TokenMaskedBackbone(_TransparentBackbone):
@@ -120,13 +125,19 @@ class TokenMaskedBackbone(_TransparentBackbone):
     exposed, with their gradient, for the token learner's own losses (:meth:`pop_masks`).
     """
 
-    def __init__(self, inner: Backbone, tokens: nn.ModuleDict, fill: str = "zeros"):
+    def __init__(
+        self, inner: Backbone, tokens: nn.ModuleDict, fill: str = "zeros", gate: str = "absolute"
+    ):
         """
         Args:
             inner: the teacher's backbone, producing a dict of (N, C_l, H_l, W_l) features.
             tokens: one :class:`ReceptiveTokens` per distilled level, keyed by level name.
             fill: what masked-out cells become (:func:`maskd.losses.neutral_fill`): "zeros"
                 (the paper), "mean" or "blur".
+            gate: how the token weights scale the masks in the aggregate: "absolute" (the
+                paper, ``c = sum_t w_t M_t``) or "relative" (``c = sum_t (w_t / max_s w_s)
+                M_t``: the most weighted token's cells pass whole, the others by their weight
+                relative to it).
         """
         super().__init__(inner)
         shapes = inner.output_shape()
@@ -143,8 +154,11 @@ class TokenMaskedBackbone(_TransparentBackbone):
                 )
         if fill not in FILLS:
             raise ValueError(f"MODEL.MASKD.FILL must be one of {FILLS}, got '{fill}'")
+        if gate not in GATES:
+            raise ValueError(f"MODEL.MASKD.WEIGHT_GATE must be one of {GATES}, got '{gate}'")
         self.tokens = tokens
         self.fill = fill
+        self.gate = gate
         self.last_masks: Optional[Dict[str, LevelMasks]] = None
         self.last_input_hw: Optional[Tuple[int, int]] = None
         self.masking = True
@@ -170,9 +184,12 @@ class TokenMaskedBackbone(_TransparentBackbone):
             feat = features[name]
             masks = rt.masks(feat)  # (N, T, H, W)
             weights = rt.weights(feat) if rt.weighted else None  # (N, T)
-            combined = combined_mask(masks, weights)  # (N, H, W)
+            gates = weights
+            if weights is not None and self.gate == "relative":
+                gates = weights / weights.max(dim=1, keepdim=True).values  # (N, T), max 1
+            combined = combined_mask(masks, gates)  # (N, H, W)
             fill = neutral_fill(feat, self.fill)
-            out[name] = masked_aggregate(feat, masks, weights, combined, fill)  # (N, C, H, W)
+            out[name] = masked_aggregate(feat, masks, gates, combined, fill)  # (N, C, H, W)
             kept[name] = LevelMasks(masks, weights, combined)
         self.last_masks = kept if self.training else None
         self.last_input_hw = tuple(x.shape[-2:])

@@ -189,6 +189,10 @@ def add_maskd_config(cfg: CN) -> CN:
     # c = sum_t w_t M_t: "zeros" (the paper), "mean" (the level's per-image channel mean) or
     # "blur" (a 5x5 box blur of the level), so that masking a cell costs the teacher less.
     _C.FILL = "zeros"
+    # Stage 1: how the token weights scale the masks in the aggregate: "absolute" (the paper,
+    # c = sum_t w_t M_t) or "relative" (c = sum_t (w_t / max_s w_s) M_t: the most weighted
+    # token's cells pass whole).
+    _C.WEIGHT_GATE = "absolute"
     # Stage 1: the pairs the Dice loss compares: "all" (the paper) or "weighted" (pairs weighted
     # by w_i w_j, the weights detached: the tokens that carry weight must not overlap).
     _C.DICE_PAIRS = "all"

@@ -102,8 +102,9 @@ class MasKDTokenLearner(nn.Module):
 
     Opt-in levers for tokens that partition the map (not the paper's; 0 / the paper's value
     leaves each off): the tokens' form (``mask_norm``, ``weight_floor``), the ``fill`` of
-    masked-out cells, Dice over weighted pairs (``dice_pairs``), a minimum area per token
-    (``min_token_area``, ``loss_token_area``) and the area prior (``area_weight``, ``loss_area``).
+    masked-out cells, the weights as relative gates (``weight_gate``), Dice over weighted pairs
+    (``dice_pairs``), a minimum area per token (``min_token_area``, ``loss_token_area``) and the
+    area prior (``area_weight``, ``loss_area``).
 
     Attributes:
         teacher: the teacher meta-architecture; its ``backbone`` is a
@@ -128,6 +129,7 @@ class MasKDTokenLearner(nn.Module):
         fill: str = "zeros",
         dice_pairs: str = "all",
         min_token_area: float = 0.0,
+        weight_gate: str = "absolute",
     ):
         """
         Args:
@@ -158,6 +160,8 @@ class MasKDTokenLearner(nn.Module):
                 ``w_i w_j`` (:func:`maskd.losses.dice_diversity_loss`).
             min_token_area: a > 0 adds ``loss_token_area``, ``dice_weight`` times
                 :func:`maskd.losses.min_token_area_loss` summed over levels (0: off).
+            weight_gate: "absolute" (the paper: ``sum_t w_t M_t`` scales the features) or
+                "relative" (``sum_t (w_t / max_s w_s) M_t``; :class:`TokenMaskedBackbone`).
         """
         super().__init__()
         if dice_weight < 0:
@@ -201,7 +205,7 @@ class MasKDTokenLearner(nn.Module):
         ).to(device)
         self.input_format, self.teacher_format = resolve_channel_orders(input_format, teacher)
         # The wrapper is built here, once, and is part of the module tree: no hooks.
-        teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens, fill)
+        teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens, fill, weight_gate)
         self.teacher = teacher
         self.in_features = levels
         self.dice_weight = dice_weight
@@ -210,13 +214,14 @@ class MasKDTokenLearner(nn.Module):
         self.min_token_area = min_token_area
         self.strides = {lv: shapes[lv].stride for lv in levels}
         logger.info(
-            "MasKDTokenLearner: %d tokens (weighted=%s, %s) on levels %s; fill %s, Dice over "
-            "%s pairs, minimum token area %s",
+            "MasKDTokenLearner: %d tokens (weighted=%s, %s) on levels %s; fill %s, %s weight "
+            "gate, Dice over %s pairs, minimum token area %s",
             num_tokens,
             weighted,
             tokens[levels[0]].describe_form(),
             levels,
             fill,
+            weight_gate,
             dice_pairs,
             min_token_area or "off",
         )
@@ -241,6 +246,7 @@ class MasKDTokenLearner(nn.Module):
             "fill": mcfg.FILL,
             "dice_pairs": mcfg.DICE_PAIRS,
             "min_token_area": mcfg.MIN_TOKEN_AREA,
+            "weight_gate": mcfg.WEIGHT_GATE,
         }
 
     @classmethod
