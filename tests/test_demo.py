@@ -66,8 +66,8 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert cells[1] == _cell(aps["uniform"])
         cells = _row(block, "oracle: boxes and background, 1/2 each")
         if None not in aps.values():
-            assert cells[4].startswith(_cell(aps["gt_partition"] - aps["uniform"], signed=True))
-            assert cells[5].startswith(_cell(aps["tokens"] - aps["gt_partition"], signed=True))
+            assert cells[3].startswith(_cell(aps["gt_partition"] - aps["uniform"], signed=True))
+            assert cells[4].startswith(_cell(aps["tokens"] - aps["gt_partition"], signed=True))
         assert f"teacher seed {t}: headroom, gt_partition - uniform >= +0.5 AP" in report
     # each MasKD student went through distill_net.py's four stages
     for t in (0, 1):
