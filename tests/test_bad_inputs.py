@@ -211,6 +211,18 @@ def pkl_dtype_state_makes_a_struct_as_tokens_weights(ws, tmp):
 
 
 @case
+def pkl_dtype_state_with_a_negative_item_size_as_teacher_weights(ws, tmp):
+    """A string dtype whose state gives it item size -5, then a numpy scalar of it: numpy's
+    C code would read out of bounds (the process died)."""
+    s = b"\x80\x02}" + _const("model") + _global("numpy.core.multiarray", "scalar")
+    s += _global("numpy", "dtype") + _const(("S1", False, True)) + b"R"
+    s += _const((3, "|", None, None, None, -5, 1, 0)) + b"b" + _const(b"abcd") + b"\x86Rs."
+    path = pkl(tmp / "itemsize.pkl", s)
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=path)
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "itemsize.pkl", "-5, 1, 0)")
+
+
+@case
 def pkl_declaring_a_huge_array(ws, tmp):
     path = pkl(tmp / "huge.pkl", huge_array_pickle())
     assert os.path.getsize(path) < 400
@@ -239,7 +251,8 @@ def pkl_attack_in_visualize_masks(ws, tmp):
     config = write(stage1_cfg(ws["teacher"]), tmp / "s1.yaml")
     tool = _tool("visualize_masks")
     argv = ["--config-file", config, "--checkpoint", path, "--output", str(tmp / "png")]
-    refused(lambda: tool.main(argv + ["--dataset", "bi_train"]), "--checkpoint", "crash.pkl")
+    argv += ["--dataset", "bi_train", *ws["register"]]  # registered here too: any test order
+    refused(lambda: tool.main(argv), "--checkpoint", "crash.pkl")
 
 
 @case

@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from tiny import (
     ROOT,
     maskd_cfg,
+    run,
     tiny_batch,
     tiny_training,
     write_coco_dataset,
@@ -487,3 +488,100 @@ def test_a_pickle_that_only_names_a_global_outside_the_allow_list_is_refused(
     with pytest.raises(UnsafePickleError):
         result = load_pkl(str(path))
         assert not callable(result.get("model")), "the loader handed back a function"
+
+
+# --- numpy dtype states ---------------------------------------------------------------------
+
+# A subprocess loads pickles of a numpy dtype built from a plain descriptor, given a state by
+# BUILD, then made a scalar of (numpy's own pickles of scalars do exactly this). A state numpy
+# never writes can make numpy's C code read out of bounds: the process would die, so it runs
+# apart from the tests, and prints one line per pickle.
+_DTYPE_STATES = r"""
+import pickle, random, sys
+import numpy as np
+from maskd.safe_pickle import UnsafePickleError, load_pkl
+
+def const(obj):
+    return pickle.dumps(obj, protocol=2)[2:-1]
+
+def dtype_scalar(descr, state, data):
+    s = b"\x80\x02cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\n"
+    s += const((descr, False, True)) + b"R" + const(state) + b"b" + const(data) + b"\x86R."
+    return s
+
+cases = [  # (descr, state): states numpy's pickles never write
+    ("S1", (3, "|", None, None, None, -5, 1, 0)),    # a negative item size
+    ("S4", (3, "|", None, None, None, 4, 1, 0x20)),  # NPY_USE_GETITEM on a string type
+    ("U1", (3, "<", None, None, None, 4, 4, 0x20)),
+    ("S1", (3, "|", None, None, None, 4, 1, 0)),     # another item size than the descriptor's
+    ("f8", (3, "<", None, None, None, 4, -1, 0)),
+    ("f8", (4, "<", None, None, None, -1, -1, 0, {"a": 1})),  # metadata
+    ("f8", (3, "<", None, None, None, -1, -1)),      # a state of another length
+    ("f8", (3, "<", None, None, None, True, -1, 0)), # a bool where numpy writes an int
+    ("f8", (3, "=", None, None, None, -1, -1, 0)),
+]
+rng = random.Random(int(sys.argv[2]))
+for _ in range(int(sys.argv[1])):  # random states around numpy's own
+    descr = rng.choice(["S1", "S3", "U1", "U2", "f4", "f8", "i2", "u1", "b1", "c8"])
+    state = list(np.dtype(descr).__reduce__()[2])
+    for _ in range(rng.randint(1, 3)):
+        i = rng.choice([1, 5, 6, 7])
+        state[i] = rng.choice(["<", ">", "|"]) if i == 1 else rng.choice(
+            [-(2 ** 31), -8, -1, 0, 1, 2, 3, 4, 8, 12, 16, 2 ** 31, 0x20, 0x3F, 0x7F]
+        )
+    cases.append((descr, tuple(state)))
+for descr, state in cases:
+    data = b"\0" * 16
+    with open(sys.argv[3], "wb") as f:
+        f.write(dtype_scalar(descr, state, data[: np.dtype(descr).itemsize]))
+    try:
+        value = load_pkl(sys.argv[3])
+    except UnsafePickleError as e:
+        print("refused", descr, state, str(e).split(",")[0])
+    else:  # loaded: the state must be the one numpy writes for the descriptor and byte order
+        plain = np.dtype(descr)
+        own = (plain if state[1] == "|" else plain.newbyteorder(state[1])).__reduce__()[2]
+        print("loaded", descr, state, own == state and type(value) is plain.type, flush=True)
+"""
+
+
+def test_dtype_states_other_than_numpys_own_are_refused_and_never_crash(tmp_path):
+    """Crafted and random dtype states of allowed globals only: each is refused, or it is the
+    state numpy writes for a plain dtype; the process never dies."""
+    script = tmp_path / "states.py"
+    script.write_text(_DTYPE_STATES)
+    out = run([str(script), "600", "0", str(tmp_path / "state.pkl")], tmp_path, check=False)
+    assert out.returncode == 0, f"exit {out.returncode}: " + out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 9 + 600
+    assert all(ln.startswith("refused") for ln in lines[:9]), lines[:9]
+    assert all(
+        "state of the numpy dtype" in ln or "state of a numpy dtype" in ln for ln in lines[:9]
+    )
+    loaded = [ln for ln in lines if ln.startswith("loaded")]
+    assert all(ln.endswith("True") for ln in loaded), loaded
+    assert loaded and len(loaded) < 100  # the fuzz reaches both outcomes
+
+
+def test_python2_era_pickles_of_plain_dtypes_still_load(tmp_path):
+    """Protocol-0 text as Python 2's numpy wrote it (Caffe2 / Detectron ImageNet models):
+    dtype arguments ('f4', 0, 1) and the version-3 state, byte order as a str."""
+
+    def array(descr, order, elsize, align, shape, raw):
+        s = b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(I0\ntS'b'\ntR"
+        s += b"(I1\n(" + b"".join(b"L%dL\n" % n for n in shape) + b"tcnumpy\ndtype\n"
+        s += b"(S'%s'\nI0\nI1\ntR(I3\nS'%s'\nNNNI%d\nI%d\nI0\ntb" % (descr, order, elsize, align)
+        return s + b"I00\nS'" + raw + b"'\ntb"
+
+    text = b"(dp0\nS'blobs'\n(dp1\nS'w'\n" + array(b"f4", b"<", -1, -1, (2,), b"\\x00" * 8)
+    text += b"sS'b'\n" + array(b"b1", b"|", -1, -1, (3,), b"\\x01" * 3)
+    text += b"sS'be'\n" + array(b"f8", b">", -1, -1, (1,), b"?\\xf0" + b"\\x00" * 6)
+    text += b"sS'name'\n" + array(b"S5", b"|", 5, 1, (1,), b"conv1")
+    text += b"ss."
+    path = tmp_path / "py2.pkl"
+    path.write_bytes(text)
+    blobs = load_pkl(str(path))["blobs"]
+    assert blobs["w"].dtype == np.dtype("<f4") and not blobs["w"].any()
+    assert blobs["b"].dtype == np.bool_ and blobs["b"].all()
+    assert blobs["be"].dtype.str[1:] == "f8" and blobs["be"][0] == 1.0  # read big-endian
+    assert blobs["name"][0] == b"conv1"

@@ -10,7 +10,8 @@ The allowed numpy globals are themselves guarded, because numpy trusts its pickl
 
 * dtypes: only plain numbers, booleans and fixed-size strings (no object, void, structured or
   sub-array dtypes, whose raw bytes numpy could read as object pointers), and each dtype's
-  state is set at most once (a second ``__setstate__`` could turn a checked dtype into another);
+  state is set at most once and only to the state numpy's own pickles write for it (another
+  could turn a checked dtype into another, or give it a size or flags numpy's C code misreads);
 * arrays: built only as numpy's own pickles build them, with a checked dtype, and no array or
   sum of arrays may be larger than the file (a 300-byte file cannot ask for gigabytes);
 * after loading, every array and numpy scalar of the result is checked again.
@@ -71,7 +72,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         super().__init__(file, encoding="latin1")
         self.path = path
         self.budget = size  # bytes that arrays may still take: the file's size
-        self.built_dtypes = set()  # ids of dtypes whose state was set (kept alive by the memo)
+        # the dtypes whose state was set, by id; held here, so that no other object takes an id
+        # of theirs while the file loads (a pickle need not memoize them)
+        self.built_dtypes = {}
 
     def refuse(self, what: str):
         raise UnsafePickleError(
@@ -101,6 +104,35 @@ class _RestrictedUnpickler(pickle._Unpickler):
         ):
             self.refuse(f"asks for the numpy dtype '{dtype.str}' (kind '{dtype.kind}')")
         return dtype
+
+    def plain_dtype_state(self, dtype: np.dtype, state) -> tuple:
+        """The state numpy's own pickles write for ``dtype`` in the byte order ``state`` names,
+        if ``state`` is exactly that; refused otherwise.
+
+        A dtype's state can set its item size, alignment and flags to anything, including values
+        numpy never writes (a negative size, the "use getitem" flag on a string type) on which
+        numpy's C code reads out of bounds. Only the one state of a plain dtype is set, so the
+        dtype the constructor made (and :meth:`check_dtype` checked) changes at most its byte
+        order: ``(3, byteorder, None, None, None, elsize, alignment, flags)``.
+        """
+        plain = (int, str, type(None))
+        if (
+            not isinstance(state, tuple)
+            or len(state) != 8
+            or not all(type(v) in plain for v in state)
+            or state[1] not in ("<", ">", "|")
+        ):
+            self.refuse(f"sets the state of a numpy dtype to {state!r:.120}")
+        ordered = dtype if state[1] == "|" else dtype.newbyteorder(state[1])
+        expected = ordered.__reduce__()[2]
+        if len(expected) != 8 or any(
+            type(a) is not type(b) or a != b for a, b in zip(state, expected)
+        ):
+            self.refuse(
+                f"sets the state of the numpy dtype '{dtype.str}' to {state!r:.120}, where "
+                f"numpy's pickles write {expected!r}"
+            )
+        return expected
 
     def allocate(self, shape, dtype: np.dtype) -> None:
         if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
@@ -165,8 +197,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if isinstance(inst, np.dtype):
             if id(inst) in self.built_dtypes:
                 self.refuse("sets the state of a numpy dtype a second time")
-            self.built_dtypes.add(id(inst))
-            inst.__setstate__(state)
+            self.built_dtypes[id(inst)] = inst
+            inst.__setstate__(self.plain_dtype_state(inst, state))
             self.check_dtype(inst)
             return
         if isinstance(inst, np.ndarray):
