@@ -35,7 +35,7 @@ demo: setup
 
 benchmark-demo: setup
 	$(PY) demo/run_demo.py --teacher-seeds 2 --seeds 3 --token-seeds 3 --jobs 2 \
-		--sources tokens uniform gt_boxes gt_partition gt_instances --output output/bench
+		--sources tokens uniform gt_boxes gt_partition --output output/bench
 
 # On a machine with a CUDA device: both stages (fp32 and AMP) and the benchmarks on the GPU, one
 # summary; exit status 3 where there is no CUDA device. tools/gpu_check.py --dry-run: on CPU.
