@@ -223,6 +223,16 @@ def pkl_dtype_state_with_a_negative_item_size_as_teacher_weights(ws, tmp):
 
 
 @case
+def pkl_bytearray_declaring_2_gb_as_tokens_weights(ws, tmp):
+    """12 bytes of protocol 5 whose BYTEARRAY8 declares 2 GB (pickle would zero-fill them)."""
+    path = pkl(
+        tmp / "bytearray.pkl", b"\x80\x05\x96" + (2_000_000_000).to_bytes(8, "little") + b"."
+    )
+    cfg = stage2(ws, tmp, MODEL__MASKD__TOKENS_WEIGHTS=path)
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TOKENS_WEIGHTS", "bytearray of 2000000000 bytes")
+
+
+@case
 def pkl_declaring_a_huge_array(ws, tmp):
     path = pkl(tmp / "huge.pkl", huge_array_pickle())
     assert os.path.getsize(path) < 400

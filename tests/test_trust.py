@@ -585,3 +585,31 @@ def test_python2_era_pickles_of_plain_dtypes_still_load(tmp_path):
     assert blobs["b"].dtype == np.bool_ and blobs["b"].all()
     assert blobs["be"].dtype.str[1:] == "f8" and blobs["be"][0] == 1.0  # read big-endian
     assert blobs["name"][0] == b"conv1"
+
+
+@pytest.mark.parametrize(
+    "name,fmt",
+    [
+        ("BINSTRING", "<i"),
+        ("BINUNICODE", "<I"),
+        ("BINUNICODE8", "<Q"),
+        ("BINBYTES", "<I"),
+        ("BINBYTES8", "<Q"),
+        ("BYTEARRAY8", "<Q"),
+        ("LONG4", "<i"),
+        ("FRAME", "<Q"),
+    ],
+)
+def test_an_opcode_that_declares_more_bytes_than_the_file_is_refused(tmp_path, name, fmt):
+    """A few bytes that declare 2 GB: pickle would allocate (and zero-fill) them before reading."""
+    import struct
+
+    path = tmp_path / "declares.pkl"
+    opcode = getattr(pickle, name)
+    path.write_bytes(b"\x80\x05" + opcode + struct.pack(fmt, 2_000_000_000) + b".")
+    with pytest.raises(UnsafePickleError, match=r"declares a \w+( object)? of 2000000000 bytes"):
+        load_pkl(str(path))
+    # the same opcodes with their true lengths load (protocol 5: frames, bytearrays)
+    state = {"s": "é" * 300, "b": b"x" * 300, "a": bytearray(b"y" * 300), "n": 1 << 3000}
+    path.write_bytes(pickle.dumps(state, protocol=5))
+    assert load_pkl(str(path)) == state

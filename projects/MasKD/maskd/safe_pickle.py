@@ -14,6 +14,8 @@ The allowed numpy globals are themselves guarded, because numpy trusts its pickl
   could turn a checked dtype into another, or give it a size or flags numpy's C code misreads);
 * arrays: built only as numpy's own pickles build them, with a checked dtype, and no array or
   sum of arrays may be larger than the file (a 300-byte file cannot ask for gigabytes);
+* lengths: no string, bytes, integer or frame may declare more bytes than the file holds
+  (pickle allocates what an opcode declares before it reads);
 * after loading, every array and numpy scalar of the result is checked again.
 
 Arbitrary pickles (e.g. a file of your own that holds other Python objects) load only when the
@@ -27,6 +29,7 @@ import logging
 import math
 import os
 import pickle
+import struct
 from typing import Any
 
 import numpy as np
@@ -71,6 +74,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def __init__(self, file, path: str, size: int):
         super().__init__(file, encoding="latin1")
         self.path = path
+        self.size = size
         self.budget = size  # bytes that arrays may still take: the file's size
         # the dtypes whose state was set, by id; held here, so that no other object takes an id
         # of theirs while the file loads (a pickle need not memoize them)
@@ -215,6 +219,55 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if isinstance(inst, np.generic):
             self.refuse("sets the state of a numpy scalar")
         self.refuse(f"sets the state of a {type(inst).__name__} object")
+
+    # --- lengths: no opcode may declare more bytes than the file holds --------------------
+    # (pickle would allocate them first: a 12-byte BYTEARRAY8 of 2 GB zero-fills 2 GB)
+
+    def declared(self, fmt: str, what: str) -> int:
+        """Read the length field ``fmt`` of an opcode; refuse one larger than the file."""
+        (n,) = struct.unpack(fmt, self.read(struct.calcsize(fmt)))
+        if n < 0 or n > self.size:
+            self.refuse(f"declares a {what} of {n} bytes in a file of {self.size}")
+        return n
+
+    def load_binstring(self):
+        self.append(self._decode_string(self.read(self.declared("<i", "string"))))
+
+    def load_binunicode(self):
+        self.append(str(self.read(self.declared("<I", "string")), "utf-8", "surrogatepass"))
+
+    def load_binunicode8(self):
+        self.append(str(self.read(self.declared("<Q", "string")), "utf-8", "surrogatepass"))
+
+    def load_binbytes(self):
+        self.append(self.read(self.declared("<I", "bytes object")))
+
+    def load_binbytes8(self):
+        self.append(self.read(self.declared("<Q", "bytes object")))
+
+    def load_bytearray8(self):
+        data = bytearray(self.declared("<Q", "bytearray"))
+        self.readinto(data)
+        self.append(data)
+
+    def load_long4(self):
+        self.append(pickle.decode_long(self.read(self.declared("<i", "integer"))))
+
+    def load_frame(self):
+        self._unframer.load_frame(self.declared("<Q", "frame"))
+
+    for _opcode, _load in (
+        (pickle.BINSTRING, load_binstring),
+        (pickle.BINUNICODE, load_binunicode),
+        (pickle.BINUNICODE8, load_binunicode8),
+        (pickle.BINBYTES, load_binbytes),
+        (pickle.BINBYTES8, load_binbytes8),
+        (pickle.BYTEARRAY8, load_bytearray8),
+        (pickle.LONG4, load_long4),
+        (pickle.FRAME, load_frame),
+    ):
+        dispatch[_opcode[0]] = _load
+    del _opcode, _load
 
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.NEWOBJ[0]] = load_newobj
