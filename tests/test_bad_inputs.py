@@ -447,6 +447,36 @@ def negative_head_kd_weight(ws, tmp):
     refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.ROI_REG_KD.WEIGHT", "-2.0")
 
 
+@case
+def nan_head_kd_weight(ws, tmp):
+    """`.nan` in the YAML: `nan > 0` is False, so the term was switched off without a word."""
+    cfg = stage2(ws, tmp)
+    cfg.MODEL.MASKD.ROI_REG_KD.WEIGHT = float("nan")
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.ROI_REG_KD.WEIGHT", "finite", "nan")
+
+
+@case
+def nan_area_weight(ws, tmp):
+    cfg = tiny_training(stage1_cfg(ws["teacher"]), tmp / "out")
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bi_train",), ("bi_val",)
+    cfg.MODEL.MASKD.AREA_WEIGHT = float("nan")
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.AREA_WEIGHT", "finite", "nan")
+
+
+@case
+def inf_loss_weight(ws, tmp):
+    cfg = stage2(ws, tmp)
+    cfg.MODEL.MASKD.LOSS_WEIGHT = float("inf")
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.LOSS_WEIGHT", "finite", "inf")
+
+
+@case
+def inf_base_lr(ws, tmp):
+    cfg = stage2(ws, tmp)
+    cfg.SOLVER.BASE_LR = float("inf")
+    refused(train_cfg(ws, tmp, cfg), "SOLVER.BASE_LR", "inf")
+
+
 # --- tokens and their teacher ----------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ def test_the_area_prior_is_off_by_default_and_refuses_negative_weights(tmp_path)
     with EventStorage(0):
         losses = model(tiny_batch(2, 64, seed=0))
     assert "loss_area" not in losses and "loss_dice" in losses
-    with pytest.raises(ValueError, match="AREA_WEIGHT must be >= 0"):
+    with pytest.raises(ValueError, match="AREA_WEIGHT must be a finite number >= 0"):
         stage1(tmp_path, -1.0)
 
 

@@ -267,6 +267,9 @@ def test_lazy_both_stages_and_eval(workspace):
         f'model.tokens = L(tokens_from_file)(weights="{stage1_final}")\n'
     )
     (tmp / "lazy2.py").write_text(stage2)
+    # a non-finite learning rate is refused by name before anything is built (1e999 is inf)
+    out = run([TRAIN_NET, "--config-file", "lazy2.py", *register, "optimizer.lr=1e999"], tmp, False)
+    assert out.returncode != 0 and "optimizer.lr must be a finite positive number" in out.stderr
     out = run([TRAIN_NET, "--config-file", "lazy2.py", *register, "model.loss_weight=10"], tmp)
     final = tmp / "l2" / "model_final.pth"
     assert os.path.isfile(final)

@@ -13,7 +13,7 @@ from .backbone import RecordingBackbone
 from .diagnostics import foreground_cells, put_token_statistics, token_statistics
 from .head_kd import HeadKD, build_head_kd
 from .inherit import inherit_neck_and_heads
-from .losses import raise_if_not_finite
+from .losses import check_loss_weight, raise_if_not_finite
 from .mask_sources import MaskSource, build_mask_source, mask_source_class
 from .pairing import parse_level_map, resolve_pair, teacher_batch
 from .provenance import (
@@ -113,8 +113,7 @@ class MasKD(Stage2Losses, nn.Module):
         super().__init__()
         if not len(tokens):
             raise ValueError("MasKD needs receptive tokens for at least one level")
-        if loss_weight < 0:
-            raise ValueError(f"MODEL.MASKD.LOSS_WEIGHT must be >= 0, got {loss_weight}")
+        check_loss_weight(loss_weight, "MODEL.MASKD.LOSS_WEIGHT")
         freeze(teacher)
         device = tokens[next(iter(tokens))].tokens.device
         self._bind_tokens(teacher, tokens, allow_tokens_of_other_teacher, device)

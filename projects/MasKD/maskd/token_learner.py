@@ -16,7 +16,12 @@ from torch import nn
 from ._compat import NORM_TYPES
 from .backbone import LevelMasks, TokenMaskedBackbone
 from .diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
-from .losses import dice_diversity_loss, min_token_area_loss, raise_if_not_finite
+from .losses import (
+    check_loss_weight,
+    dice_diversity_loss,
+    min_token_area_loss,
+    raise_if_not_finite,
+)
 from .pairing import resolve_channel_orders, teacher_batch
 from .provenance import (
     CONFIG_KEY,
@@ -164,10 +169,8 @@ class MasKDTokenLearner(nn.Module):
                 "relative" (``sum_t (w_t / max_s w_s) M_t``; :class:`TokenMaskedBackbone`).
         """
         super().__init__()
-        if dice_weight < 0:
-            raise ValueError(f"MODEL.MASKD.DICE_WEIGHT must be >= 0, got {dice_weight}")
-        if area_weight < 0:
-            raise ValueError(f"MODEL.MASKD.AREA_WEIGHT must be >= 0, got {area_weight}")
+        check_loss_weight(dice_weight, "MODEL.MASKD.DICE_WEIGHT")
+        check_loss_weight(area_weight, "MODEL.MASKD.AREA_WEIGHT")
         if dice_pairs not in DICE_PAIRS:
             raise ValueError(
                 f"MODEL.MASKD.DICE_PAIRS must be one of {DICE_PAIRS}, got '{dice_pairs}'"

@@ -1,5 +1,6 @@
 """Checks that run when a training or evaluation starts, before any long work."""
 
+import math
 from typing import Iterable
 
 import torch
@@ -38,9 +39,15 @@ def check_class_counts(model: torch.nn.Module, dataset_names: Iterable[str]) -> 
 
 
 def check_positive(value, key: str) -> None:
-    """Fail, naming the key, unless ``value`` is a positive number (iterations, batch size)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{key} must be a positive number for training, got {value!r}")
+    """Fail, naming the key, unless ``value`` is a finite positive number (iterations, batch
+    size, learning rate)."""
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not value > 0
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"{key} must be a finite positive number for training, got {value!r}")
 
 
 def check_input_format(model: torch.nn.Module, data_format: str, what: str) -> None:

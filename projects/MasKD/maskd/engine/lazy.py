@@ -27,6 +27,8 @@ def lazy_train(cfg, resume: bool = False):
     ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``).
     """
     check_positive(cfg.train.max_iter, "train.max_iter")
+    if "lr" in cfg.optimizer:
+        check_positive(cfg.optimizer.lr, "optimizer.lr")
     model = instantiate(cfg.model)
     logging.getLogger("detectron2").info("Model:\n{}".format(model))
     model.to(cfg.train.device)

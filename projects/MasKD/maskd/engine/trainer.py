@@ -54,6 +54,7 @@ class MasKDTrainer(DefaultTrainer):
     def __init__(self, cfg):
         check_positive(cfg.SOLVER.MAX_ITER, "SOLVER.MAX_ITER")
         check_positive(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
+        check_positive(cfg.SOLVER.BASE_LR, "SOLVER.BASE_LR")
         check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         check_evaluation_dependencies(cfg.DATASETS.TEST)
         with cpu_ddp_in_default_trainer(create_ddp_model):

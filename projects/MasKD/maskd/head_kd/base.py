@@ -14,6 +14,8 @@ from detectron2.config import CfgNode
 from detectron2.utils.registry import Registry
 from torch import nn
 
+from ..losses import check_loss_weight
+
 __all__ = ["HeadKD", "HEAD_KD_REGISTRY", "add_head_kd_config", "build_head_kd"]
 
 HEAD_KD_REGISTRY = Registry("MASKD_HEAD_KD")
@@ -101,10 +103,8 @@ def build_head_kd(maskd_node: CfgNode) -> List[HeadKD]:
                 "distill_net.py: --import MODULE; in Python: before get_maskd_cfg() or "
                 "add_maskd_config())"
             )
-        if node is not None and node.WEIGHT < 0:
-            raise ValueError(
-                f"MODEL.MASKD.{cls.CONFIG_KEY}.WEIGHT must be >= 0 (0: off), got {node.WEIGHT}"
-            )
+        if node is not None:
+            check_loss_weight(node.WEIGHT, f"MODEL.MASKD.{cls.CONFIG_KEY}.WEIGHT")
         if node is not None and node.WEIGHT > 0:
             terms.append(cls(**cls.from_config(node)))
     return terms
