@@ -410,6 +410,21 @@ def zoo_base_that_does_not_exist(ws, tmp):
 
 
 @case
+def base_cycle(ws, tmp):
+    """a.yaml -> b.yaml -> a.yaml: detectron2 recursed a thousand frames deep."""
+    (tmp / "a.yaml").write_text('_BASE_: "b.yaml"\n')
+    (tmp / "b.yaml").write_text('_BASE_: "a.yaml"\n')
+    refused(lambda: train(ws, tmp / "a.yaml"), "_BASE_ form a cycle", "a.yaml -> ", "b.yaml")
+
+
+@case
+def maskd_config_as_its_own_teacher_config(ws, tmp):
+    """The stage-2 config names itself as its teacher's: each teacher would build a teacher."""
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__CONFIG_FILE=str(tmp / "config.yaml"))
+    refused(train_cfg(ws, tmp, cfg), "config.yaml", "TEACHER.CONFIG_FILE) is a MasKD config")
+
+
+@case
 def unknown_config_key(ws, tmp):
     cfg = stage2(ws, tmp)
     call = train_cfg(ws, tmp, cfg, "MODEL.MASKD.TOKEN_WEIGHTS", "x.pth")

@@ -53,7 +53,9 @@ def build_teacher(
         ValueError: ``weights`` is empty (without ``allow_random_init``) or does not fit.
         FileNotFoundError: the config or the weights do not exist.
     """
-    cfg = load_config(resolve_config_file(config_file), opts)
+    path = resolve_config_file(config_file)
+    cfg = load_config(path, opts)
+    _refuse_a_maskd_config(cfg, path)
     if isinstance(cfg, CfgNode):
         cfg.MODEL.DEVICE = device
         model = build_model(cfg)
@@ -75,6 +77,24 @@ def build_teacher(
             "checkpoint; only smoke tests set MODEL.MASKD.TEACHER.ALLOW_RANDOM_INIT)"
         )
     return freeze(model)
+
+
+MASKD_ARCHITECTURES = ("MasKD", "MasKDTokenLearner")
+
+
+def _refuse_a_maskd_config(cfg, path: str) -> None:
+    """A teacher config must build the teacher itself, not a MasKD model (whose own teacher
+    config could name this file again, without end)."""
+    if isinstance(cfg, CfgNode):
+        arch = cfg.MODEL.META_ARCHITECTURE
+    else:
+        target = cfg.get("model", {}).get("_target_", "")
+        arch = str(getattr(target, "__name__", target)).split(".")[-1]
+    if arch in MASKD_ARCHITECTURES:
+        raise ValueError(
+            f"the teacher config '{path}' (MODEL.MASKD.TEACHER.CONFIG_FILE) is a MasKD config "
+            f"({arch}); name the teacher's own detectron2 config, the one it was trained with"
+        )
 
 
 def teacher_from_config(cfg, load: bool = True) -> nn.Module:

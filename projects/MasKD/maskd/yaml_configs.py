@@ -112,8 +112,22 @@ class MasKDCfgNode(CN):
     ``allow_unsafe`` is ignored) and whose ``_BASE_`` may also name a model-zoo config
     (``zoo:...``)."""
 
+    _loading: list = []  # the chain of files being read, through their _BASE_
+
     @classmethod
     def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
+        real = os.path.realpath(filename)
+        if real in cls._loading:
+            chain = cls._loading[cls._loading.index(real) :] + [real]
+            raise ValueError("config files whose _BASE_ form a cycle: " + " -> ".join(chain))
+        cls._loading.append(real)
+        try:
+            return cls._load_yaml_with_base(filename)
+        finally:
+            cls._loading.pop()
+
+    @classmethod
+    def _load_yaml_with_base(cls, filename: str):
         if _is_installed_zoo_config(filename):
             # detectron2's own configs, part of the installed package (Base-RetinaNet.yaml has
             # a python/object/apply:eval tag for its anchor sizes): trusted as its code is
