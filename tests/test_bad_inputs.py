@@ -425,6 +425,20 @@ def maskd_config_as_its_own_teacher_config(ws, tmp):
 
 
 @case
+def duplicate_yaml_key(ws, tmp):
+    """A second LOSS_WEIGHT further down: YAML keeps the last, distillation would be off."""
+    write(stage2(ws, tmp), tmp / "base.yaml")
+    text = "MODEL:\n  MASKD:\n    LOSS_WEIGHT: 1.0\n    ROI_REG_KD:\n      WEIGHT: 1.0\n"
+    (tmp / "dup.yaml").write_text('_BASE_: "base.yaml"\n' + text + "    LOSS_WEIGHT: 0.0\n")
+    refused(
+        lambda: train(ws, tmp / "dup.yaml"),
+        "dup.yaml",
+        "'LOSS_WEIGHT' appears twice",
+        "lines 4 and 7",
+    )
+
+
+@case
 def unknown_config_key(ws, tmp):
     cfg = stage2(ws, tmp)
     call = train_cfg(ws, tmp, cfg, "MODEL.MASKD.TOKEN_WEIGHTS", "x.pth")

@@ -21,7 +21,35 @@ __all__ = ["read_yaml", "LazyYamlLoader", "MasKDCfgNode", "ZOO_PREFIX"]
 ZOO_PREFIX = "zoo:"
 
 
-class LazyYamlLoader(yaml.SafeLoader):
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names one key twice (PyYAML keeps the last one without a word)."""
+
+
+class SafeUniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key repeated in one mapping: in a config, a second
+    ``LOSS_WEIGHT: 0.0`` further down would silently switch distillation off. Keys that YAML
+    merges (``<<: *anchor``) may still be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                    key_node, yaml.ScalarNode
+                ):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise DuplicateKeyError(
+                        f"the key '{key}' appears twice in one mapping (lines {seen[key]} and "
+                        f"{key_node.start_mark.line + 1}); YAML would keep the second without "
+                        "a word, so say which one you mean"
+                    )
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class LazyYamlLoader(SafeUniqueKeyLoader):
     """PyYAML's safe loader plus the few Python tags that ``LazyConfig.save`` writes into
     saved LazyConfig files, each constructed without running code: ``python/tuple``,
     ``python/object:`` of detectron2's ``ShapeSpec``, ``python/name:`` (a callable named, as a
@@ -67,16 +95,16 @@ LazyYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/name:", _name)
 LazyYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/object/apply:", _apply)
 
 
-def read_yaml(filename: str, loader=yaml.SafeLoader) -> dict:
-    """A YAML config file as a dict, read with PyYAML's safe loader (or ``loader``, a subclass
-    of it such as :class:`LazyYamlLoader`): no Python tags.
+def read_yaml(filename: str, loader=SafeUniqueKeyLoader) -> dict:
+    """A YAML config file as a dict, read with PyYAML's safe loader, no key repeated (or
+    ``loader``, a subclass of it such as :class:`LazyYamlLoader`): no Python tags.
 
     detectron2 and fvcore fall back to ``yaml.unsafe_load`` for files with tags such as
     ``!!python/object/apply:os.system``, which runs the code they name; MasKD never does.
 
     Raises:
-        ValueError: naming the file, if it holds a Python tag, is not YAML, is empty, or is not
-            a mapping of keys.
+        ValueError: naming the file, if it holds a Python tag, is not YAML, repeats a key in a
+            mapping, is empty, or is not a mapping of keys.
     """
     try:
         with open(filename) as f:
