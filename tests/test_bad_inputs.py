@@ -630,6 +630,15 @@ def stage1_checkpoint_evaluated_with_a_stage2_config(ws, tmp):
     refused(call, "MODEL.WEIGHTS", "tokens_a.pth", "stage 1 (MasKDTokenLearner) checkpoint")
 
 
+@case
+def plain_teacher_checkpoint_evaluated_with_a_stage1_config(ws, tmp):
+    """A stage-1 model loads nothing from a non-MasKD checkpoint: it evaluated its random init."""
+    cfg = tiny_training(stage1_cfg(ws["teacher"]), tmp / "out")
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bi_train",), ("bi_val",)
+    call = train_cfg(ws, tmp, cfg, "--eval-only", "MODEL.WEIGHTS", ws["teacher"][1])
+    refused(call, "MODEL.WEIGHTS", "is not a MasKD checkpoint", "stage-1 checkpoints")
+
+
 # --- datasets --------------------------------------------------------------------------------
 
 

@@ -224,6 +224,15 @@ def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence
     if "model" not in checkpoint:
         raise ValueError(f"{what}: '{path}' holds no model weights")
     _check_dtypes(model, checkpoint["model"], path, what)
+    if _model_kind(model) == STAGE1 and checkpoint_kind(list(checkpoint["model"])) is None:
+        # load_checkpoint_dict would load nothing (a stage-1 model has no student) and leave the
+        # model as it was built: for evaluation, untrained
+        raise ValueError(
+            f"{what}: '{path}' is not a MasKD checkpoint, and a {type(model).__name__} (stage 1) "
+            "loads only stage-1 checkpoints (the teacher with its tokens, e.g. the stage-1 run's "
+            "model_final.pth); a plain teacher checkpoint is evaluated with the teacher's own "
+            "config"
+        )
     try:
         incompatible = load_checkpoint_dict(model, checkpoint)
     except ValueError as e:
