@@ -7,6 +7,7 @@ import fnmatch
 import fractions
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -602,8 +603,6 @@ def test_python2_era_pickles_of_plain_dtypes_still_load(tmp_path):
 )
 def test_an_opcode_that_declares_more_bytes_than_the_file_is_refused(tmp_path, name, fmt):
     """A few bytes that declare 2 GB: pickle would allocate (and zero-fill) them before reading."""
-    import struct
-
     path = tmp_path / "declares.pkl"
     opcode = getattr(pickle, name)
     path.write_bytes(b"\x80\x05" + opcode + struct.pack(fmt, 2_000_000_000) + b".")

@@ -28,7 +28,13 @@ from .provenance import (
 )
 from .stage2_losses import Stage2Losses
 from .stage2_parts import check_head_kd, log_build, stage2_tokens, student_config
-from .teacher import freeze, head_levels, preprocess_images, teacher_from_config
+from .teacher import (
+    MASKD_ARCHITECTURES,
+    freeze,
+    head_levels,
+    preprocess_images,
+    teacher_from_config,
+)
 
 __all__ = ["MasKD", "student_config"]
 
@@ -188,7 +194,7 @@ class MasKD(Stage2Losses, nn.Module):
         ``MODEL.MASKD.TEACHER``, the tokens (loaded) from ``MODEL.MASKD.TOKENS_WEIGHTS`` and
         the head-level KD terms whose ``WEIGHT`` is positive."""
         mcfg = cfg.MODEL.MASKD
-        if mcfg.STUDENT_META_ARCHITECTURE in ("MasKD", "MasKDTokenLearner"):
+        if mcfg.STUDENT_META_ARCHITECTURE in MASKD_ARCHITECTURES:
             raise ValueError(
                 "MODEL.MASKD.STUDENT_META_ARCHITECTURE must name the student's own "
                 f"meta-architecture, got '{mcfg.STUDENT_META_ARCHITECTURE}'"

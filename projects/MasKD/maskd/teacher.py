@@ -79,6 +79,7 @@ def build_teacher(
     return freeze(model)
 
 
+# the registered names of the two MasKD meta-architectures (neither a teacher nor a student)
 MASKD_ARCHITECTURES = ("MasKD", "MasKDTokenLearner")
 
 

@@ -90,7 +90,7 @@ def build_head_kd(maskd_node: CfgNode) -> List[HeadKD]:
     Raises:
         KeyError: a registered term has no config node (it was registered after the config
             was made): no term is ever skipped silently.
-        ValueError: a negative ``WEIGHT``.
+        ValueError: a ``WEIGHT`` that is not a finite number >= 0.
     """
     terms: List[HeadKD] = []
     for name, cls in sorted(HEAD_KD_REGISTRY):
@@ -103,8 +103,7 @@ def build_head_kd(maskd_node: CfgNode) -> List[HeadKD]:
                 "distill_net.py: --import MODULE; in Python: before get_maskd_cfg() or "
                 "add_maskd_config())"
             )
-        if node is not None:
-            check_loss_weight(node.WEIGHT, f"MODEL.MASKD.{cls.CONFIG_KEY}.WEIGHT")
-        if node is not None and node.WEIGHT > 0:
+        check_loss_weight(node.WEIGHT, f"MODEL.MASKD.{cls.CONFIG_KEY}.WEIGHT")
+        if node.WEIGHT > 0:
             terms.append(cls(**cls.from_config(node)))
     return terms
