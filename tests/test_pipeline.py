@@ -298,3 +298,98 @@ def test_a_finished_stage_whose_config_changed_is_refused(tmp_path, kind):
     edited.write_text(edited.read_text().replace("0.01", "0.02"))
     with pytest.raises(ValueError, match=rf"contents of {edited} changed since.*--restart student"):
         runner.run("student", str(out_dir), args)
+
+
+def _fake_runs(monkeypatch, register=()):
+    """A StageRunner whose commands are recorded instead of run."""
+    from maskd import stages
+
+    calls = []
+    monkeypatch.setattr(stages.subprocess, "run", lambda cmd, check: calls.append(cmd) or None)
+    return stages.StageRunner(register=list(register)), calls
+
+
+def test_a_finished_stage_is_refused_when_its_dataset_is_other_data(tmp_path, monkeypatch):
+    """--register-coco is part of a stage's command: the same dataset name pointed at another
+    annotation file, or the same file with other contents, is refused, not reused."""
+    config = tmp_path / "student.yaml"
+    config.write_text("SEED: 0\n")
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text('{"images": [], "annotations": [], "categories": []}')
+    args = ["--config-file", str(config)]
+    out_dir = str(tmp_path / "stage")
+    register = ["--register-coco", "my_train", str(tmp_path / "a.json"), str(tmp_path)]
+    runner, calls = _fake_runs(monkeypatch, register)
+    runner.run("student", out_dir, args)
+    assert len(calls) == 1
+    runner.run("student", out_dir, args)  # same command and data: kept
+    assert len(calls) == 1
+    other_file = ["--register-coco", "my_train", str(tmp_path / "b.json"), str(tmp_path)]
+    runner, _ = _fake_runs(monkeypatch, other_file)
+    with pytest.raises(
+        ValueError, match=r"other datasets \(--register-coco\)(.|\n)*--restart student"
+    ):
+        runner.run("student", out_dir, args)
+    (tmp_path / "a.json").write_text('{"images": [{"id": 1}], "annotations": [], "categories": []}')
+    runner, calls = _fake_runs(monkeypatch, register)
+    with pytest.raises(ValueError, match=r"contents of .*a\.json changed since"):
+        runner.run("student", out_dir, args)
+    assert calls == []
+
+
+def test_a_killed_stage_resumes_only_under_the_command_it_was_started_with(tmp_path, monkeypatch):
+    config = tmp_path / "tokens.yaml"
+    config.write_text("SEED: 0\n")
+    out_dir = tmp_path / "stage"
+    args = ["--config-file", str(config), "MODEL.MASKD.LOSS_WEIGHT", "1.0"]
+    runner, calls = _fake_runs(monkeypatch)
+
+    def killed(cmd, check):  # the run checkpoints, then is killed: no marker
+        calls.append(cmd)
+        (out_dir / "last_checkpoint").write_text("model_0000003.pth")
+        raise subprocess.CalledProcessError(-9, cmd)
+
+    from maskd import stages
+
+    monkeypatch.setattr(stages.subprocess, "run", killed)
+    with pytest.raises(subprocess.CalledProcessError):
+        runner.run("tokens", str(out_dir), args)
+    assert "--resume" not in calls[-1] and (out_dir / "started.json").exists()
+    changed = ["--config-file", str(config), "MODEL.MASKD.LOSS_WEIGHT", "2.0"]
+    runner, calls = _fake_runs(monkeypatch)
+    with pytest.raises(
+        ValueError, match=r"was started with other arguments(.|\n)*LOSS_WEIGHT 1\.0"
+    ):
+        runner.run("tokens", str(out_dir), changed)
+    assert calls == []
+    config.write_text("SEED: 1\n")  # same command, the config file edited
+    with pytest.raises(ValueError, match=r"was started, but the contents of .*tokens\.yaml"):
+        runner.run("tokens", str(out_dir), args)
+    config.write_text("SEED: 0\n")
+    runner.run("tokens", str(out_dir), args)  # the command it was started with: resumed
+    assert "--resume" in calls[-1]
+    record = json.loads((out_dir / "stage.json").read_text())
+    assert record["args"] == args
+
+
+@pytest.mark.parametrize("content", ["", "{}", '{"args": "SEED 1"}', '{"stage": "tok'])
+def test_a_broken_stage_marker_is_named(tmp_path, monkeypatch, content):
+    out_dir = tmp_path / "stage"
+    out_dir.mkdir()
+    (out_dir / "stage.json").write_text(content)
+    runner, calls = _fake_runs(monkeypatch)
+    with pytest.raises(ValueError, match=r"stage\.json' is not the marker of a finished stage"):
+        runner.run("tokens", str(out_dir), ["--config-file", "x.yaml"])
+    assert calls == []
+
+
+def test_metrics_cut_short_by_a_kill_are_read_up_to_the_last_whole_record(tmp_path):
+    from maskd.stages import last_metrics
+
+    good = {"iteration": 9, "bbox/AP": 12.5, "retention/bbox/AP": 0.9}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(good) + "\n" + '{"iteration": 10, "total_lo')
+    assert last_metrics(str(tmp_path)) == {"bbox/AP": 12.5, "retention/bbox/AP": 0.9}
+    path.write_text('{"iteration": 1, "bbox/A\n' + json.dumps(good) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.json', line 1, is not a JSON record"):
+        last_metrics(str(tmp_path))

@@ -25,8 +25,10 @@ from tiny import (
 )
 
 import maskd.checkpoint
+import maskd.files
 import maskd.token_learner
 from maskd.checkpoint import MasKDCheckpointer
+from maskd.cli import train as train_net
 from maskd.engine import MasKDTrainer, register_coco_datasets
 
 # this module's dataset names: registered in-process, with files of its own
@@ -270,6 +272,63 @@ def test_frozen_teacher_across_evaluation_during_training(ws):
         assert torch.equal(v, teacher[k]), k
     for k, v in model.tokens.state_dict().items():
         assert torch.equal(v, tokens[k]), k
+
+
+# ------------------------------------------------------------------------------ live runs
+def test_no_live_run_is_harmed_by_a_second_command_on_its_folder(ws):
+    """While a training runs, a second training on its OUTPUT_DIR is refused before it writes
+    anything, naming the live run; --eval-only with the training's config (a common habit)
+    evaluates and removes none of the live run's files (a checkpoint being written included);
+    the training then ends normally."""
+    out = "live_run"
+    cfg = stage_cfg(ws, "MasKDTokenLearner", out, MAX_ITER=60, CHECKPOINT_PERIOD=1000)
+    cfg.TEST.EVAL_PERIOD = 0
+    config = write_cfg(ws, cfg, f"{out}.yaml")
+    out_dir = ws["tmp"] / out
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "projects", "MasKD"))
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN_NET, "--config-file", config, *ws["register"]],
+        cwd=ws["tmp"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (out_dir / "metrics.json").exists():  # the live run is training
+            assert proc.poll() is None, "the training ended before the test could run"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        # the live run's checkpoint write in progress, as atomic_write names it
+        host = maskd.files._HOST
+        writing = out_dir / f".model_0000009.pth.{proc.pid}@{host}.abcd1234.tmp"
+        writing.write_bytes(b"half a checkpoint")
+        config_before = (out_dir / "config.yaml").read_bytes()
+
+        with pytest.raises(maskd.files.FolderHeldError) as e:
+            train_net.cli(["--config-file", config, *ws["register"]])
+        assert f"pid {proc.pid}" in str(e.value) and "OUTPUT_DIR" in str(e.value), e.value
+        assert str(out_dir) in str(e.value)
+        assert (out_dir / "config.yaml").read_bytes() == config_before  # nothing written
+
+        stage1_weights = str(ws["tmp"] / "tokens.pth")
+        train_net.cli(
+            ["--config-file", config, *ws["register"], "--eval-only"]
+            + ["MODEL.WEIGHTS", stage1_weights]
+        )
+        assert writing.exists()  # the live writer's file stays
+        assert proc.poll() is None, "the evaluation ended the training"
+        assert proc.wait(timeout=600) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (out_dir / "model_final.pth").exists()
+    # once the writer is gone its file is provably stale: the next run's checkpointer removes it
+    model = build_model(cfg)
+    MasKDCheckpointer(model, save_dir=str(out_dir))
+    assert not writing.exists()
 
 
 # ------------------------------------------------------------------------------ atomic

@@ -8,6 +8,8 @@ import fractions
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from tiny import (
 )
 
 import maskd.checkpoint
+import maskd.files
 from maskd.checkpoint import MasKDCheckpointer, load_weights_strict, read_checkpoint
 from maskd.engine import MasKDTrainer, check_input_format, register_coco_datasets
 from maskd.export import export_student, export_tokens
@@ -375,23 +378,40 @@ def test_files_get_the_umask_mode_and_reach_the_disk_before_the_rename(ws, tmp_p
 
 
 def test_stale_temporary_files_are_removed_when_a_run_starts(ws, tmp_path):
-    stale = [
-        tmp_path / ".model_0000099.pth.k2j4h5g6.tmp",
-        tmp_path / ".last_checkpoint.abcdefgh.tmp",
-    ]
-    keep = [tmp_path / "model_0000099.pth", tmp_path / "notes.tmp", tmp_path / ".hidden"]
-    for path in stale + keep:
-        path.write_bytes(b"x" * 100)
-    model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
-    MasKDCheckpointer(model, save_dir=str(tmp_path))
-    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
-    # a checkpointer that does not save (the other ranks) leaves the folder alone
-    stale[0].write_bytes(b"x")
-    MasKDCheckpointer(model, save_dir=str(tmp_path), save_to_disk=False)
-    assert stale[0].exists()
-    # and the next write of a file removes its own stale temporaries
-    export_tokens(ws["tokens"], str(tmp_path / "model_0000099.pth"), overwrite=True)
-    assert not stale[0].exists()
+    """Only provably stale temporaries go: written on this host by a process that has ended.
+    A live writer's (another run's, mid-write) and another host's stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    host = maskd.files._HOST
+    try:
+        stale = [
+            tmp_path / f".model_0000099.pth.{dead.pid}@{host}.k2j4h5g6.tmp",
+            tmp_path / f".last_checkpoint.{dead.pid}@{host}.abcdefgh.tmp",
+        ]
+        keep = [
+            tmp_path / "model_0000099.pth",
+            tmp_path / "notes.tmp",
+            tmp_path / ".hidden",
+            tmp_path / f".model_0000199.pth.{live.pid}@{host}.k2j4h5g6.tmp",  # being written
+            tmp_path / f".model_0000299.pth.{dead.pid}@other-host.k2j4h5g6.tmp",
+        ]
+        for path in stale + keep:
+            path.write_bytes(b"x" * 100)
+        model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+        MasKDCheckpointer(model, save_dir=str(tmp_path))
+        assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+        # a checkpointer that does not save (the other ranks) leaves the folder alone
+        stale[0].write_bytes(b"x")
+        MasKDCheckpointer(model, save_dir=str(tmp_path), save_to_disk=False)
+        assert stale[0].exists()
+        # and the next write of a file removes its own stale temporaries
+        export_tokens(ws["tokens"], str(tmp_path / "model_0000099.pth"), overwrite=True)
+        assert not stale[0].exists()
+        assert all(p.exists() for p in keep)
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_weights_are_read_with_weights_only_explicitly(ws, monkeypatch):

@@ -1,14 +1,30 @@
-"""Writing files so that a killed or crashed process never leaves a half-written one."""
+"""Writing files so that a killed or crashed process never leaves a half-written one, and
+folders that one live run holds at a time."""
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
 import re
+import socket
+import sys
 import tempfile
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "write_text"]
+__all__ = [
+    "atomic_write",
+    "remove_stale_temporaries",
+    "write_text",
+    "hold_folder",
+    "FolderHeldError",
+]
 
 logger = logging.getLogger(__name__)
+
+# The host part of a temporary file's name: letters, digits and "-" only, so that a name never
+# holds the separators of the pattern.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 
 
 def _umask() -> int:
@@ -43,8 +59,10 @@ def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = Fals
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(folder, os.path.basename(path))  # of a killed earlier write
-    # ".<name>.<random>.tmp": never matches the patterns of checkpoints (*.pth, model_*.pth)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    # ".<name>.<pid>@<host>.<random>.tmp": never matches the patterns of checkpoints (*.pth,
+    # model_*.pth); the writer's pid and host tell a live writer's file from a killed one's
+    prefix = f".{os.path.basename(path)}.{os.getpid()}@{_HOST}."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
@@ -58,25 +76,93 @@ def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = Fals
     _fsync(folder, directory=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: str, target: Optional[str] = None) -> List[str]:
     """Delete the temporary files that :func:`atomic_write` leaves in ``folder`` when a process
-    is killed while writing (``.<name>.<random>.tmp``), of every file or of ``target`` (a file
-    name) only; returns their paths.
+    is killed while writing (``.<name>.<pid>@<host>.<random>.tmp``), of every file or of
+    ``target`` (a file name) only; returns their paths.
 
-    Call it where a run starts writing into ``folder``, from one process only."""
+    Only provably stale files go: those written on this host by a process that no longer
+    exists. A live writer's file (another run, or a command such as ``--eval-only`` started
+    beside a training) and files written on other hosts of a shared file system are left."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     name_pattern = re.escape(target) if target else ".+"
-    pattern = re.compile(rf"\.{name_pattern}\.[a-z0-9_]{{8}}\.tmp")
+    pattern = re.compile(rf"\.{name_pattern}\.([0-9]+)@([A-Za-z0-9-]+)\.[a-z0-9_]{{8}}\.tmp")
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if pattern.fullmatch(name) and os.path.isfile(path):
+        match = pattern.fullmatch(name)
+        if not match or match.group(2) != _HOST or not os.path.isfile(path):
+            continue
+        if int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # removed by another process meanwhile
             os.remove(path)
             removed.append(path)
     if removed:
         logger.info("Removed temporary files of an interrupted run: %s", ", ".join(removed))
     return removed
+
+
+LOCK_NAME = ".maskd.lock"
+
+
+class FolderHeldError(RuntimeError):
+    """The folder is held by a live run (:func:`hold_folder`)."""
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str, what: str) -> Iterator[None]:
+    """Hold ``folder`` for one run: while the ``with`` block runs, a second :func:`hold_folder`
+    of the same folder, from any process, fails naming the process that holds it.
+
+    The hold is an exclusive ``flock`` on ``<folder>/.maskd.lock``: the operating system
+    releases it when the holder exits, killed or not, so no stale hold survives a crash.
+
+    Args:
+        folder: the run's output folder (made if missing).
+        what: the config key or argument that named it, for the error message.
+
+    Raises:
+        FolderHeldError: naming the folder, ``what`` and the holder (pid, host, command).
+    """
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderHeldError(
+                f"{what}: '{folder}' is held by a live run ({holder}); a second run there "
+                "would overwrite its checkpoints and logs. Wait for it to end, stop it, or "
+                "give this run another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        command = " ".join(sys.argv)
+        command = command if len(command) <= 300 else command[:297] + "..."
+        holder = f"pid {os.getpid()} on {socket.gethostname()}: {command}"
+        os.pwrite(fd, holder.encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str, text: str) -> None:

@@ -21,6 +21,7 @@ import subprocess
 import time
 from typing import List, Optional, Sequence
 
+from .files import atomic_write, write_text
 from .stages import (
     EXPORT_MODULE,
     STAGES,
@@ -206,8 +207,8 @@ class _Pipeline:
                 info["seconds"] = done["seconds"]
         os.makedirs(self.output, exist_ok=True)
         path = os.path.join(self.output, "pipeline.json")
-        with open(path, "w") as f:
-            json.dump(self.summary, f, indent=1)
+        text = json.dumps(self.summary, indent=1)
+        atomic_write(path, lambda tmp: write_text(tmp, text), overwrite=True)
         for stage, info in self.summary["stages"].items():
             where = info.get("checkpoint") or info.get("student") or info.get("dir")
             logger.info("[pipeline] %s: %s", stage, where or info["given"])

@@ -23,7 +23,7 @@ Stages, each in its own folder under --output (printed as they finish, with pipe
                 retention (masked teacher / teacher)
     student/    stage 2: train_net.py on --student-config, MODEL.MASKD.TOKENS_WEIGHTS set to
                 tokens/model_final.pth (or to --tokens-weights, which skips stage 1)
-    release/    the student for plain detectron2 (student.pth, student.yaml) and the tokens
+    export/     the student for plain detectron2 (student.pth, student.yaml) and the tokens
                 (tokens.pth), as tools/export.py writes them
     evaluate/   the released student evaluated by train_net.py --eval-only (results.json)
 
@@ -44,10 +44,12 @@ train_net.py call (--import to the export too).
 import argparse
 import logging
 import shlex
+from contextlib import nullcontext
 from typing import List, Sequence
 
 from ..config import is_lazy_config
 from ..extensions import add_import_argument
+from ..files import hold_folder
 from ..pipeline import run_pipeline
 from ..stages import STAGES, StageRunner
 
@@ -159,20 +161,23 @@ def main(argv=None) -> dict:
         launch += ["--dist-url", args.dist_url]
     if args.dist_timeout:
         launch += ["--dist-timeout", str(args.dist_timeout)]
-    return run_pipeline(
-        args.output,
-        args.tokens_config,
-        args.student_config,
-        opts=opts,
-        tokens_opts=tokens_opts,
-        student_opts=student_opts,
-        teacher_config=args.teacher_config,
-        teacher_weights=args.teacher_weights,
-        tokens_weights=args.tokens_weights,
-        stages=args.stages,
-        restart=args.restart,
-        runner=StageRunner(register, launch, imports=args.imports),
-    )
+    # one pipeline per folder (on a multi-machine run, the first machine's holds it)
+    hold = hold_folder(args.output, "--output") if args.machine_rank == 0 else nullcontext()
+    with hold:
+        return run_pipeline(
+            args.output,
+            args.tokens_config,
+            args.student_config,
+            opts=opts,
+            tokens_opts=tokens_opts,
+            student_opts=student_opts,
+            teacher_config=args.teacher_config,
+            teacher_weights=args.teacher_weights,
+            tokens_weights=args.tokens_weights,
+            stages=args.stages,
+            restart=args.restart,
+            runner=StageRunner(register, launch, imports=args.imports),
+        )
 
 
 if __name__ == "__main__":

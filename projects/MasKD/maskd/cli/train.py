@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+from contextlib import nullcontext
 from datetime import timedelta
 
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -52,6 +53,7 @@ from ..engine import (
     register_coco_datasets,
 )
 from ..extensions import add_import_argument, import_modules
+from ..files import atomic_write, hold_folder, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,9 @@ def write_results(results, output_dir: str) -> None:
             return {k: safe(v) for k, v in x.items()}
         return None if isinstance(x, float) and math.isnan(x) else x
 
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(safe(results), f, indent=1, allow_nan=False)
+    text = json.dumps(safe(results), indent=1, allow_nan=False)
+    path = os.path.join(output_dir, "results.json")
+    atomic_write(path, lambda tmp: write_text(tmp, text), overwrite=True)
 
 
 def setup_yacs(args):
@@ -150,21 +152,38 @@ def get_parser():
     return parser
 
 
+def _hold_output_dir(args):
+    """A training holds its output folder (:func:`maskd.files.hold_folder`) in the launching
+    process of the first machine, which lives as long as the run: a second training there is
+    refused before it writes anything. Evaluation holds nothing: ``--eval-only`` beside a live
+    training is a common habit, and removes none of its files."""
+    if args.eval_only or args.machine_rank != 0:
+        return nullcontext()
+    import_modules(args.imports)  # modules that add config keys, before the config is read
+    cfg = load_config(args.config_file, args.opts)
+    if is_lazy_config(args.config_file):
+        folder, key = cfg.get("train", {}).get("output_dir", ""), "train.output_dir"
+    else:
+        folder, key = cfg.OUTPUT_DIR, "OUTPUT_DIR"
+    return hold_folder(folder, key) if folder else nullcontext()
+
+
 def cli(argv=None):
     """Parse the command line and run :func:`main` in every process (detectron2's ``launch``)."""
     args = get_parser().parse_args(argv)
     if not args.dist_timeout > 0:
         raise SystemExit(f"--dist-timeout must be positive, got {args.dist_timeout}")
     print("Command Line Args:", args)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        timeout=timedelta(minutes=args.dist_timeout),
-    )
+    with _hold_output_dir(args):
+        return launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            timeout=timedelta(minutes=args.dist_timeout),
+        )
 
 
 if __name__ == "__main__":
