@@ -293,6 +293,103 @@ def teacher_weights_file_truncated(ws, tmp):
 
 
 @case
+def pth_inflating_a_thousandfold_as_teacher_weights(ws, tmp):
+    """A 66 KB .pth whose deflated record holds 64 MB of zeros (torch reads it whole)."""
+    import zipfile
+
+    torch.save({"model": {"w": torch.zeros(2**24)}}, tmp / "plain.pth")
+    with (
+        zipfile.ZipFile(tmp / "plain.pth") as zin,
+        zipfile.ZipFile(tmp / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as zout,
+    ):
+        for name in zin.namelist():
+            zout.writestr(name, zin.read(name))
+    assert os.path.getsize(tmp / "deflated.pth") < 2**17
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "deflated.pth"))
+    refused(train_cfg(ws, tmp, cfg), "TEACHER.WEIGHTS", "deflated.pth", "inflate to 67")
+
+
+@case
+def pth_of_a_list_as_teacher_weights(ws, tmp):
+    torch.save([torch.zeros(3)], tmp / "list.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "list.pth"))
+    refused(train_cfg(ws, tmp, cfg), "TEACHER.WEIGHTS", "list.pth", '"model" entry is a list')
+
+
+@case
+def pth_with_a_list_under_model_as_model_weights(ws, tmp):
+    torch.save({"model": [torch.zeros(3)]}, tmp / "list.pth")
+    cfg = stage2(ws, tmp, MODEL__WEIGHTS=str(tmp / "list.pth"))
+    refused(train_cfg(ws, tmp, cfg), "MODEL.WEIGHTS", "list.pth", '"model" entry is a list')
+
+
+@case
+def pth_with_integer_keys_as_tokens_weights(ws, tmp):
+    state = torch.load(ws["tokens"], weights_only=True)["model"]
+    torch.save({"model": {i: v for i, v in enumerate(state.values())}}, tmp / "ints.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TOKENS_WEIGHTS=str(tmp / "ints.pth"))
+    refused(train_cfg(ws, tmp, cfg), "TOKENS_WEIGHTS", "ints.pth", "named by ints")
+
+
+@case
+def pth_with_a_string_for_a_token_tensor(ws, tmp):
+    ckpt = torch.load(ws["tokens"], weights_only=True)
+    key = next(k for k in ckpt["model"] if k.startswith("teacher.backbone.tokens."))
+    ckpt["model"][key] = "tokens"
+    torch.save(ckpt, tmp / "str.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TOKENS_WEIGHTS=str(tmp / "str.pth"))
+    refused(train_cfg(ws, tmp, cfg), "TOKENS_WEIGHTS", "str.pth", f"{key} (str)")
+
+
+@case
+def pth_with_nan_weights_as_teacher_weights(ws, tmp):
+    ckpt = torch.load(ws["teacher"][1], weights_only=True)
+    key = sorted(k for k, v in ckpt["model"].items() if v.is_floating_point())[0]
+    ckpt["model"][key] = ckpt["model"][key].clone().fill_(float("nan"))
+    torch.save(ckpt, tmp / "nan.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "nan.pth"))
+    refused(train_cfg(ws, tmp, cfg), "TEACHER.WEIGHTS", "nan.pth", "NaN or inf", key)
+
+
+@case
+def model_weights_truncated_in_training(ws, tmp):
+    data = open(ws["stage2"], "rb").read()
+    (tmp / "cut.pth").write_bytes(data[: len(data) // 2])
+    cfg = stage2(ws, tmp, MODEL__WEIGHTS=str(tmp / "cut.pth"))
+    refused(train_cfg(ws, tmp, cfg), "MODEL.WEIGHTS", "cut.pth", "could not")
+
+
+@case
+def model_weights_of_garbage_pkl_in_training(ws, tmp):
+    pkl(tmp / "garbage.pkl", os.urandom(64))
+    cfg = stage2(ws, tmp, MODEL__WEIGHTS=str(tmp / "garbage.pkl"))
+    refused(train_cfg(ws, tmp, cfg), "MODEL.WEIGHTS", "garbage.pkl")
+
+
+@case
+def model_weights_file_missing_in_training(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__WEIGHTS=str(tmp / "nowhere.pth"))
+    refused(train_cfg(ws, tmp, cfg), "MODEL.WEIGHTS", "nowhere.pth", "file not found")
+
+
+@case
+def resume_with_an_empty_last_checkpoint(ws, tmp):
+    cfg = stage2(ws, tmp)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w").close()
+    refused(train_cfg(ws, tmp, cfg, "--resume"), "last_checkpoint", "not a checkpoint file")
+
+
+@case
+def resume_with_a_changed_student(ws, tmp):
+    """The folder's checkpoint is of a student with a wider FPN: detectron2 would skip those
+    weights and the optimizer would fail mid-training with a raw size error."""
+    cfg = stage2(ws, tmp, MODEL__FPN__OUT_CHANNELS="48")
+    MasKDCheckpointer(build_model(cfg), save_dir=cfg.OUTPUT_DIR).save("model_0000003")
+    refused(train_cfg(ws, tmp, stage2(ws, tmp), "--resume"), "--resume", "shape mismatches")
+
+
+@case
 def tokens_export_given_as_teacher_weights(ws, tmp):
     export = _tool("export")
     export.main(["tokens", "--checkpoint", ws["tokens"], "--output", str(tmp / "tok.pth")])
@@ -415,6 +512,80 @@ def base_cycle(ws, tmp):
     (tmp / "a.yaml").write_text('_BASE_: "b.yaml"\n')
     (tmp / "b.yaml").write_text('_BASE_: "a.yaml"\n')
     refused(lambda: train(ws, tmp / "a.yaml"), "_BASE_ form a cycle", "a.yaml -> ", "b.yaml")
+
+
+def _alias_bomb(levels=8):
+    """A few hundred bytes of YAML whose aliases expand to 10^(levels+1) list items."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@case
+def yaml_alias_bomb_in_a_yacs_config(ws, tmp):
+    """~550 bytes that yacs would expand to 10^9 items (minutes, gigabytes)."""
+    (tmp / "bomb.yaml").write_text(_alias_bomb() + "MODEL:\n  META_ARCHITECTURE: MasKD\n")
+    refused(lambda: train(ws, tmp / "bomb.yaml"), "bomb.yaml", "aliases expand", "1234567")
+
+
+@case
+def yaml_alias_bomb_in_a_saved_lazyconfig(ws, tmp):
+    text = "model:\n" + "".join(f"  {line}\n" for line in _alias_bomb().splitlines())
+    (tmp / "bomb.yaml").write_text(text + "train: {output_dir: out}\n")
+    refused(lambda: train(ws, tmp / "bomb.yaml"), "bomb.yaml", "aliases expand")
+
+
+@case
+def python_name_tag_in_a_saved_lazyconfig_imports_nothing(ws, tmp):
+    """A ``!!python/name:`` tag naming a module beside the config (importable, as with
+    ``python -m``): reading the file imported it and ran its code; now the name is kept for
+    instantiation and the file is refused for its unregistered dataset, the module unimported."""
+    import sys
+
+    marker = tmp / "ran"
+    (tmp / "bi_evil_module.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef f(): pass\n")
+    text = (
+        "model: {_target_: detectron2.modeling.GeneralizedRCNN, "
+        "norm: !!python/name:bi_evil_module.f ''}\n"
+        "dataloader: {test: {dataset: {names: bi_no_such_dataset}}}\n"
+        f"train: {{output_dir: {str(tmp / 'out')!r}, init_checkpoint: ''}}\n"
+    )
+    (tmp / "lazy.yaml").write_text(text)
+    sys.path.insert(0, str(tmp))
+    try:
+        refused(lambda: train(ws, tmp / "lazy.yaml", "--eval-only"), "bi_no_such_dataset")
+    finally:
+        sys.path.remove(str(tmp))
+    assert not marker.exists() and "bi_evil_module" not in sys.modules
+
+
+@case
+def functools_partial_tag_without_its_function(ws, tmp):
+    text = (
+        "model:\n  act: !!python/object/apply:functools.partial\n    args: []\n"
+        "    state: !!python/tuple [1, 2]\ntrain: {output_dir: out}\n"
+    )
+    (tmp / "lazy.yaml").write_text(text)
+    refused(lambda: train(ws, tmp / "lazy.yaml"), "lazy.yaml", "line 2", "functools.partial")
+
+
+@case
+def base_given_as_a_list(ws, tmp):
+    write(stage2(ws, tmp), tmp / "base.yaml")
+    (tmp / "c.yaml").write_text('_BASE_: ["base.yaml", "zoo:COCO-Detection/x.yaml"]\n')
+    refused(lambda: train(ws, tmp / "c.yaml"), "c.yaml", "_BASE_ must name one config file")
+
+
+@case
+def base_given_as_a_url(ws, tmp):
+    (tmp / "c.yaml").write_text('_BASE_: "https://example.com/base.yaml"\n')
+    refused(lambda: train(ws, tmp / "c.yaml"), "c.yaml", "is a URL", "not fetched")
+
+
+@case
+def base_file_missing(ws, tmp):
+    (tmp / "c.yaml").write_text('_BASE_: "no_such_base.yaml"\n')
+    refused(lambda: train(ws, tmp / "c.yaml"), "c.yaml", "no_such_base.yaml", "is not a file")
 
 
 @case

@@ -4,9 +4,12 @@ Each function names what it relies on; an upstream change breaks here, not acros
 """
 
 import contextlib
+import os
+import zipfile
 from typing import Any, Dict
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
@@ -19,6 +22,7 @@ __all__ = [
     "read_checkpoint_file",
     "SafeLoadingCheckpointer",
     "pkl_checkpoint",
+    "check_checkpoint_structure",
     "cpu_ddp_in_default_trainer",
     "register_state_dict_hook",
 ]
@@ -46,9 +50,15 @@ class SafeLoadingCheckpointer(DetectionCheckpointer):
     detectron2 v0.7.2) and the .pkl / .pyth branches of ``_load_file``."""
 
     def _torch_load(self, f: str) -> Dict[str, Any]:
+        _check_archive_size(f)
         return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        data = self._read_file(filename)
+        check_checkpoint_structure(data, filename)
+        return data
+
+    def _read_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
             return pkl_checkpoint(filename)
         if filename.endswith(".pyth"):  # pycls (RegNet ImageNet models), as detectron2 reads it
@@ -62,6 +72,68 @@ class SafeLoadingCheckpointer(DetectionCheckpointer):
             }
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)
+
+
+# A .pth file (a zip archive) may hold records that inflate to this many times its own size,
+# plus this many bytes: torch writes them stored, not compressed; a deflated record of zeros
+# inflates a thousandfold, and torch reads it whole before anything could be checked.
+_INFLATION_FACTOR, _INFLATION_SLACK = 2, 2**20
+
+
+def _check_archive_size(path: str) -> None:
+    """Fail, naming the file, if a zip-format ``.pth`` declares records that would inflate far
+    beyond its own size (read from its central directory, before anything is inflated)."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format: storages are read from the file, as large as it is
+    size = os.path.getsize(path)
+    with zipfile.ZipFile(path) as archive:
+        total = sum(info.file_size for info in archive.infolist())
+    if total > _INFLATION_FACTOR * size + _INFLATION_SLACK:
+        raise ValueError(
+            f"'{path}' ({size} bytes) holds records that inflate to {total} bytes; torch writes "
+            "checkpoints uncompressed, so this is not one: it is refused before it is read"
+        )
+
+
+def check_checkpoint_structure(data: Any, path: str) -> None:
+    """Fail, naming the file and the key, where what a weights file holds is not a checkpoint:
+    not a dict, a "model" entry that is not a dict of name -> tensor/array (a list, integer
+    keys, a string where a tensor belongs), or weights that are not finite (NaN/inf: a diverged
+    run's file would fail later as a "divergence" of the run that loads it)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"'{path}' holds a {type(data).__name__}, not a checkpoint dict")
+    state = data.get("model")
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"'{path}': its \"model\" entry is a {type(state).__name__}, not a dict of "
+            "weights (name -> tensor)"
+        )
+    bad_keys = [k for k in state if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(
+            f"'{path}': its weights are named by {type(bad_keys[0]).__name__}s "
+            f"({bad_keys[:3]}), not by strings"
+        )
+    not_arrays, not_finite = [], []
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value) if value.dtype.kind in "fc" else None
+        elif not isinstance(value, torch.Tensor):
+            if not isinstance(value, (int, float)) or data.get("__author__") != "Caffe2":
+                not_arrays.append(f"{key} ({type(value).__name__})")
+            continue
+        if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
+            not_finite.append(key)
+    if not_arrays:
+        raise ValueError(
+            f"'{path}': weights that are not tensors: {', '.join(sorted(not_arrays)[:10])}"
+        )
+    if not_finite:
+        raise ValueError(
+            f"'{path}': weights with NaN or inf values: {', '.join(sorted(not_finite)[:10])}"
+            f"{' ...' if len(not_finite) > 10 else ''}; the run that wrote them diverged, or "
+            "the file is damaged"
+        )
 
 
 def read_checkpoint_file(path: str) -> Dict[str, Any]:

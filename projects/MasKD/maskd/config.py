@@ -14,7 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from .deeplab import add_deeplab_config
 from .head_kd import add_head_kd_config
 from .mask_sources import add_mask_source_config
-from .yaml_configs import ZOO_PREFIX, LazyYamlLoader, MasKDCfgNode, read_yaml
+from .yaml_configs import (
+    ZOO_PREFIX,
+    LazyYamlLoader,
+    MasKDCfgNode,
+    locate_name,
+    partial_call,
+    read_yaml,
+)
 
 __all__ = [
     "add_maskd_config",
@@ -24,6 +31,8 @@ __all__ = [
     "resolve_config_file",
     "ZOO_PREFIX",
     "read_yaml",
+    "locate_name",
+    "partial_call",
     "LazyYamlLoader",
 ]
 

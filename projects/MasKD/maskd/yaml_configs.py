@@ -6,6 +6,7 @@ config with PyYAML's safe loader (:func:`read_yaml`), saved LazyConfigs with
 :class:`LazyYamlLoader`, and yacs files through :class:`MasKDCfgNode`.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -14,7 +15,14 @@ from detectron2.config import CfgNode as CN
 from detectron2.model_zoo import get_config_file
 from fvcore.common.config import BASE_KEY
 
-__all__ = ["read_yaml", "LazyYamlLoader", "MasKDCfgNode", "ZOO_PREFIX"]
+__all__ = [
+    "read_yaml",
+    "LazyYamlLoader",
+    "MasKDCfgNode",
+    "ZOO_PREFIX",
+    "locate_name",
+    "partial_call",
+]
 
 # `_BASE_: "zoo:COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"` names a detectron2 model-zoo config,
 # so the project's YAML files hold only their deltas over detectron2's own configs.
@@ -25,10 +33,64 @@ class DuplicateKeyError(yaml.YAMLError):
     """A YAML mapping names one key twice (PyYAML keeps the last one without a word)."""
 
 
+class AliasBombError(yaml.YAMLError):
+    """A YAML document whose aliases expand it far beyond its own size."""
+
+
+# A document may grow by its aliases to this many times its own nodes, plus this many nodes.
+_EXPANSION_FACTOR, _EXPANSION_SLACK = 10, 10_000
+
+
+def _check_expansion(root) -> None:
+    """Fail if ``root``'s aliases (nodes reached more than once) would expand the document
+    beyond :data:`_EXPANSION_FACTOR` times its distinct nodes (a "billion laughs" file of a few
+    hundred bytes makes 10^9 nodes), or if a node contains itself."""
+    sizes, active, distinct = {}, set(), 0
+    stack = [(root, False)]
+    while stack:  # iterative: a deep file does not reach Python's recursion limit
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            active.discard(key)
+            children = _children(node)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise AliasBombError(
+                f"an alias refers to a node that contains it (line {node.start_mark.line + 1}): "
+                "the document would be infinite"
+            )
+        active.add(key)
+        distinct += 1
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+    expanded = sizes[id(root)]
+    if expanded > _EXPANSION_FACTOR * distinct + _EXPANSION_SLACK:
+        raise AliasBombError(
+            f"its aliases expand {distinct} YAML nodes to {expanded}: more than "
+            f"{_EXPANSION_FACTOR} times the file's own (a config needs no such repetition)"
+        )
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
 class SafeUniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key repeated in one mapping: in a config, a second
-    ``LOSS_WEIGHT: 0.0`` further down would silently switch distillation off. Keys that YAML
+    """PyYAML's safe loader that refuses a key repeated in one mapping (in a config, a second
+    ``LOSS_WEIGHT: 0.0`` further down would silently switch distillation off) and a document
+    that its aliases expand far beyond its own size (:func:`_check_expansion`). Keys that YAML
     merges (``<<: *anchor``) may still be overridden, as YAML means them to be."""
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -51,10 +113,30 @@ class SafeUniqueKeyLoader(yaml.SafeLoader):
 
 class LazyYamlLoader(SafeUniqueKeyLoader):
     """PyYAML's safe loader plus the few Python tags that ``LazyConfig.save`` writes into
-    saved LazyConfig files, each constructed without running code: ``python/tuple``,
-    ``python/object:`` of detectron2's ``ShapeSpec``, ``python/name:`` (a callable named, as a
-    ``_target_`` names one) and ``python/object/apply:functools.partial``. Every other Python
-    tag is refused, as by the safe loader."""
+    saved LazyConfig files, each constructed without running code and without importing
+    anything: ``python/tuple``; ``python/object:`` of detectron2's ``ShapeSpec``;
+    ``python/name:`` (a callable named) and ``python/object/apply:functools.partial``, both as
+    ``_target_`` entries (:func:`locate_name`, :func:`partial_call`), resolved when the config
+    is instantiated, as every ``_target_`` is. Every other Python tag is refused, as by the safe
+    loader."""
+
+
+def locate_name(name: str):
+    """The object that ``name`` (a dotted path) names: what a saved LazyConfig's
+    ``!!python/name:`` tag stands for, resolved at instantiation."""
+    from detectron2.utils.registry import locate
+
+    return locate(name)
+
+
+def partial_call(func, args=(), keywords=None):
+    """``functools.partial(func, *args, **keywords)``: what a saved LazyConfig's
+    ``functools.partial`` tag stands for, made at instantiation."""
+    return functools.partial(func, *args, **(keywords or {}))
+
+
+_LOCATE = f"{__name__.rsplit('.', 1)[0]}.config.locate_name"
+_PARTIAL = f"{__name__.rsplit('.', 1)[0]}.config.partial_call"
 
 
 def _tuple(loader, node):
@@ -64,17 +146,26 @@ def _tuple(loader, node):
 def _object(loader, suffix, node):
     from detectron2.layers import ShapeSpec
 
-    if suffix != "detectron2.layers.shape_spec.ShapeSpec":
+    if suffix != "detectron2.layers.shape_spec.ShapeSpec" or not isinstance(node, yaml.MappingNode):
         raise yaml.constructor.ConstructorError(
             None, None, f"python/object:{suffix} is not constructed", node.start_mark
         )
-    return ShapeSpec(**loader.construct_mapping(node, deep=True))
+    fields = loader.construct_mapping(node, deep=True)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ShapeSpec)})
+    if unknown:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"ShapeSpec has no field(s) {unknown}", node.start_mark
+        )
+    return ShapeSpec(**fields)
 
 
 def _name(loader, suffix, node):
-    from detectron2.utils.registry import locate
-
-    return locate(suffix)  # like a _target_: resolved, not called
+    if not suffix or not all(part.isidentifier() for part in suffix.split(".")):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"python/name:{suffix} is not a dotted name", node.start_mark
+        )
+    # nothing is imported while the file is read: the name is located at instantiation
+    return {"_target_": _LOCATE, "name": suffix}
 
 
 def _apply(loader, suffix, node):
@@ -83,10 +174,24 @@ def _apply(loader, suffix, node):
             None, None, f"python/object/apply:{suffix} is not constructed", node.start_mark
         )
     value = loader.construct_mapping(node, deep=True)
-    out = functools.partial(*value.get("args", ()))
-    if "state" in value:
-        out.__setstate__(value["state"])
-    return out
+    args, state = value.get("args", ()), value.get("state")
+    ok = set(value) <= {"args", "state"} and isinstance(args, (list, tuple)) and len(args) >= 1
+    if state is not None:
+        ok = ok and isinstance(state, (list, tuple)) and len(state) == 4
+        ok = ok and isinstance(state[1], (list, tuple)) and isinstance(state[2], (dict, type(None)))
+        ok = ok and state[3] in (None, {})
+    if not ok:
+        raise yaml.constructor.ConstructorError(
+            None,
+            None,
+            "a functools.partial tag must hold 'args' (the function first) and optionally "
+            "'state' (function, args, keywords, None), as LazyConfig.save writes it",
+            node.start_mark,
+        )
+    func, extra, keywords = args[0], list(args[1:]), {}
+    if state is not None:
+        func, extra, keywords = state[0], list(state[1]), dict(state[2] or {})
+    return {"_target_": _PARTIAL, "func": func, "args": extra, "keywords": keywords}
 
 
 LazyYamlLoader.add_constructor("tag:yaml.org,2002:python/tuple", _tuple)
@@ -116,6 +221,8 @@ def read_yaml(filename: str, loader=SafeUniqueKeyLoader) -> dict:
             "configs with the safe loader, so nothing of it was run; a config file needs no "
             "tags (detectron2 would run them with yaml.unsafe_load)"
         ) from None
+    except AliasBombError as e:
+        raise ValueError(f"config file '{filename}' is refused: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"config file '{filename}' is not valid YAML: {e}") from None
     if data is None:
@@ -133,6 +240,27 @@ def _is_installed_zoo_config(filename: str) -> bool:
 
     root = os.path.realpath(os.path.join(os.path.dirname(detectron2.model_zoo.__file__), "configs"))
     return os.path.realpath(filename).startswith(root + os.sep)
+
+
+def _check_base(filename: str, base) -> None:
+    """Fail, naming ``filename``, where its ``_BASE_`` is not one readable config: a list, a
+    remote URL (not fetched), or a local file that does not exist."""
+    if base is None or (isinstance(base, str) and base.startswith(ZOO_PREFIX)):
+        return
+    if not isinstance(base, str) or not base:
+        raise ValueError(
+            f"{filename}: _BASE_ must name one config file (a path, or 'zoo:NAME' for a "
+            f"detectron2 model-zoo config), got {base!r}"
+        )
+    if "://" in base:
+        raise ValueError(
+            f"{filename}: _BASE_ '{base}' is a URL; config files are not fetched: download it "
+            "and name the local file"
+        )
+    path = os.path.expanduser(base)
+    path = path if os.path.isabs(path) else os.path.join(os.path.dirname(filename), path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{filename}: _BASE_ names '{base}', which is not a file ({path})")
 
 
 class MasKDCfgNode(CN):
@@ -162,6 +290,7 @@ class MasKDCfgNode(CN):
             return super().load_yaml_with_base(filename, allow_unsafe=True)
         data = read_yaml(filename)
         base = data.get(BASE_KEY)
+        _check_base(filename, base)
         if not (isinstance(base, str) and base.startswith(ZOO_PREFIX)):
             # fvcore reads the file (safe: checked above) and its _BASE_ files through this
             # method again
