@@ -390,6 +390,23 @@ def resume_with_a_changed_student(ws, tmp):
 
 
 @case
+def pth_of_torchs_legacy_format_declaring_8_gb(ws, tmp):
+    """torch's pre-zip format: a 400-byte file whose storage declares 2e9 floats. torch sizes
+    the storage from the file (pages never touched) and fails at once: no memory is taken."""
+    import struct
+
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(4)}}, buffer, _use_new_zipfile_serialization=False)
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"X\x03\x00\x00\x00cpu") + 10  # the storage's element count follows
+    assert data[at : at + 2] == b"K\x04"
+    data[at : at + 2] = b"J" + struct.pack("<i", 2_000_000_000)
+    (tmp / "legacy.pth").write_bytes(bytes(data))
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "legacy.pth"))
+    refused(train_cfg(ws, tmp, cfg), "TEACHER.WEIGHTS", "legacy.pth", "could not read")
+
+
+@case
 def tokens_export_given_as_teacher_weights(ws, tmp):
     export = _tool("export")
     export.main(["tokens", "--checkpoint", ws["tokens"], "--output", str(tmp / "tok.pth")])
@@ -586,6 +603,20 @@ def base_given_as_a_url(ws, tmp):
 def base_file_missing(ws, tmp):
     (tmp / "c.yaml").write_text('_BASE_: "no_such_base.yaml"\n')
     refused(lambda: train(ws, tmp / "c.yaml"), "c.yaml", "no_such_base.yaml", "is not a file")
+
+
+@case
+def teacher_opts_of_odd_length(ws, tmp):
+    cfg = stage2(ws, tmp)
+    cfg.MODEL.MASKD.TEACHER.OPTS = ["MODEL.PIXEL_MEAN"]
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.OPTS", "teacher_a", "odd number")
+
+
+@case
+def teacher_opts_with_an_unknown_key(ws, tmp):
+    cfg = stage2(ws, tmp)
+    cfg.MODEL.MASKD.TEACHER.OPTS = ["MODEL.FPN.NO_SUCH_KEY", "1"]
+    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.OPTS", "MODEL.FPN.NO_SUCH_KEY")
 
 
 @case
@@ -879,6 +910,84 @@ def dataset_image_empty(ws, tmp):
 
 
 @case
+def dataset_with_duplicate_image_ids(ws, tmp):
+    """Two images with id 1: pycocotools kept one and put the other's boxes on it."""
+
+    def edit(data, images):
+        data["images"][1]["id"] = data["images"][0]["id"]
+
+    register, _ = _dataset(tmp, "bi_dup_ids", edit)
+    refused(_train_on(ws, tmp, "bi_dup_ids", register), "annotations.json", "the same id ([1])")
+
+
+@case
+def dataset_boxes_outside_their_images(ws, tmp):
+    """Coordinates x10 (a unit mistake): detectron2 dropped every box and trained on
+    background only."""
+
+    def edit(data, images):
+        for ann in data["annotations"]:
+            ann["bbox"] = [v * 10 for v in ann["bbox"]]
+
+    register, _ = _dataset(tmp, "bi_outside", edit)
+    refused(_train_on(ws, tmp, "bi_outside", register), "lies outside the 64x64 image")
+
+
+@case
+def dataset_box_at_1e30(ws, tmp):
+    def edit(data, images):
+        data["annotations"][0]["bbox"][0] = 1e30
+
+    register, _ = _dataset(tmp, "bi_far_box", edit)
+    refused(_train_on(ws, tmp, "bi_far_box", register), "lies outside", "0000.png")
+
+
+@case
+def dataset_image_not_an_image(ws, tmp):
+    """A PNG of garbage bytes: detectron2 failed when it first sampled it, mid-training."""
+
+    def edit(data, images):
+        with open(os.path.join(images, "0001.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+
+    register, _ = _dataset(tmp, "bi_corrupt", edit)
+    refused(_train_on(ws, tmp, "bi_corrupt", register), "0001.png", "cannot be read")
+
+
+@case
+def dataset_image_of_another_size_than_the_json(ws, tmp):
+    def edit(data, images):
+        data["images"][0]["width"] = 80
+
+    register, _ = _dataset(tmp, "bi_size", edit)
+    refused(_train_on(ws, tmp, "bi_size", register), "0000.png", "is 64x64", "says 80x64")
+
+
+@case
+def dataset_image_decompression_bomb(ws, tmp):
+    """A 60 KB PNG whose header declares 20000 x 20000 pixels (PIL's limit: 89 M)."""
+    import zlib
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    side = 20000
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 1-bit grey
+    rows = zlib.compress(b"\x00" * ((side // 8 + 1) * side), 9)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows)
+    png += chunk(b"IEND", b"")
+
+    def edit(data, images):
+        with open(os.path.join(images, "0001.png"), "wb") as f:
+            f.write(png)
+        data["images"][1]["width"] = data["images"][1]["height"] = side
+
+    register, _ = _dataset(tmp, "bi_bomb", edit)
+    refused(_train_on(ws, tmp, "bi_bomb", register), "0001.png", "decompression-bomb limit")
+
+
+@case
 def dataset_annotation_file_missing(ws, tmp):
     register = ["--register-coco", "bi_nojson", str(tmp / "none.json"), str(tmp)]
     refused(_train_on(ws, tmp, "bi_nojson", register), "bi_nojson", "none.json")
@@ -923,6 +1032,56 @@ def student_export_over_its_own_config_with_force(ws, tmp):
     call = _export_student(ws, tmp, cfg, tmp / "stage2.pth", "--force")
     refused(call, "stage2.yaml", "the config file it reads")
     assert (tmp / "stage2.yaml").read_text() == before
+
+
+@case
+def student_export_over_a_base_of_its_config_with_force(ws, tmp):
+    """``--output base.pth --force`` where ``base.yaml`` is the _BASE_ of the config read."""
+    before = write(stage2(ws, tmp), tmp / "base.yaml") and (tmp / "base.yaml").read_text()
+    (tmp / "c.yaml").write_text('_BASE_: "base.yaml"\n')
+    argv = ["student", "--config-file", str(tmp / "c.yaml"), "--checkpoint", ws["stage2"]]
+    call = lambda: _tool("export").main(argv + ["--output", str(tmp / "base.pth"), "--force"])
+    refused(call, "base.yaml", "the config's _BASE_ it reads")
+    assert (tmp / "base.yaml").read_text() == before and not (tmp / "base.pth").exists()
+
+
+def _stage2_checkpoint_with_pixel_mean(ws, tmp, mean):
+    cfg = stage2(ws, tmp, MODEL__PIXEL_MEAN=mean)
+    MasKDCheckpointer(build_model(cfg), save_dir=str(tmp)).save("s2_mean")
+    return str(tmp / "s2_mean.pth")
+
+
+@case
+def student_export_without_the_trainings_preprocessing(ws, tmp):
+    """The student trained with a PIXEL_MEAN override, exported with the config alone: the
+    release config would normalise images otherwise than the weights were trained for."""
+    checkpoint = _stage2_checkpoint_with_pixel_mean(ws, tmp, "[10.0, 20.0, 30.0]")
+    config = write(stage2(ws, tmp), tmp / "stage2.yaml")
+    argv = ["student", "--config-file", config, "--checkpoint", checkpoint]
+    call = lambda: _tool("export").main(argv + ["--output", str(tmp / "student.pth")])
+    refused(call, "s2_mean.pth", "MODEL.PIXEL_MEAN [10.0, 20.0, 30.0]")
+    assert not (tmp / "student.pth").exists() and not (tmp / "student.yaml").exists()
+
+
+@case
+def resume_with_other_preprocessing(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__PIXEL_MEAN="[10.0, 20.0, 30.0]")
+    MasKDCheckpointer(build_model(cfg), save_dir=cfg.OUTPUT_DIR).save("model_0000003")
+    refused(train_cfg(ws, tmp, stage2(ws, tmp), "--resume"), "--resume", "MODEL.PIXEL_MEAN")
+
+
+@case
+def untrained_tokens_export_as_tokens_weights(ws, tmp):
+    """Tokens exported from a random-token run (ALLOW_RANDOM_TOKENS): learned for no teacher."""
+    cfg = stage2(ws, tmp, MODEL__MASKD__ALLOW_RANDOM_TOKENS="True")
+    cfg.MODEL.MASKD.TOKENS_WEIGHTS = ""
+    MasKDCheckpointer(build_model(cfg), save_dir=str(tmp)).save("random_run")
+    argv = ["tokens", "--checkpoint", str(tmp / "random_run.pth"), "--output", str(tmp / "t.pth")]
+    _tool("export").main(argv)
+    for teacher in (ws["teacher"][1], ws["other"][1]):
+        cfg = stage2(ws, tmp, MODEL__MASKD__TOKENS_WEIGHTS=str(tmp / "t.pth"))
+        cfg.MODEL.MASKD.TEACHER.WEIGHTS = teacher
+        refused(train_cfg(ws, tmp, cfg), "t.pth", "are untrained")
 
 
 @case

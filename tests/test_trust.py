@@ -3,6 +3,7 @@ checkpoints of the wrong stage or pair are refused, class counts and channel ord
 temporary files and half releases never pass for real ones. Through train_net.py and
 tools/export.py where users meet them."""
 
+import collections
 import fnmatch
 import fractions
 import os
@@ -476,7 +477,7 @@ def test_a_failed_download_names_the_config_key(ws):
         )
 
 
-def test_the_collective_timeout_is_a_flag(monkeypatch):
+def test_the_collective_timeout_is_a_flag(monkeypatch, tmp_path):
     # NCCL ranks on other machines may notice a dead peer only after the collective timeout;
     # train_net.py makes it a flag.
     import train_net
@@ -484,12 +485,14 @@ def test_the_collective_timeout_is_a_flag(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(train, "launch", lambda *a, **k: seen.update(k))
-    train_net.cli(["--config-file", "x.yaml", "--num-gpus", "8", "--dist-timeout", "5"])
+    config = tmp_path / "x.yaml"
+    config.write_text(f"OUTPUT_DIR: {tmp_path / 'out'}\n")
+    train_net.cli(["--config-file", str(config), "--num-gpus", "8", "--dist-timeout", "5"])
     assert seen["timeout"].total_seconds() == 300
-    train_net.cli(["--config-file", "x.yaml"])
+    train_net.cli(["--config-file", str(config)])
     assert seen["timeout"].total_seconds() == 1800  # detectron2's default
     with pytest.raises(SystemExit, match="must be positive"):
-        train_net.cli(["--config-file", "x.yaml", "--dist-timeout", "0"])
+        train_net.cli(["--config-file", str(config), "--dist-timeout", "0"])
 
 
 @pytest.mark.parametrize(
@@ -632,3 +635,151 @@ def test_an_opcode_that_declares_more_bytes_than_the_file_is_refused(tmp_path, n
     state = {"s": "é" * 300, "b": b"x" * 300, "a": bytearray(b"y" * 300), "n": 1 << 3000}
     path.write_bytes(pickle.dumps(state, protocol=5))
     assert load_pkl(str(path)) == state
+
+
+# --- a fuzz of the guarded unpickler ----------------------------------------------------------
+
+# A subprocess loads thousands of pickles built from the allowed globals only (dtypes of random
+# descriptors and states, scalars of them with data of random length, arrays of random shapes,
+# dtypes, flags and data; OrderedDicts), and valid pickles with random bytes changed, inserted
+# or cut. For each it prints the outcome and the memory it took at its peak (tracemalloc, which
+# numpy's allocations report to). An alarm stops a load that hangs; an address-space limit
+# keeps a runaway allocation from reaching the machine.
+_FUZZ = r"""
+import collections, io, pickle, random, resource, signal, sys, tracemalloc
+import numpy as np
+from maskd.safe_pickle import DamagedPickleError, UnsafePickleError, load_pkl
+
+n, seed, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+rng = random.Random(seed)
+DESCRS = ["S0", "S1", "S7", "U0", "U3", "f2", "f4", "f8", "i1", "i8", "u2", "b1", "c16",
+          "V4", "O", "M8", "m8[s]", "a", "x", "f4,f4", "(2,)f4", "<f4", ">i2", "|S2"]
+NUMBERS = [-(2 ** 63), -(2 ** 31), -5, -1, 0, 1, 2, 3, 4, 7, 8, 16, 2 ** 31, 2 ** 62, 0x20, 0x3F]
+
+def const(obj):
+    return pickle.dumps(obj, protocol=2)[2:-1]
+
+def g(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+def anything(depth=0):
+    pick = rng.randrange(9 if depth < 2 else 6)
+    if pick == 0: return rng.choice(NUMBERS)
+    if pick == 1: return rng.choice(["<", ">", "|", "=", "", "f8", "S3"])
+    if pick == 2: return None
+    if pick == 3: return bool(rng.randrange(2))
+    if pick == 4: return bytes(rng.randrange(256) for _ in range(rng.randrange(24)))
+    if pick == 5: return rng.random() * rng.choice([1, 1e300, -1])
+    if pick == 6: return tuple(anything(depth + 1) for _ in range(rng.randrange(10)))
+    if pick == 7: return [anything(depth + 1) for _ in range(rng.randrange(4))]
+    return {anything(depth + 1) if rng.randrange(3) else "names": anything(depth + 1)}
+
+def dtype_op():
+    descr = rng.choice(DESCRS)
+    s = g("numpy", "dtype") + const((descr, bool(rng.randrange(2)), True)) + b"R"
+    if rng.randrange(4):
+        try:
+            state = list(np.dtype(descr).__reduce__()[2])
+        except TypeError:
+            state = [3, "|", None, None, None, -1, -1, 0]
+        for _ in range(rng.randrange(4)):
+            if rng.randrange(6) == 0:
+                fresh = [anything(1) for _ in range(rng.randrange(10))]
+                state = fresh if rng.randrange(2) else state + [anything(1)]
+            elif state:
+                state[rng.randrange(len(state))] = anything(1)
+        s += const(tuple(state)) + b"b"
+    return s
+
+def scalar_op():
+    data = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 2, 4, 8, 16, 33])))
+    return g("numpy.core.multiarray", "scalar") + dtype_op() + const(data) + b"\x86R"
+
+def array_op():
+    shape = tuple(rng.choice([0, 1, 2, 3, 5, 2 ** 20, 2 ** 40, -1]) for _ in range(rng.randrange(4)))
+    s = g("numpy.core.multiarray", "_reconstruct") + g("numpy", "ndarray")
+    s += const((0,)) + const(b"b") + b"\x87R"
+    size = rng.choice([0, 1, 4, 8, 64, 1000])
+    raw = bytes(rng.randrange(256) for _ in range(size))
+    if rng.randrange(5):
+        state = b"(" + const(rng.choice([1, 0, 2, -1])) + const(shape) + dtype_op()
+        state += const(bool(rng.randrange(2))) + const(raw if rng.randrange(4) else [1, 2]) + b"t"
+    else:
+        state = const(anything(1))
+    return s + state + b"b"
+
+def odict_op():
+    s = g("collections", "OrderedDict") + b")R"
+    for _ in range(rng.randrange(3)):
+        s += b"(" + const("k") + rng.choice([array_op, scalar_op, dtype_op])() + b"u"
+    return s
+
+def built():
+    ops = [rng.choice([dtype_op, scalar_op, array_op, odict_op])() for _ in range(rng.randint(1, 3))]
+    return b"\x80\x02" + b"(" + b"".join(ops) + b"l."
+
+def mutated():
+    base = {"model": collections.OrderedDict(
+        w=np.arange(rng.randrange(1, 20), dtype=rng.choice(["<f4", "<i8", "|u1", ">f8"])),
+        s=np.float32(1.5), n=np.array([b"ab", b"c"]))}
+    data = bytearray(pickle.dumps(base, protocol=rng.choice([0, 2, 4, 5])))
+    for _ in range(rng.randint(1, 4)):
+        i, kind = rng.randrange(len(data)), rng.randrange(3)
+        if kind == 0: data[i] = rng.randrange(256)
+        elif kind == 1: data[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        else: del data[i : i + rng.randint(1, 8)]
+    return bytes(data)
+
+def on_alarm(*_):
+    raise TimeoutError("hung")
+
+signal.signal(signal.SIGALRM, on_alarm)
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+with open("/proc/self/statm") as f:
+    vm = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2 * 2 ** 30, hard))
+tracemalloc.start()
+for i in range(n):
+    data = built() if i % 2 else mutated()
+    with open(path, "wb") as f:
+        f.write(data)
+    tracemalloc.reset_peak()
+    start = tracemalloc.get_traced_memory()[0]
+    signal.alarm(10)
+    try:
+        load_pkl(path)
+        outcome = "loaded"
+    except UnsafePickleError:
+        outcome = "refused"
+    except DamagedPickleError as e:
+        outcome = "damaged" if str(e).startswith(repr(path)) else "unnamed"
+    except (MemoryError, TimeoutError) as e:
+        outcome = type(e).__name__
+    except Exception as e:  # a raw error is not a crash, but is reported as such
+        outcome = "raw:" + type(e).__name__
+    finally:
+        signal.alarm(0)
+    peak = tracemalloc.get_traced_memory()[1] - start
+    unusual = outcome not in ("loaded", "refused", "damaged") or peak > 10 * len(data) + 2**18
+    print(outcome, len(data), peak, data.hex() if unusual else "", flush=True)
+"""
+
+
+def test_the_guarded_unpickler_survives_a_fuzz_of_its_allowed_globals(tmp_path):
+    """3000 pickles of allowed globals only, and valid pickles damaged at random: every one is
+    loaded, refused (UnsafePickleError) or named damaged (DamagedPickleError, the file named);
+    none crashes the process, hangs, raises another error, or takes more than ten times its
+    own size (plus 256 KB) in memory."""
+    script = tmp_path / "fuzz.py"
+    script.write_text(_FUZZ)
+    out = run([str(script), "3000", "7", str(tmp_path / "fuzz.pkl")], tmp_path, check=False)
+    assert out.returncode == 0, f"exit {out.returncode}: " + out.stderr[-2000:]
+    rows = [line.split(" ") for line in out.stdout.splitlines()]
+    assert len(rows) == 3000
+    bad = [r for r in rows if r[0] not in ("loaded", "refused", "damaged")]
+    assert not bad, bad[:5]
+    heavy = [r for r in rows if int(r[2]) > 10 * int(r[1]) + 2**18]
+    assert not heavy, heavy[:5]
+    outcomes = collections.Counter(r[0] for r in rows)
+    assert min(outcomes["loaded"], outcomes["damaged"]) >= 100, outcomes
+    assert outcomes["refused"] >= 1000, outcomes

@@ -116,13 +116,15 @@ def check_checkpoint_structure(data: Any, path: str) -> None:
         )
     not_arrays, not_finite = [], []
     for key, value in state.items():
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(value) if value.dtype.kind in "fc" else None
-        elif not isinstance(value, torch.Tensor):
-            if not isinstance(value, (int, float)) or data.get("__author__") != "Caffe2":
-                not_arrays.append(f"{key} ({type(value).__name__})")
+        if isinstance(value, (np.ndarray, np.generic)):  # .pkl files: arrays and scalars
+            value = torch.from_numpy(np.asarray(value)) if value.dtype.kind == "f" else None
+        elif isinstance(value, float) and not isinstance(value, bool):
+            value = torch.tensor(value)
+        elif not isinstance(value, (torch.Tensor, int)):
+            not_arrays.append(f"{key} ({type(value).__name__})")
             continue
-        if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+        if floating and not torch.isfinite(value).all():
             not_finite.append(key)
     if not_arrays:
         raise ValueError(

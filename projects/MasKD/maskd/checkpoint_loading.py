@@ -22,9 +22,11 @@ from .checkpoint_format import (
 from .provenance import (
     CONFIG_KEY,
     FINGERPRINT_KEY,
+    STUDENT_PREPROCESSING_KEY,
     TOKENS_CONFIG_KEY,
     TOKENS_KEY,
     TeacherPrint,
+    check_student_preprocessing,
     check_token_provenance,
     checkpoint_teacher_state,
     fingerprint,
@@ -98,6 +100,11 @@ def load_checkpoint_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> Incomp
     _keep_configured_teacher(model, checkpoint)
     if target == STAGE2:
         _keep_configured_tokens(model, checkpoint)
+        check_student_preprocessing(
+            bare_state(checkpoint["model"]).get(STUDENT_PREPROCESSING_KEY),
+            getattr(model, STUDENT_PREPROCESSING_KEY).cpu(),
+            "the checkpoint",
+        )
     incompatible = load_state_into(model, checkpoint)
     teacher_keys = {f"teacher.{k}" for k in model.teacher.state_dict()}
     teacher_keys |= set(_PROVENANCE_KEYS)
@@ -114,7 +121,13 @@ def load_checkpoint_dict(model: nn.Module, checkpoint: Dict[str, Any]) -> Incomp
     )
 
 
-_PROVENANCE_KEYS = (FINGERPRINT_KEY, CONFIG_KEY, TOKENS_KEY, TOKENS_CONFIG_KEY)
+_PROVENANCE_KEYS = (
+    FINGERPRINT_KEY,
+    CONFIG_KEY,
+    TOKENS_KEY,
+    TOKENS_CONFIG_KEY,
+    STUDENT_PREPROCESSING_KEY,
+)
 
 
 def _keep_configured_teacher(model: nn.Module, checkpoint: Dict[str, Any]) -> None:
@@ -192,6 +205,7 @@ def _keep_configured_tokens(model: nn.Module, checkpoint: Dict[str, Any]) -> Non
                 fingerprint_text(getattr(model, CONFIG_KEY)),
             ),
             getattr(model, "allow_tokens_of_other_teacher", False),
+            untrained_ok=True,  # a random-token run resumed: its own untrained tokens
         )
         logger.info("The checkpoint's receptive tokens replace the untrained configured ones")
         return

@@ -13,7 +13,7 @@ existing file unless asked.
 import copy
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
@@ -27,9 +27,18 @@ from .checkpoint import (
     tokens_teacher_print,
     write_text,
 )
+from .checkpoint_format import bare_state
 from .deeplab import add_deeplab_config, is_deeplab
 from .meta_arch import student_config as stage2_student_config
-from .provenance import CONFIG_KEY, FINGERPRINT_KEY, fingerprint_tensor
+from .provenance import (
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    STUDENT_PREPROCESSING_KEY,
+    check_student_preprocessing,
+    fingerprint_tensor,
+    student_preprocessing,
+)
+from .yaml_configs import local_config_files
 
 __all__ = ["export_student", "export_tokens", "student_config", "check_student_fits"]
 
@@ -91,9 +100,16 @@ def _refuse_overwriting_inputs(outputs, inputs) -> None:
                 )
 
 
-def check_student_fits(out_cfg, student: Dict[str, torch.Tensor], checkpoint_path: str) -> None:
+def check_student_fits(
+    out_cfg,
+    student: Dict[str, torch.Tensor],
+    checkpoint_path: str,
+    preprocessing: Optional[torch.Tensor] = None,
+) -> None:
     """Fail, naming the keys, if the student that ``out_cfg`` (the student's own config) builds
-    does not have exactly the weights of ``student`` (the same names and shapes).
+    does not have exactly the weights of ``student`` (the same names and shapes), or, where
+    ``preprocessing`` (the stage-2 checkpoint's record of the student's ``PIXEL_MEAN`` and
+    ``PIXEL_STD``, (2C,)) is given, other preprocessing.
 
     Raises:
         ValueError: the config describes another model than the checkpoint's student.
@@ -113,6 +129,11 @@ def check_student_fits(out_cfg, student: Dict[str, torch.Tensor], checkpoint_pat
         for k in sorted(set(got) & set(expected))
         if got[k] != expected[k]
     ]
+
+    if not problems:
+        check_student_preprocessing(
+            preprocessing, student_preprocessing(model), f"'{checkpoint_path}'"
+        )
     if problems:
         raise ValueError(
             f"the config does not describe the student of '{checkpoint_path}': "
@@ -156,9 +177,11 @@ def export_student(
             f"--output '{output_path}' ends in .yaml, where the student's config goes: name the "
             "weights file with .pth"
         )
+    configs = local_config_files(config_file) if config_file else []
     _refuse_overwriting_inputs(
         [output_path, config_path] if cfg is not None else [output_path],
-        [("checkpoint", checkpoint_path), ("config file", config_file)],
+        [("checkpoint", checkpoint_path)]
+        + [("config file" if i == 0 else "config's _BASE_", f) for i, f in enumerate(configs)],
     )
     if os.path.exists(output_path) and not overwrite:
         raise FileExistsError(f"'{output_path}' exists; pass --force to replace it")
@@ -167,7 +190,8 @@ def export_student(
     # The config first, the weights last: a release whose weights file exists is complete.
     if cfg is not None:
         out_cfg = student_config(cfg, os.path.abspath(output_path))
-        check_student_fits(out_cfg, student, checkpoint_path)
+        recorded = bare_state(state).get(STUDENT_PREPROCESSING_KEY)
+        check_student_fits(out_cfg, student, checkpoint_path, recorded)
         if isinstance(out_cfg, CfgNode):
             atomic_write(config_path, lambda tmp: write_text(tmp, out_cfg.dump()), True)
         else:

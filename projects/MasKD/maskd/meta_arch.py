@@ -19,11 +19,14 @@ from .pairing import parse_level_map, resolve_pair, teacher_batch
 from .provenance import (
     CONFIG_KEY,
     FINGERPRINT_KEY,
+    STUDENT_PREPROCESSING_KEY,
     TOKENS_CONFIG_KEY,
     TOKENS_KEY,
+    UNTRAINED,
     TeacherPrint,
     check_token_provenance,
     fingerprint_tensor,
+    student_preprocessing,
     teacher_print,
 )
 from .stage2_losses import Stage2Losses
@@ -156,6 +159,8 @@ class MasKD(Stage2Losses, nn.Module):
         self.head_kd = nn.ModuleList(head_kd)
         student.backbone = RecordingBackbone(student.backbone)
         self.student = student
+        # the student's preprocessing, kept in checkpoints (its own buffers are not)
+        self.register_buffer(STUDENT_PREPROCESSING_KEY, student_preprocessing(student).to(device))
         self.teacher = teacher
         self.tokens = freeze(tokens)
         self.mask_source = mask_source.to(device)
@@ -179,6 +184,8 @@ class MasKD(Stage2Losses, nn.Module):
         ours = teacher_print(teacher)
         theirs = getattr(tokens, "teacher_print", TeacherPrint(None, None))
         check_token_provenance(getattr(tokens, "source", None), theirs, ours, allow_other)
+        if getattr(tokens, "source", None) is None:  # built here: untrained (an ablation)
+            theirs = TeacherPrint(UNTRAINED, None)
         self.allow_tokens_of_other_teacher = allow_other
         for key, value in (
             (FINGERPRINT_KEY, ours.weights),

@@ -19,6 +19,12 @@ Where they are kept:
 
 Stage 2 and the tokens export compare the tokens' fingerprints with the teacher at hand and
 refuse a mismatch, unless told otherwise (``MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER``).
+Untrained tokens (the random-token ablation) are recorded as such (:data:`UNTRAINED`): they
+were learned for no teacher, and a file of them is refused as tokens like another teacher's.
+
+A fingerprint guards against mistakes (the wrong file, a changed config, tokens passed on
+through a stage-2 checkpoint), not against forgery: anyone can write any fingerprint into a
+file, and a file without fingerprints (made by other code, or edited) loads with a warning.
 """
 
 import hashlib
@@ -36,6 +42,9 @@ __all__ = [
     "CONFIG_KEY",
     "TOKENS_KEY",
     "TOKENS_CONFIG_KEY",
+    "UNTRAINED",
+    "STUDENT_PREPROCESSING_KEY",
+    "student_preprocessing",
     "TeacherPrint",
     "check_token_provenance",
     "config_fingerprint",
@@ -53,6 +62,11 @@ FINGERPRINT_KEY = "teacher_fingerprint"
 CONFIG_KEY = "teacher_config_fingerprint"
 TOKENS_KEY = "tokens_teacher_fingerprint"
 TOKENS_CONFIG_KEY = "tokens_teacher_config_fingerprint"
+# A stage-2 model's record of its student's preprocessing: PIXEL_MEAN then PIXEL_STD, (2C,),
+# which detectron2 models keep as non-persistent buffers (not in their checkpoints).
+STUDENT_PREPROCESSING_KEY = "student_preprocessing"
+# The "teacher fingerprint" of tokens that no teacher trained (the random-token ablation).
+UNTRAINED = hashlib.sha256(b"maskd: untrained receptive tokens").hexdigest()
 # Keys of a teacher's state dict that are not the teacher's (stage 1 keeps its tokens there).
 _NOT_TEACHER = ("backbone.tokens.",)
 
@@ -158,6 +172,33 @@ def fingerprint_text(tensor: Optional[torch.Tensor]) -> Optional[str]:
     return None if not any(data) else data.hex()
 
 
+def student_preprocessing(student: nn.Module) -> torch.Tensor:
+    """A student's ``pixel_mean`` then ``pixel_std``, flattened, (2C,) float32; empty if it has
+    none."""
+    mean, std = getattr(student, "pixel_mean", None), getattr(student, "pixel_std", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
+        return torch.zeros(0)
+    return torch.cat([mean.detach().flatten(), std.detach().flatten()]).float().cpu().clone()
+
+
+def check_student_preprocessing(
+    recorded: Optional[torch.Tensor], ours: torch.Tensor, what: str
+) -> None:
+    """Fail, naming both, where a checkpoint's student was trained with other
+    ``PIXEL_MEAN``/``PIXEL_STD`` than the config gives (``recorded`` None: not recorded)."""
+    if recorded is None or not recorded.numel() or not ours.numel():
+        return
+    recorded = torch.as_tensor(recorded).float().flatten().cpu()
+    if recorded.shape != ours.shape or not torch.allclose(recorded, ours):
+        half = len(recorded) // 2
+        raise ValueError(
+            f"{what}: the student was trained with MODEL.PIXEL_MEAN {recorded[:half].tolist()} "
+            f"and PIXEL_STD {recorded[half:].tolist()}, the config gives "
+            f"{ours[: len(ours) // 2].tolist()} and {ours[len(ours) // 2 :].tolist()}: give "
+            "the config (and overrides) the checkpoint was trained with"
+        )
+
+
 def checkpoint_teacher_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The teacher's part of a MasKD checkpoint's state dict (``teacher.*``, prefix removed;
     ``module.`` of DDP checkpoints too)."""
@@ -170,27 +211,45 @@ def checkpoint_teacher_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.
 
 
 def check_token_provenance(
-    source: Optional[str], theirs: TeacherPrint, ours: TeacherPrint, allow_other: bool
+    source: Optional[str],
+    theirs: TeacherPrint,
+    ours: TeacherPrint,
+    allow_other: bool,
+    untrained_ok: bool = False,
 ) -> None:
-    """Refuse tokens learned for another teacher, or for this one configured otherwise.
+    """Refuse tokens learned for another teacher, or for this one configured otherwise, or
+    never learned (:data:`UNTRAINED`).
 
     Args:
         source: where the tokens come from (a path), for messages; None for tokens built in
             the process (random tokens, an ablation): nothing to compare.
         theirs: the fingerprints of the teacher the tokens were learned for, as their file
-            records them (None where it records none: files made before MasKD recorded them).
+            records them (None where it records none: a file made by other code, or edited).
         ours: the fingerprints of the teacher at hand.
         allow_other: only warn on a mismatch.
+        untrained_ok: untrained tokens are expected (a random-token run resumed).
 
     Raises:
         ValueError: naming the source and both fingerprints, on a mismatch.
     """
     if source is None:
         return
+    if theirs.weights == UNTRAINED and not untrained_ok:
+        message = (
+            f"the receptive tokens of '{source}' are untrained (written by a random-token "
+            "run, MODEL.MASKD.ALLOW_RANDOM_TOKENS): no teacher learned them. Give the tokens "
+            "of a stage-1 run"
+        )
+        if not allow_other:
+            raise ValueError(message)
+        logger.warning("%s (allowed by ALLOW_TOKENS_OF_OTHER_TEACHER)", message)
+        return
+    if theirs.weights == UNTRAINED:
+        return
     if theirs.weights is None:
         logger.warning(
-            "the tokens of '%s' carry no teacher fingerprint (a file made before MasKD recorded "
-            "it): cannot verify that they were learned for this teacher",
+            "the tokens of '%s' carry no teacher fingerprint (a file made by other code, or "
+            "edited): cannot verify that they were learned for this teacher",
             source,
         )
         return
@@ -203,7 +262,7 @@ def check_token_provenance(
     if theirs.config is None:
         logger.warning(
             "the tokens of '%s' carry no fingerprint of their teacher's preprocessing and "
-            "backbone settings (a file made before MasKD recorded it): only the weights are "
+            "backbone settings (a file made by other code, or edited): only the weights are "
             "verified",
             source,
         )

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_pkl", "UnsafePickleError", "UNSAFE_PICKLE_ENV"]
+__all__ = ["load_pkl", "UnsafePickleError", "DamagedPickleError", "UNSAFE_PICKLE_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +310,10 @@ def unsafe_pickle_allowed() -> bool:
     return os.environ.get(UNSAFE_PICKLE_ENV, "") == "1"
 
 
+class DamagedPickleError(ValueError):
+    """A pickle stream that pickle or numpy cannot read (nothing of it ran)."""
+
+
 def load_pkl(path: str, file=None) -> Any:
     """Unpickle a weights file with the allow-list (latin1 strings, as detectron2 reads them).
 
@@ -321,6 +325,7 @@ def load_pkl(path: str, file=None) -> Any:
         UnsafePickleError: the file names a global outside the allow-list, or asks the allowed
             numpy globals for an unsafe dtype, a second dtype state or more bytes than it holds
             (unless the opt-in is set).
+        DamagedPickleError: the stream is not a pickle that can be read (naming the file).
     """
     if file is None:
         with open(path, "rb") as f:
@@ -330,6 +335,14 @@ def load_pkl(path: str, file=None) -> Any:
         return pickle.load(file, encoding="latin1")
     size = os.fstat(file.fileno()).st_size
     unpickler = _RestrictedUnpickler(file, path, size)
-    result = unpickler.load()
+    try:
+        result = unpickler.load()
+    except (UnsafePickleError, MemoryError):
+        raise
+    except Exception as e:  # pickle's and numpy's errors on a damaged stream
+        raise DamagedPickleError(
+            f"'{path}' is not a readable pickle (damaged, cut short, or not a weights file): "
+            f"{type(e).__name__}: {e}"
+        ) from None
     unpickler.check_result(result)
     return result

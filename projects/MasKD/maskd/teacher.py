@@ -3,7 +3,7 @@
 import logging
 from typing import List, Sequence
 
-from detectron2.config import CfgNode, instantiate
+from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 from torch import nn
@@ -54,7 +54,8 @@ def build_teacher(
         FileNotFoundError: the config or the weights do not exist.
     """
     path = resolve_config_file(config_file)
-    cfg = load_config(path, opts)
+    cfg = load_config(path)
+    _apply_overrides(cfg, list(opts), path)
     _refuse_a_maskd_config(cfg, path)
     if isinstance(cfg, CfgNode):
         cfg.MODEL.DEVICE = device
@@ -77,6 +78,27 @@ def build_teacher(
             "checkpoint; only smoke tests set MODEL.MASKD.TEACHER.ALLOW_RANDOM_INIT)"
         )
     return freeze(model)
+
+
+def _apply_overrides(cfg, opts: List[str], path: str) -> None:
+    """The teacher's overrides (``MODEL.MASKD.TEACHER.OPTS``) applied to its config, errors
+    naming the key and the teacher config."""
+    what = f"MODEL.MASKD.TEACHER.OPTS (overrides of the teacher config '{path}')"
+    if isinstance(cfg, CfgNode):
+        if len(opts) % 2:
+            raise ValueError(f"{what} must be KEY VALUE pairs; got an odd number of items: {opts}")
+        try:
+            cfg.merge_from_list(opts)
+        except (KeyError, AssertionError, ValueError, TypeError) as e:
+            raise ValueError(f"{what}: {e.args[0] if e.args else e}") from None
+        return
+    bad = [o for o in opts if "=" not in o]
+    if bad:
+        raise ValueError(f"{what}: LazyConfig overrides are key=value, got {bad}")
+    try:
+        LazyConfig.apply_overrides(cfg, opts)
+    except Exception as e:  # omegaconf's errors
+        raise ValueError(f"{what}: {type(e).__name__}: {e}") from None
 
 
 # the registered names of the two MasKD meta-architectures (neither a teacher nor a student)

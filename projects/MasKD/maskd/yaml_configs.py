@@ -9,6 +9,7 @@ config with PyYAML's safe loader (:func:`read_yaml`), saved LazyConfigs with
 import dataclasses
 import functools
 import os
+from typing import List
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -20,6 +21,7 @@ __all__ = [
     "LazyYamlLoader",
     "MasKDCfgNode",
     "ZOO_PREFIX",
+    "local_config_files",
     "locate_name",
     "partial_call",
 ]
@@ -240,6 +242,26 @@ def _is_installed_zoo_config(filename: str) -> bool:
 
     root = os.path.realpath(os.path.join(os.path.dirname(detectron2.model_zoo.__file__), "configs"))
     return os.path.realpath(filename).startswith(root + os.sep)
+
+
+def local_config_files(filename: str) -> List[str]:
+    """``filename`` and the local files of its ``_BASE_`` chain (yacs), as absolute paths; a
+    ``zoo:`` base, a missing or unreadable file ends the chain."""
+    files: List[str] = []
+    path = os.path.abspath(filename)
+    while path not in files and os.path.isfile(path):
+        files.append(path)
+        if not path.endswith((".yaml", ".yml")):
+            break
+        try:
+            base = read_yaml(path).get(BASE_KEY)
+        except ValueError:
+            break
+        if not isinstance(base, str) or base.startswith(ZOO_PREFIX) or "://" in base:
+            break
+        base = os.path.expanduser(base)
+        path = os.path.abspath(os.path.join(os.path.dirname(path), base))
+    return files
 
 
 def _check_base(filename: str, base) -> None:
