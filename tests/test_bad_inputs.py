@@ -841,6 +841,55 @@ def plain_teacher_checkpoint_evaluated_with_a_stage1_config(ws, tmp):
     refused(call, "MODEL.WEIGHTS", "is not a MasKD checkpoint", "stage-1 checkpoints")
 
 
+@case
+def plain_teacher_checkpoint_in_visualize_masks_with_a_stage1_config(ws, tmp):
+    config = write(stage1_cfg(ws["teacher"]), tmp / "s1.yaml")
+    argv = ["--config-file", config, "--checkpoint", ws["teacher"][1], "--output", str(tmp / "png")]
+    argv += ["--dataset", "bi_train", *ws["register"]]
+    refused(lambda: _tool("visualize_masks").main(argv), "teacher_a.pth", "not a MasKD checkpoint")
+    assert not (tmp / "png").exists() or not os.listdir(tmp / "png")
+
+
+# --- folders held by a live run --------------------------------------------------------------
+
+
+@case
+def second_training_on_the_output_dir_of_a_live_run(ws, tmp):
+    """The live run is this process holding the folder (as a training's launcher does)."""
+    from maskd.files import FolderHeldError, hold_folder
+
+    cfg = stage2(ws, tmp)
+    with hold_folder(cfg.OUTPUT_DIR, "OUTPUT_DIR"):
+        before = sorted(os.listdir(cfg.OUTPUT_DIR))
+        refused(
+            train_cfg(ws, tmp, cfg),
+            "OUTPUT_DIR",
+            cfg.OUTPUT_DIR,
+            "held by a live run",
+            f"pid {os.getpid()}",
+            exc=FolderHeldError,
+        )
+        assert sorted(os.listdir(cfg.OUTPUT_DIR)) == before  # nothing written
+    train_cfg(ws, tmp, cfg, "--eval-only", "MODEL.WEIGHTS", ws["stage2"])()  # evaluation: runs
+
+
+@case
+def pipeline_on_the_output_of_a_live_pipeline(ws, tmp):
+    import distill_net
+    from maskd.files import FolderHeldError, hold_folder
+
+    student = write(stage2(ws, tmp), tmp / "s2.yaml")
+    argv = ["--tokens-weights", ws["tokens"], "--student-config", student]
+    with hold_folder(str(tmp / "pipe"), "--output"):
+        refused(
+            lambda: distill_net.main(argv + ["--output", str(tmp / "pipe")]),
+            "--output",
+            "pipe",
+            "held by a live run",
+            exc=FolderHeldError,
+        )
+
+
 # --- datasets --------------------------------------------------------------------------------
 
 
@@ -1137,6 +1186,93 @@ def pipeline_config_changed_after_a_finished_stage(ws, tmp):
         refused(lambda: distill_net.main(argv), "s1.yaml", "changed since", "--restart tokens")
     finally:
         stages.subprocess.run = original
+
+
+def _pipeline_without_training(fn):
+    """Run ``fn`` with the stage commands recorded as successes instead of run."""
+    from maskd import stages
+
+    original = stages.subprocess.run
+    stages.subprocess.run = lambda cmd, check: subprocess.CompletedProcess(cmd, 0)
+    try:
+        fn()
+    finally:
+        stages.subprocess.run = original
+
+
+@case
+def pipeline_dataset_changed_after_a_finished_stage(ws, tmp):
+    """The same dataset name registered with other annotations: the finished stage was kept."""
+    import distill_net
+
+    s1 = tiny_training(stage1_cfg(ws["teacher"]), tmp / "unused")
+    argv = ["--tokens-config", write(s1, tmp / "s1.yaml"), "--student-config"]
+    argv += [write(stage2(ws, tmp), tmp / "s2.yaml"), "--output", str(tmp / "pipe")]
+    argv += ["--stages", "tokens"]
+    json_file, images = write_coco_dataset(str(tmp / "data"), n_images=2, seed=0)
+    register = ["--register-coco", "bi_pipe_train", json_file, images]
+
+    def check():
+        distill_net.main(argv + register)  # "runs" stage 1 and marks it finished
+        other, _ = write_coco_dataset(str(tmp / "other"), n_images=3, seed=1)
+        refused(
+            lambda: distill_net.main(argv + ["--register-coco", "bi_pipe_train", other, images]),
+            "tokens",
+            "other datasets (--register-coco)",
+            "--restart tokens",
+        )
+        write_coco_dataset(str(tmp / "data"), n_images=3, seed=2)  # same file, other contents
+        refused(lambda: distill_net.main(argv + register), "annotations.json", "changed since")
+
+    _pipeline_without_training(check)
+
+
+@case
+def pipeline_resumed_under_a_changed_command(ws, tmp):
+    """A killed stage (a checkpoint, no marker) run again with another loss weight: it resumed
+    with the new one and recorded only that."""
+    import distill_net
+
+    student = write(stage2(ws, tmp), tmp / "s2.yaml")
+    argv = ["--tokens-weights", ws["tokens"], "--student-config", student]
+    argv += ["--output", str(tmp / "pipe"), "--stages", "student"]
+
+    def killed(cmd, check):
+        with open(tmp / "pipe" / "student" / "last_checkpoint", "w") as f:
+            f.write("model_0000003.pth")
+        raise subprocess.CalledProcessError(-9, cmd)
+
+    from maskd import stages
+
+    original = stages.subprocess.run
+    stages.subprocess.run = killed
+    try:
+        with pytest.raises(subprocess.CalledProcessError):
+            distill_net.main(argv + ["--student-opts", "MODEL.MASKD.LOSS_WEIGHT 1.0"])
+    finally:
+        stages.subprocess.run = original
+    changed = argv + ["--student-opts", "MODEL.MASKD.LOSS_WEIGHT 2.0"]
+    _pipeline_without_training(
+        lambda: refused(
+            lambda: distill_net.main(changed),
+            "student",
+            "was started with other arguments",
+            "LOSS_WEIGHT 1.0",
+            "--restart student",
+        )
+    )
+
+
+@case
+def pipeline_stage_marker_empty(ws, tmp):
+    import distill_net
+
+    student = write(stage2(ws, tmp), tmp / "s2.yaml")
+    os.makedirs(tmp / "pipe" / "student")
+    (tmp / "pipe" / "student" / "stage.json").write_text("")
+    argv = ["--tokens-weights", ws["tokens"], "--student-config", student]
+    argv += ["--output", str(tmp / "pipe"), "--stages", "student"]
+    refused(lambda: distill_net.main(argv), "stage.json", "is not the marker of a finished stage")
 
 
 @case
