@@ -368,3 +368,28 @@ def test_report_of_the_mask_source_ablation(tmp_path):
         "learned tokens - uniform: +0.50; no oracle beats uniform by +0.5 on test (best"
         " gt_partition +0.13)" in report
     )
+
+
+def test_the_demo_configs_hold_the_demos_schedule():
+    """The demo overrides the schedule of its configs (shortened for QUICK); at full size the
+    overrides equal what the configs hold, so a config run by hand is the demo's run."""
+    import report as rep
+
+    from maskd.config import load_config
+
+    demo = os.path.join(ROOT, "configs", "Demo")
+    for name, iters in (
+        ("shapes_teacher_R34.yaml", rep.DEFAULT["teacher_iter"]),
+        ("shapes_student_R18.yaml", rep.DEFAULT["student_iter"]),
+        ("maskd_shapes_R34-R18_2x.yaml", rep.DEFAULT["student_iter"]),
+    ):
+        cfg = load_config(os.path.join(demo, name))
+        opts = rep.schedule(iters)
+        expected = dict(zip(opts[::2], opts[1::2]))
+        assert str(cfg.SOLVER.MAX_ITER) == expected["SOLVER.MAX_ITER"], name
+        assert str(tuple(cfg.SOLVER.STEPS)) == expected["SOLVER.STEPS"], name
+        assert str(cfg.SOLVER.WARMUP_ITERS) == expected["SOLVER.WARMUP_ITERS"], name
+    stage2 = load_config(os.path.join(demo, "maskd_shapes_R34-R18_2x.yaml"))
+    assert stage2.MODEL.MASKD.CUSTOM_MASK_WARMUP == rep.DEFAULT["student_iter"] // 2
+    tokens = load_config(os.path.join(demo, "maskd_shapes_R34-R18_tokens.yaml"))
+    assert tokens.SOLVER.MAX_ITER == rep.DEFAULT["tokens_iter"]

@@ -1,7 +1,7 @@
+"""Both stages on tiny CPU models of every supported kind, and their invariants: a frozen,
+bitwise unchanged teacher, tokens trained only in stage 1, losses that join detectron2's dict."""
+
 import logging
-
-"""Both stages on tiny CPU models of every supported kind, and the invariants of issue 4."""
-
 import math
 import pickle
 

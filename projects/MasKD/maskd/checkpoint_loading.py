@@ -252,8 +252,8 @@ def load_weights_strict(model: nn.Module, path: str, what: str, ignore: Sequence
     except ValueError as e:
         raise ValueError(f"{what}: '{path}': {e}") from None
     missing = [k for k in incompatible.missing_keys if not k.startswith(tuple(ignore))]
-    # pixel_mean/std are buffers that come from the config; old checkpoints lack them, and the
-    # teacher fingerprint (files made before it was recorded).
+    # pixel_mean/std are buffers that come from the config (detectron2's checkpoints lack them),
+    # as do the fingerprints of files made by other code.
     missing = [k for k in missing if k.split(".")[-1] not in ("pixel_mean", "pixel_std")]
     missing = [k for k in missing if k not in _PROVENANCE_KEYS]
     problems = []

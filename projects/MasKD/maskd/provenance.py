@@ -72,8 +72,8 @@ _NOT_TEACHER = ("backbone.tokens.",)
 
 
 class TeacherPrint(NamedTuple):
-    """A teacher's two fingerprints (hex); None where not known (files made before MasKD
-    recorded them)."""
+    """A teacher's two fingerprints (hex); None where not known (a file without them: made by
+    other code, or edited)."""
 
     weights: Optional[str]
     config: Optional[str]
