@@ -35,7 +35,6 @@ NO_WEIGHTS = [
 ]
 
 
-STAGE_TAGS = ("_tokens_", "_2x_", "_90k_")
 try:
     from detectron2 import _C  # noqa: F401  (compiled ops, e.g. deformable convolution)
 
@@ -48,13 +47,49 @@ def _name(path):
     return os.path.relpath(path, ROOT)
 
 
+# The paper's pairs as yacs configs, each in both stages, and the feature-only ablation; FCOS
+# exists in detectron2 as a LazyConfig only, as do the heterogeneous teachers (ViTDet, Swin, the
+# LSJ baseline).
+YAML_PAIRS = {
+    "COCO-Detection/maskd_cascade_mask_rcnn_X_152-faster_rcnn_R_50_FPN",
+    "COCO-Detection/maskd_faster_rcnn_R_101-faster_rcnn_R_50_FPN",
+    "COCO-Detection/maskd_faster_rcnn_X_101_32x8d-faster_rcnn_R_50_FPN",
+    "COCO-Detection/maskd_retinanet_R_101-retinanet_R_50_FPN",
+    "COCO-InstanceSegmentation/maskd_mask_rcnn_R_101-mask_rcnn_R_50_FPN",
+    "COCO-PanopticSegmentation/maskd_panoptic_fpn_R_101-panoptic_fpn_R_50",
+    "Cityscapes-SemanticSegmentation/maskd_deeplab_v3_R_103-deeplab_v3_R_50",
+    "Misc/maskd_semantic_R_101-semantic_R_50_FPN",
+}
+LAZY_PAIRS = {
+    "COCO-Detection/maskd_faster_rcnn_R_101-faster_rcnn_R_50_FPN",
+    "COCO-Detection/maskd_mask_rcnn_R_101_LSJ-faster_rcnn_R_50_FPN",
+    "COCO-Detection/maskd_retinanet_R_101-fcos_R_50_FPN",
+    "COCO-Detection/maskd_swin_b-faster_rcnn_R_50_FPN",
+    "COCO-Detection/maskd_vitdet_b-faster_rcnn_R_50_FPN",
+}
+
+
+def _pairs(paths, ext):
+    """{pair: stages} from config paths ``<pair>_<stage>_<dataset>.<ext>``."""
+    out = {}
+    for path in paths:
+        name = _name(path)
+        match = re.fullmatch(rf"(.+)_(tokens|2x|90k)_(coco|cityscapes)\.{ext}", name)
+        assert match, name
+        out.setdefault(match.group(1), set()).add(match.group(2))
+    return out
+
+
 def test_configs_exist():
-    # 8 pairs x 2 stages + the feature-only ablation; FCOS exists in detectron2 as LazyConfig
-    # only, as do the heterogeneous teachers (ViTDet, Swin, LSJ baseline): 2 + 3 LazyConfig pairs
-    assert len(YAML) == 17 and len(LAZY) == 10
-    for path in YAML + LAZY:
-        name = os.path.basename(path)
-        assert name.startswith("maskd") and any(k in name for k in STAGE_TAGS), name
+    yaml = _pairs([p for p in YAML if "featonly" not in p], "yaml")
+    assert set(yaml) == YAML_PAIRS
+    assert all(len(stages) == 2 and "tokens" in stages for stages in yaml.values()), yaml
+    lazy = _pairs(LAZY, "py")
+    assert set(lazy) == LAZY_PAIRS
+    assert all(stages == {"tokens", "2x"} for stages in lazy.values()), lazy
+    assert [_name(p) for p in YAML if "featonly" in p] == [
+        "COCO-Detection/maskd-featonly_faster_rcnn_R_101-faster_rcnn_R_50_FPN_2x_coco.yaml"
+    ]
 
 
 @pytest.mark.parametrize("path", YAML, ids=_name)

@@ -251,16 +251,13 @@ class BoxWeightKD(HeadKD):
 
 def test_per_stage_overrides_never_absorb_those_of_both_stages(setup, monkeypatch):
     import distill_net
-    from maskd import pipeline
+    from maskd.cli import distill
 
     tmp, args = setup
     calls = []
-    monkeypatch.setattr(pipeline, "run_pipeline", None)  # the CLI must call the package's
-    from maskd.cli import distill
-
     monkeypatch.setattr(distill, "run_pipeline", lambda *a, **k: calls.append(k))
     argv = [*args, "--output", str(tmp / "x")]
-    # the old form: per-stage overrides as separate words would swallow the rest
+    # per-stage overrides as separate words would swallow the rest: refused
     with pytest.raises(SystemExit, match="one quoted string"):
         distill_net.main(argv + ["--student-opts", "SEED", "0", "DATASETS.TRAIN", "('x',)"])
     distill_net.main(argv + ["--student-opts", "SEED 1", "--tokens-opts", "SEED 2", "SEED", "3"])

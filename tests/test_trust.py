@@ -159,14 +159,18 @@ def test_train_net_refuses_a_code_running_pickle_in_every_weights_key(ws, key):
 
 
 def test_stage1_checkpoints_record_their_teacher(ws):
+    """The recorded fingerprint is that of the teacher's weights as its file holds them (and as
+    the built model holds them), not another teacher's; building reads the file, never writes."""
     state = torch.load(ws["tokens"], weights_only=True)["model"]
-    teacher_a = torch.load(ws["teacher"][1], weights_only=True)["model"]
+    before = open(ws["teacher"][1], "rb").read()
     model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
-    assert fingerprint_text(state[FINGERPRINT_KEY]) == fingerprint(model.teacher.state_dict())
-    assert fingerprint_text(state[FINGERPRINT_KEY]) != fingerprint(
+    recorded = fingerprint_text(state[FINGERPRINT_KEY])
+    assert recorded == fingerprint(model.teacher.state_dict())
+    assert recorded == fingerprint(torch.load(ws["teacher"][1], weights_only=True)["model"])
+    assert recorded != fingerprint(
         build_teacher(ws["other"][0], weights=ws["other"][1]).state_dict()
     )
-    assert teacher_a  # the teacher file itself is unchanged: the fingerprint is of the model
+    assert open(ws["teacher"][1], "rb").read() == before
 
 
 def test_tokens_of_another_teacher_are_refused_by_train_net(ws):
