@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SRC := projects tests tools demo configs train_net.py distill_net.py
 
-.PHONY: setup lint format test benchmark demo benchmark-demo gpu-check
+.PHONY: setup lint format test test-fast benchmark demo benchmark-demo gpu-check
 
 setup:
 	@bash tools/setup_env.sh
@@ -19,6 +19,10 @@ format: setup
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# everything but the tests marked slow (end-to-end trainings in subprocesses)
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 benchmark: setup
 	$(PY) tools/benchmark_losses.py

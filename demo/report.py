@@ -225,7 +225,7 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
     lines += [
         "",
         "Token statistics of the tokens the students use (stage-1 seed 0), per level, from the"
-        " last iterations of stage 1 (maskd.diagnostics: coverage = mean mask value; constant ="
+        " last iterations of stage 1 (maskd.modeling.diagnostics: coverage = mean mask value; constant ="
         " share of masks with spatial std < 0.05; dice = mean Dice overlap between tokens;"
         " weight_entropy = token-weight entropy / log T; combined = mean of sum_t w_t M_t, the"
         " share of the features the teacher's heads see in stage 1; tokens_eff = effective"

@@ -36,8 +36,8 @@ ROOT = os.path.dirname(HERE)
 import report as rep  # noqa: E402  (demo/report.py and demo/shapes.py, beside this script)
 from shapes import VARIANTS, foreground_statistics, shapes_dataset  # noqa: E402
 
-from maskd.mask_sources import mask_source_class  # noqa: E402
-from maskd.pipeline import STAGES, StageRunner, run_pipeline  # noqa: E402
+from maskd.engine.pipeline import STAGES, StageRunner, run_pipeline  # noqa: E402
+from maskd.modeling.mask_sources import mask_source_class  # noqa: E402
 
 logger = logging.getLogger("maskd.demo")
 

@@ -222,11 +222,11 @@ def foreground_statistics(json_file: str, strides=(4, 8, 16, 32, 64)) -> Dict[st
         {"objects per image", "median box side" (pixels), "small boxes" (the share of boxes
         under 32x32 pixels, COCO's "small"), "box area / image area" (mean per box), and
         "cells in boxes, p<k>" for each stride 2^k: the mean share of a level's cells that the
-        boxes overlap (as maskd.mask_sources.box_cells marks them)}.
+        boxes overlap (as maskd.modeling.mask_sources.box_cells marks them)}.
     """
     import torch
 
-    from maskd.mask_sources import box_cells
+    from maskd.modeling.mask_sources import box_cells
 
     with open(json_file) as f:
         data = json.load(f)

@@ -22,7 +22,7 @@ from tiny import ROOT, maskd_cfg, tiny_training, write_coco_dataset, write_teach
 
 import train_net
 from maskd.checkpoint import MasKDCheckpointer
-from maskd.provenance import fingerprint, fingerprint_text
+from maskd.checkpoint.provenance import fingerprint, fingerprint_text
 
 CASES = {}  # name -> function(ws, tmp)
 
@@ -856,7 +856,7 @@ def plain_teacher_checkpoint_in_visualize_masks_with_a_stage1_config(ws, tmp):
 @case
 def second_training_on_the_output_dir_of_a_live_run(ws, tmp):
     """The live run is this process holding the folder (as a training's launcher does)."""
-    from maskd.files import FolderHeldError, hold_folder
+    from maskd.utils.files import FolderHeldError, hold_folder
 
     cfg = stage2(ws, tmp)
     with hold_folder(cfg.OUTPUT_DIR, "OUTPUT_DIR"):
@@ -876,7 +876,7 @@ def second_training_on_the_output_dir_of_a_live_run(ws, tmp):
 @case
 def pipeline_on_the_output_of_a_live_pipeline(ws, tmp):
     import distill_net
-    from maskd.files import FolderHeldError, hold_folder
+    from maskd.utils.files import FolderHeldError, hold_folder
 
     student = write(stage2(ws, tmp), tmp / "s2.yaml")
     argv = ["--tokens-weights", ws["tokens"], "--student-config", student]
@@ -1169,7 +1169,7 @@ def tokens_export_of_a_plain_checkpoint(ws, tmp):
 @case
 def pipeline_config_changed_after_a_finished_stage(ws, tmp):
     import distill_net
-    from maskd import stages
+    from maskd.engine import pipeline as stages
 
     s1 = tiny_training(stage1_cfg(ws["teacher"]), tmp / "unused")
     tokens_config, student_config = write(s1, tmp / "s1.yaml"), write(
@@ -1190,7 +1190,7 @@ def pipeline_config_changed_after_a_finished_stage(ws, tmp):
 
 def _pipeline_without_training(fn):
     """Run ``fn`` with the stage commands recorded as successes instead of run."""
-    from maskd import stages
+    from maskd.engine import pipeline as stages
 
     original = stages.subprocess.run
     stages.subprocess.run = lambda cmd, check: subprocess.CompletedProcess(cmd, 0)
@@ -1242,7 +1242,7 @@ def pipeline_resumed_under_a_changed_command(ws, tmp):
             f.write("model_0000003.pth")
         raise subprocess.CalledProcessError(-9, cmd)
 
-    from maskd import stages
+    from maskd.engine import pipeline as stages
 
     original = stages.subprocess.run
     stages.subprocess.run = killed

@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 
 from maskd import MasKD, MasKDTokenLearner
 from maskd.config import get_maskd_cfg, load_config, resolve_config_file
-from maskd.receptive_tokens import build_level_tokens
+from maskd.modeling.receptive_tokens import build_level_tokens
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 YAML = sorted(

@@ -9,7 +9,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tiny import maskd_cfg, tiny_batch, write_teacher
 
-from maskd.diagnostics import (
+from maskd.engine import evaluate_with_retention, retention
+from maskd.modeling.diagnostics import (
     CONSTANT_STD,
     STAT_NAMES,
     foreground_cells,
@@ -17,8 +18,7 @@ from maskd.diagnostics import (
     put_token_statistics,
     token_statistics,
 )
-from maskd.engine import evaluate_with_retention, retention
-from maskd.losses import dice_diversity_loss
+from maskd.modeling.losses import dice_diversity_loss
 
 
 def _spread(h=8, w=8):
@@ -186,7 +186,7 @@ def test_both_stages_log_token_statistics_per_level(stage1):
         logged = {k: v.latest() for k, v in storage.histories().items() if "tokens/" in k}
     # Stage 2 logs the statistics of the frozen tokens on the teacher's features.
     with torch.no_grad():
-        from maskd.teacher import preprocess_images
+        from maskd.modeling.teacher import preprocess_images
 
         feats = model2.teacher.backbone(preprocess_images(model2.teacher, batch).tensor)
     for lv in model2.in_features:
@@ -252,8 +252,8 @@ def test_retention_from_two_evaluations(stage1):
 
 
 def test_mask_grids_state_the_statistics_of_each_level(stage1, tmp_path):
-    from maskd.teacher import preprocess_images
-    from maskd.visualize import format_statistics, mask_grid, receptive_masks
+    from maskd.modeling.teacher import preprocess_images
+    from maskd.utils.visualize import format_statistics, mask_grid, receptive_masks
 
     _, _, model, _ = stage1
     model.eval()

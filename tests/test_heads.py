@@ -1,4 +1,4 @@
-"""Head-level distillation terms (maskd.head_kd) and inheriting on tiny CPU models: values
+"""Head-level distillation terms (maskd.modeling.head_kd) and inheriting on tiny CPU models: values
 against independent computations, where their gradients go, and the registry through which a
 new term plugs in."""
 
@@ -23,9 +23,14 @@ from tiny import (
 
 from maskd import MasKD
 from maskd.config import get_maskd_cfg
-from maskd.head_kd import HEAD_KD_REGISTRY, DenseRegressionKD, HeadKD, dense_regression_kd_loss
-from maskd.receptive_tokens import build_level_tokens
-from maskd.teacher import preprocess_images
+from maskd.modeling.head_kd import (
+    HEAD_KD_REGISTRY,
+    DenseRegressionKD,
+    HeadKD,
+    dense_regression_kd_loss,
+)
+from maskd.modeling.receptive_tokens import build_level_tokens
+from maskd.modeling.teacher import preprocess_images
 
 GN = ["MODEL.RESNETS.NORM", "GN"]  # no batch statistics: a student can equal its teacher
 
@@ -263,7 +268,7 @@ def test_a_new_head_term_is_one_class_and_one_registration(tmp_path):
         value, reached = head_term(model, "loss_test_norm_kd")
         assert value.item() > 0 and all(n.startswith("student.backbone.") for n in reached)
     finally:
-        HEAD_KD_REGISTRY._obj_map.pop("_FeatureNormKD")
+        HEAD_KD_REGISTRY._obj_map.pop("TEST_NORM_KD")
     assert "TEST_NORM_KD" not in get_maskd_cfg().MODEL.MASKD
 
 
@@ -273,8 +278,8 @@ def _keep_p2(backbone, features):
 
 
 def test_a_term_registered_after_the_config_is_made_is_named_not_skipped(tmp_path):
-    from maskd.extensions import import_modules
-    from maskd.head_kd import build_head_kd
+    from maskd.modeling.head_kd import build_head_kd
+    from maskd.utils.extensions import import_modules
 
     cfg = get_maskd_cfg()  # made before the registration
     HEAD_KD_REGISTRY.register(_FeatureNormKD)
@@ -283,7 +288,7 @@ def test_a_term_registered_after_the_config_is_made_is_named_not_skipped(tmp_pat
             build_head_kd(cfg.MODEL.MASKD)
         assert get_maskd_cfg().MODEL.MASKD.TEST_NORM_KD.WEIGHT == 0.0  # a new config has it
     finally:
-        HEAD_KD_REGISTRY._obj_map.pop("_FeatureNormKD")
+        HEAD_KD_REGISTRY._obj_map.pop("TEST_NORM_KD")
     with pytest.raises(ModuleNotFoundError, match="--import no_such_module_of_mine: no module"):
         import_modules(["no_such_module_of_mine"])
     with pytest.raises(FileNotFoundError, match="--import .*missing.py: no such file"):
@@ -301,7 +306,7 @@ def test_a_module_that_fails_to_import_stops_the_command(tmp_path, monkeypatch):
     import sys
 
     from maskd.cli.train import cli as train_cli
-    from maskd.extensions import import_modules
+    from maskd.utils.extensions import import_modules
 
     broken = tmp_path / "broken_term.py"
     broken.write_text("def oops(:\n")

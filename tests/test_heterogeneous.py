@@ -21,7 +21,7 @@ from tiny import (
     write_coco_dataset,
 )
 
-from maskd.pairing import image_area, pair_levels, parse_level_map
+from maskd.modeling.pairing import image_area, pair_levels, parse_level_map
 
 VIT_LEVELS = ["p3", "p4", "p5", "p6"]
 STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
@@ -269,7 +269,7 @@ def test_tokens_of_levels_the_teachers_heads_do_not_read_are_refused(tmp_path):
     from tiny import STUDENT_DEPTH, STUDENT_FPN, tiny_cfg, write_teacher
 
     from maskd import MasKD, build_teacher
-    from maskd.receptive_tokens import build_level_tokens
+    from maskd.modeling.receptive_tokens import build_level_tokens
 
     config, weights, _ = write_teacher(tmp_path, "semantic")  # its head reads p2-p5, not p6
     teacher = build_teacher(config, weights=weights)

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from maskd.losses import dice_diversity_loss, masked_distillation_loss
-from maskd.receptive_tokens import ReceptiveTokens
-from maskd.reference import (
+from maskd.modeling.losses import dice_diversity_loss, masked_distillation_loss
+from maskd.modeling.receptive_tokens import ReceptiveTokens
+from maskd.modeling.reference import (
     naive_dice_diversity_loss,
     naive_mask_features,
     naive_masked_distillation_loss,

@@ -1,4 +1,4 @@
-"""Mask sources of stage 2 (maskd.mask_sources): each source's masks and loss against an
+"""Mask sources of stage 2 (maskd.modeling.mask_sources): each source's masks and loss against an
 independent reference, where the gradient goes (student-customised masks included), and the
 RoI box-regression KD's SmoothL1 value; tiny CPU models."""
 
@@ -13,16 +13,17 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from tiny import STUDENT_FPN, TEACHER_FPN, maskd_cfg, tiny_batch, write_teacher
 
-from maskd.head_kd.roi_regression import roi_regression_kd_loss
-from maskd.losses import masked_distillation_loss
-from maskd.mask_sources import (
+from maskd.modeling.head_kd.roi_regression import roi_regression_kd_loss
+from maskd.modeling.losses import masked_distillation_loss
+from maskd.modeling.mask_sources import (
     MASK_SOURCE_REGISTRY,
+    LevelContext,
     MaskSource,
     box_cells,
     build_mask_source,
     mask_source_class,
 )
-from maskd.receptive_tokens import build_level_tokens
+from maskd.modeling.receptive_tokens import build_level_tokens
 
 SOURCES = ("tokens", "uniform", "gt_boxes", "random_tokens", "gt_partition", "gt_instances")
 
@@ -68,6 +69,8 @@ def cells_reference(boxes, stride, height, width):
 def test_every_source_is_registered_and_unknown_names_are_refused():
     names = {cls.NAME for _, cls in MASK_SOURCE_REGISTRY}
     assert set(SOURCES) <= names
+    # keyed by the name the config uses
+    assert all(key == cls.NAME for key, cls in MASK_SOURCE_REGISTRY)
     with pytest.raises(KeyError, match=r"MASK_SOURCE = 'fitnet'.*registered.*uniform"):
         mask_source_class("fitnet")
 
@@ -83,8 +86,8 @@ def test_a_source_of_ones_own_plugs_in(tmp_path):
     class CentreMasks(MaskSource):
         NAME = "test_centre"
 
-        def forward(self, level, tokens, teacher, stride, valid, sizes, batched_inputs):
-            m = torch.zeros_like(teacher[:, :1])
+        def forward(self, ctx):
+            m = torch.zeros_like(ctx.teacher[:, :1])
             h, w = m.shape[-2:]
             m[..., : max(1, h // 2), : max(1, w // 2)] = 1.0  # the top-left quarter
             return m, None
@@ -101,7 +104,7 @@ def test_a_source_of_ones_own_plugs_in(tmp_path):
             want = masked_distillation_loss(model.align[lv](s[lv]), t[lv], masks)
             torch.testing.assert_close(got[lv], want)
     finally:
-        MASK_SOURCE_REGISTRY._obj_map.pop("CentreMasks")
+        MASK_SOURCE_REGISTRY._obj_map.pop("test_centre")
 
 
 # ----------------------------------------------------------------------------- uniform
@@ -285,7 +288,8 @@ def test_gt_partition_differs_from_uniform_where_the_objects_are_few_cells(tmp_p
     with torch.no_grad():
         aligned = model.align[lv](s[lv])
     t_lv = aligned + fg  # a difference of 1 on the boxes' cells, 0 elsewhere
-    masks, weights = model.mask_source(lv, None, t_lv, stride, None, [(h, w)], batch)
+    ctx = LevelContext(lv, None, t_lv, stride, None, [(h, w)], batch)
+    masks, weights = model.mask_source(ctx)
     got = masked_distillation_loss(aligned, t_lv, masks, weights)
     torch.testing.assert_close(got, torch.tensor(0.5))
     uniform = masked_distillation_loss(aligned, t_lv, torch.ones(1, 1, h, w))
@@ -334,7 +338,7 @@ def test_random_tokens_are_untrained_seeded_and_saved(tmp_path):
         assert torch.equal(a.tokens[lv].tokens, b.tokens[lv].tokens)  # seeded
         assert not torch.equal(a.tokens[lv].tokens, learned[lv].tokens)
         assert a.tokens[lv].tokens.std() < 0.02  # the stage-1 initialisation, N(0, 0.01^2)
-        masks, weights = a(lv, learned[lv], t, 4, None, [(8, 8)] * 2, [])
+        masks, weights = a(LevelContext(lv, learned[lv], t, 4, None, [(8, 8)] * 2, []))
         assert 0.4 < masks.mean() < 0.6 and masks.std() < 0.1  # about 0.5 everywhere
         assert weights.shape == (2, 4)
     assert not any(p.requires_grad for p in a.parameters())
@@ -463,7 +467,7 @@ def test_the_mask_source_is_a_lazyconfig_argument(tmp_path):
     from tiny import STUDENT_DEPTH, TEACHER_DEPTH, calibrate_bn, tiny_fcos
 
     from maskd import MasKD, build_teacher
-    from maskd.mask_sources import GTBoxMasks
+    from maskd.modeling.mask_sources import GTBoxMasks
 
     torch.manual_seed(0)
     teacher = instantiate(tiny_fcos(depth=TEACHER_DEPTH, fpn_channels=TEACHER_FPN, norm="BN"))

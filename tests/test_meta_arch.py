@@ -28,7 +28,7 @@ from tiny import (
 )
 
 from maskd import MasKD, MasKDCheckpointer, MasKDTokenLearner, build_teacher, tokens_from_file
-from maskd.losses import masked_distillation_loss
+from maskd.modeling.losses import masked_distillation_loss
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -197,7 +197,7 @@ def test_retinanet_student_rcnn_teacher_distils_common_levels(tmp_path, caplog):
     cfg2 = maskd_cfg("MasKD", "retinanet", teacher_config, teacher_weights, stage1_file)
     # By default the token levels the student has at the same stride: P2 is R-CNN's only (left
     # out, with a warning that names it), P7 RetinaNet's only.
-    with caplog.at_level(logging.WARNING, logger="maskd.pairing"):
+    with caplog.at_level(logging.WARNING, logger="maskd.modeling.pairing"):
         model2 = build_model(cfg2)
     assert model2.in_features == ["p3", "p4", "p5", "p6"]
     assert "'p2' (the student has no level 'p2')" in caplog.text

@@ -63,7 +63,7 @@ def test_the_install_holds_the_library_only(installed):
     top = sorted(p for p in os.listdir(target) if not p.endswith(".dist-info"))
     assert top == ["maskd"], top  # no demo/, tests/ or tools/ package beside it
     modules = sorted(files)
-    assert "maskd/head_kd/roi_regression.py" in modules  # subpackages are included
+    assert "maskd/modeling/head_kd/roi_regression.py" in modules  # subpackages are included
     for gone in ("demo", "synthetic", "shapes", "run_demo", "report"):
         assert not any(os.path.basename(n) == f"{gone}.py" for n in modules), gone
     # the package tree in the checkout is exactly what is installed

@@ -31,11 +31,15 @@ from tiny import (
 )
 
 import maskd.engine.trainer
+from maskd.checkpoint.export import export_student
 from maskd.config import get_maskd_cfg, load_config
-from maskd.deeplab import build_deeplab_train_loader, is_deeplab, semantic_train_augmentations
 from maskd.engine import MasKDTrainer, build_evaluator, register_coco_datasets
-from maskd.export import export_student
-from maskd.teacher import build_teacher
+from maskd.modeling.teacher import build_teacher
+from maskd.projects.deeplab import (
+    build_deeplab_train_loader,
+    is_deeplab,
+    semantic_train_augmentations,
+)
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 DEEPLAB = os.path.join(
@@ -217,7 +221,7 @@ def test_deeplab_cityscapes_pair_trains_both_stages(tmp_path, monkeypatch):
 
 
 def _teacher_state(model):
-    from maskd.backbone import unwrap_backbone
+    from maskd.modeling.backbone import unwrap_backbone
 
     state = dict(model.teacher.state_dict())
     inner = unwrap_backbone(model.teacher.backbone)

@@ -11,16 +11,16 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tiny import ROOT, maskd_cfg, tiny_batch, write_teacher
 
+from maskd.checkpoint.tokens import tokens_from_file
 from maskd.config import get_maskd_cfg
-from maskd.losses import (
+from maskd.modeling.losses import (
     dice_diversity_loss,
     masked_aggregate,
     min_token_area_loss,
     neutral_fill,
 )
-from maskd.receptive_tokens import ReceptiveTokens
-from maskd.reference import naive_dice_diversity_loss, naive_mask_features
-from maskd.token_files import tokens_from_file
+from maskd.modeling.receptive_tokens import ReceptiveTokens
+from maskd.modeling.reference import naive_dice_diversity_loss, naive_mask_features
 
 
 def _features(n=2, c=6, h=5, w=7, seed=0):

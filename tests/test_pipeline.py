@@ -220,7 +220,7 @@ def test_pipeline_with_lazyconfig_configs(setup, tmp_path):
 # A module of a user's own, outside the package: a head-level KD term (a made-up one: a small
 # penalty on the student's box-predictor weights) registered when the module is imported.
 USER_TERM = """
-from maskd.head_kd import HEAD_KD_REGISTRY, HeadKD
+from maskd.modeling.head_kd import HEAD_KD_REGISTRY, HeadKD
 
 
 @HEAD_KD_REGISTRY.register()
@@ -274,7 +274,7 @@ def test_a_finished_stage_whose_config_changed_is_refused(tmp_path, kind):
     """The marker keeps the digest of every config file the stage's arguments name, LazyConfig
     .py files and a yacs file's local _BASE_ included: an edited one is refused before anything
     runs."""
-    from maskd.stages import StageRunner, config_digests, mark
+    from maskd.engine.pipeline import StageRunner, config_digests, mark
 
     if kind == "py":
         config = tmp_path / "student.py"
@@ -299,7 +299,7 @@ def test_a_finished_stage_whose_config_changed_is_refused(tmp_path, kind):
 
 def _fake_runs(monkeypatch, register=()):
     """A StageRunner whose commands are recorded instead of run."""
-    from maskd import stages
+    from maskd.engine import pipeline as stages
 
     calls = []
     monkeypatch.setattr(stages.subprocess, "run", lambda cmd, check: calls.append(cmd) or None)
@@ -346,7 +346,7 @@ def test_a_killed_stage_resumes_only_under_the_command_it_was_started_with(tmp_p
         (out_dir / "last_checkpoint").write_text("model_0000003.pth")
         raise subprocess.CalledProcessError(-9, cmd)
 
-    from maskd import stages
+    from maskd.engine import pipeline as stages
 
     monkeypatch.setattr(stages.subprocess, "run", killed)
     with pytest.raises(subprocess.CalledProcessError):
@@ -381,7 +381,7 @@ def test_a_broken_stage_marker_is_named(tmp_path, monkeypatch, content):
 
 
 def test_metrics_cut_short_by_a_kill_are_read_up_to_the_last_whole_record(tmp_path):
-    from maskd.stages import last_metrics
+    from maskd.engine.pipeline import last_metrics
 
     good = {"iteration": 9, "bbox/AP": 12.5, "retention/bbox/AP": 0.9}
     path = tmp_path / "metrics.json"

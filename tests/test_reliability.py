@@ -24,9 +24,8 @@ from tiny import (
     write_teacher,
 )
 
-import maskd.checkpoint
-import maskd.files
-import maskd.token_learner
+import maskd.modeling.meta_arch.token_learner
+import maskd.utils.files
 from maskd.checkpoint import MasKDCheckpointer
 from maskd.cli import train as train_net
 from maskd.engine import MasKDTrainer, register_coco_datasets
@@ -241,7 +240,9 @@ def test_non_finite_losses_name_the_term(ws, monkeypatch):
 
     learner = build_model(stage_cfg(ws, "MasKDTokenLearner", "nan"))
     monkeypatch.setattr(
-        maskd.token_learner, "dice_diversity_loss", lambda m, weights: m.sum() * float("nan")
+        maskd.modeling.meta_arch.token_learner,
+        "dice_diversity_loss",
+        lambda m, weights: m.sum() * float("nan"),
     )
     with EventStorage(0), pytest.raises(FloatingPointError, match="loss_dice"):
         learner.train()(batch)
@@ -301,12 +302,12 @@ def test_no_live_run_is_harmed_by_a_second_command_on_its_folder(ws):
             assert time.time() < deadline
             time.sleep(0.05)
         # the live run's checkpoint write in progress, as atomic_write names it
-        host = maskd.files._HOST
+        host = maskd.utils.files._HOST
         writing = out_dir / f".model_0000009.pth.{proc.pid}@{host}.abcd1234.tmp"
         writing.write_bytes(b"half a checkpoint")
         config_before = (out_dir / "config.yaml").read_bytes()
 
-        with pytest.raises(maskd.files.FolderHeldError) as e:
+        with pytest.raises(maskd.utils.files.FolderHeldError) as e:
             train_net.cli(["--config-file", config, *ws["register"]])
         assert f"pid {proc.pid}" in str(e.value) and "OUTPUT_DIR" in str(e.value), e.value
         assert str(out_dir) in str(e.value)
@@ -344,7 +345,7 @@ def test_checkpoints_are_written_atomically(ws, monkeypatch):
             out.write(b"partial")
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(maskd.checkpoint.torch, "save", killed_mid_write)
+    monkeypatch.setattr(torch, "save", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save("model_0001")
     assert sorted(os.listdir(folder)) == ["last_checkpoint", "model_0000.pth"]

@@ -9,8 +9,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tiny import ROOT, maskd_cfg, run, tiny_batch, write_coco_dataset, write_teacher
 
-from maskd.losses import combined_mask, masked_aggregate
-from maskd.teacher import preprocess_images
+from maskd.modeling.losses import combined_mask, masked_aggregate
+from maskd.modeling.teacher import preprocess_images
 
 
 def stage1(tmp_path, area_weight):

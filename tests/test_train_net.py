@@ -26,8 +26,8 @@ from tiny import (
     write_teacher,
 )
 
-from maskd.diagnostics import STAT_NAMES
-from maskd.export import export_student, export_tokens
+from maskd.checkpoint.export import export_student, export_tokens
+from maskd.modeling.diagnostics import STAT_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_yacs_both_stages_eval_and_export(workspace):
 
     # Tokens export: accepted by TOKENS_WEIGHTS; refuses to overwrite.
     tokens = export_tokens(str(tmp / "s1" / "model_final.pth"), str(tmp / "tokens.pth"))
-    # the tokens, and the fingerprints of the teacher they were learned for (maskd.provenance)
+    # the tokens, and the fingerprints of the teacher they were learned for (maskd.checkpoint.provenance)
     prints = {"teacher_fingerprint", "teacher_config_fingerprint"}
     assert prints <= set(tokens)
     assert all(k.startswith("tokens.p") for k in tokens if k not in prints)

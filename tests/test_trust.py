@@ -26,15 +26,14 @@ from tiny import (
     write_teacher,
 )
 
-import maskd.checkpoint
-import maskd.files
+import maskd.utils.files
 from maskd.checkpoint import MasKDCheckpointer, load_weights_strict, read_checkpoint
+from maskd.checkpoint.export import export_student, export_tokens
+from maskd.checkpoint.provenance import FINGERPRINT_KEY, fingerprint, fingerprint_text
+from maskd.checkpoint.safe_pickle import UNSAFE_PICKLE_ENV, UnsafePickleError, load_pkl
 from maskd.engine import MasKDTrainer, check_input_format, register_coco_datasets
-from maskd.export import export_student, export_tokens
-from maskd.provenance import FINGERPRINT_KEY, fingerprint, fingerprint_text
-from maskd.safe_pickle import UNSAFE_PICKLE_ENV, UnsafePickleError, load_pkl
-from maskd.teacher import build_teacher
-from maskd.visualize import receptive_masks
+from maskd.modeling.teacher import build_teacher
+from maskd.utils.visualize import receptive_masks
 
 EXPORT = os.path.join(ROOT, "tools", "export.py")
 
@@ -346,7 +345,7 @@ def test_temporary_files_never_look_like_checkpoints(ws, tmp_path, monkeypatch):
         names.append(os.path.basename(f))
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(maskd.checkpoint.torch, "save", killed)
+    monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         MasKDCheckpointer(model, save_dir=str(tmp_path)).save("model_0000099")
     (name,) = names
@@ -359,11 +358,9 @@ def test_files_get_the_umask_mode_and_reach_the_disk_before_the_rename(ws, tmp_p
     model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
     events = []
     real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(
-        maskd.checkpoint.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1]
-    )
-    monkeypatch.setattr(
-        maskd.checkpoint.os,
+        os,
         "replace",
         lambda a, b: (events.append(f"replace {os.path.basename(b)}"), real_replace(a, b))[1],
     )
@@ -388,7 +385,7 @@ def test_stale_temporary_files_are_removed_when_a_run_starts(ws, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    host = maskd.files._HOST
+    host = maskd.utils.files._HOST
     try:
         stale = [
             tmp_path / f".model_0000099.pth.{dead.pid}@{host}.k2j4h5g6.tmp",
@@ -441,7 +438,7 @@ def test_student_export_is_complete_or_absent(ws, tmp_path, monkeypatch):
     def failing(obj, f):
         raise OSError("disk full")
 
-    monkeypatch.setattr(maskd.export.torch, "save", failing)
+    monkeypatch.setattr(torch, "save", failing)
     with pytest.raises(OSError):
         export_student(str(tmp_path / "s2.pth"), str(tmp_path / "rel" / "student.pth"), cfg)
     assert not (tmp_path / "rel" / "student.pth").exists()  # no weights: not a release
@@ -527,7 +524,7 @@ def test_a_pickle_that_only_names_a_global_outside_the_allow_list_is_refused(
 _DTYPE_STATES = r"""
 import pickle, random, sys
 import numpy as np
-from maskd.safe_pickle import UnsafePickleError, load_pkl
+from maskd.checkpoint.safe_pickle import UnsafePickleError, load_pkl
 
 def const(obj):
     return pickle.dumps(obj, protocol=2)[2:-1]
@@ -652,7 +649,7 @@ def test_an_opcode_that_declares_more_bytes_than_the_file_is_refused(tmp_path, n
 _FUZZ = r"""
 import collections, io, pickle, random, resource, signal, sys, tracemalloc
 import numpy as np
-from maskd.safe_pickle import DamagedPickleError, UnsafePickleError, load_pkl
+from maskd.checkpoint.safe_pickle import DamagedPickleError, UnsafePickleError, load_pkl
 
 n, seed, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 rng = random.Random(seed)

@@ -221,7 +221,7 @@ def write_coco_dataset(folder, n_images=4, size=64, seed=0):
 def calibrate_bn(model):
     """Give BatchNorm layers real running statistics (cumulative averages over a few batches),
     so the untrained test teacher's features have a sane scale in eval mode."""
-    from maskd.teacher import preprocess_images
+    from maskd.modeling.teacher import preprocess_images
 
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):

@@ -17,9 +17,9 @@ import argparse
 import torch
 from measure import measure  # tools/measure.py, beside this script
 
-from maskd.losses import dice_diversity_loss, masked_aggregate, masked_distillation_loss
-from maskd.receptive_tokens import ReceptiveTokens
-from maskd.reference import (  # the plain (literal) formulation
+from maskd.modeling.losses import dice_diversity_loss, masked_aggregate, masked_distillation_loss
+from maskd.modeling.receptive_tokens import ReceptiveTokens
+from maskd.modeling.reference import (  # the plain (literal) formulation
     naive_dice_diversity_loss,
     naive_mask_features,
     naive_masked_distillation_loss,

@@ -31,9 +31,9 @@ from torch import nn
 
 from maskd.config import load_config
 from maskd.engine import register_coco_datasets
-from maskd.mask_sources import box_cells
-from maskd.teacher import build_teacher, head_levels, preprocess_images
-from maskd.token_learner import task_loss_mode
+from maskd.modeling.mask_sources import box_cells
+from maskd.modeling.meta_arch.token_learner import task_loss_mode
+from maskd.modeling.teacher import build_teacher, head_levels, preprocess_images
 
 logger = logging.getLogger("maskd.probe_selection")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Visualise the receptive masks of learned tokens: one PNG grid per image (rows: levels,
 columns: the image and one overlay per token), like the paper's mask figure. Under each level's
-image: its token statistics (maskd.diagnostics: coverage, share of near-constant masks, Dice
+image: its token statistics (maskd.modeling.diagnostics: coverage, share of near-constant masks, Dice
 overlap between tokens, token-weight entropy, combined mask, effective number of weighted
 tokens, overlap of the weighted tokens, and for --dataset images the share of stage 2's loss
 weight on the ground-truth boxes' cells beside that under whole-map mimicking); their means over
@@ -34,8 +34,8 @@ from detectron2.utils.logger import setup_logger
 from maskd import MasKDTokenLearner
 from maskd.config import load_config
 from maskd.engine import build_inference_model, load_inference_weights, register_coco_datasets
-from maskd.extensions import add_import_argument, import_modules
-from maskd.visualize import save_mask_grid
+from maskd.utils.extensions import add_import_argument, import_modules
+from maskd.utils.visualize import save_mask_grid
 
 logger = logging.getLogger("maskd.visualize_masks")
 

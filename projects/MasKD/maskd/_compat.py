@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.registry import Registry
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
@@ -25,6 +26,7 @@ __all__ = [
     "check_checkpoint_structure",
     "cpu_ddp_in_default_trainer",
     "register_state_dict_hook",
+    "ConfigNameRegistry",
 ]
 
 # fvcore.common.checkpoint._IncompatibleKeys: what Checkpointer._load_model returns.
@@ -153,12 +155,12 @@ def read_checkpoint_file(path: str) -> Dict[str, Any]:
 
 
 def pkl_checkpoint(local: str) -> Dict[str, Any]:
-    """A detectron2 or Caffe2 ``.pkl`` checkpoint, read with :func:`maskd.safe_pickle.load_pkl`.
+    """A detectron2 or Caffe2 ``.pkl`` checkpoint, read with :func:`maskd.checkpoint.safe_pickle.load_pkl`.
 
     Copied from the ``.pkl`` branch of ``DetectionCheckpointer._load_file`` (detectron2 v0.7.2),
     changed in one point: the restricted unpickler instead of ``pickle.load``.
     """
-    from .safe_pickle import load_pkl
+    from .checkpoint.safe_pickle import load_pkl
 
     data = load_pkl(local)
     if not isinstance(data, dict):
@@ -193,3 +195,20 @@ def register_state_dict_hook(module: nn.Module, hook) -> None:
     local_metadata)`` may rename the keys a module's ``state_dict()`` returns (torch has no
     public form of this hook that may change keys in place)."""
     module._register_state_dict_hook(hook)
+
+
+class ConfigNameRegistry(Registry):
+    """detectron2's ``Registry`` keyed by the name a config uses for what it holds: the class
+    attribute ``key`` of each registered class (``NAME`` of a mask source, ``CONFIG_KEY`` of a
+    head-level KD term), not the class name. Registration, ``get``, iteration and ``in`` are
+    detectron2's; overrides ``Registry._do_register`` (fvcore 0.1.5)."""
+
+    def __init__(self, name: str, key: str):
+        super().__init__(name)
+        self._key = key
+
+    def _do_register(self, name: str, obj) -> None:
+        config_name = getattr(obj, self._key, "")
+        if not config_name:
+            raise ValueError(f"{obj.__name__} sets no {self._key}: the name configs use for it")
+        super()._do_register(config_name, obj)

@@ -48,10 +48,9 @@ from contextlib import nullcontext
 from typing import List, Sequence
 
 from ..config import is_lazy_config
-from ..extensions import add_import_argument
-from ..files import hold_folder
-from ..pipeline import run_pipeline
-from ..stages import STAGES, StageRunner
+from ..engine.pipeline import STAGES, StageRunner, run_pipeline
+from ..utils.extensions import add_import_argument
+from ..utils.files import hold_folder
 
 __all__ = ["get_parser", "main"]
 

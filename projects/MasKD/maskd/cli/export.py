@@ -18,9 +18,9 @@ import logging
 
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint.export import export_student, export_tokens
 from ..config import load_config
-from ..export import export_student, export_tokens
-from ..extensions import add_import_argument, import_modules
+from ..utils.extensions import add_import_argument, import_modules
 
 
 def main(argv=None):

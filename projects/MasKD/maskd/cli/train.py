@@ -52,8 +52,8 @@ from ..engine import (
     load_inference_weights,
     register_coco_datasets,
 )
-from ..extensions import add_import_argument, import_modules
-from ..files import atomic_write, hold_folder, write_text
+from ..utils.extensions import add_import_argument, import_modules
+from ..utils.files import atomic_write, hold_folder, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def get_parser():
 
 
 def _hold_output_dir(args):
-    """A training holds its output folder (:func:`maskd.files.hold_folder`) in the launching
+    """A training holds its output folder (:func:`maskd.utils.files.hold_folder`) in the launching
     process of the first machine, which lives as long as the run: a second training there is
     refused before it writes anything. Evaluation holds nothing: ``--eval-only`` beside a live
     training is a common habit, and removes none of its files."""

@@ -8,10 +8,10 @@
   of detectron2's ``tools/lazyconfig_train_net.py``, with the same additions.
 * :func:`build_inference_model` / :func:`load_inference_weights` (``inference.py``):
   evaluation of a checkpoint without the files its training read (teacher weights, tokens).
-* checks before a run (``checks.py``) and dataset registration (:mod:`maskd.datasets`).
+* checks before a run (``checks.py``) and dataset registration (:mod:`maskd.data.datasets`).
 """
 
-from ..datasets import (
+from ..data.datasets import (
     check_datasets,
     check_evaluation_dependencies,
     load_datasets,

@@ -6,8 +6,8 @@ from typing import Iterable
 import torch
 from detectron2.data import MetadataCatalog
 
-from ..teacher import thing_classes
-from ..token_learner import MasKDTokenLearner
+from ..checkpoint.format import STAGE1, STAGE2, model_stage
+from ..modeling.teacher import thing_classes
 from .ddp import unwrap
 
 __all__ = ["check_class_counts", "check_positive", "check_input_format"]
@@ -19,9 +19,10 @@ def check_class_counts(model: torch.nn.Module, dataset_names: Iterable[str]) -> 
     trains the tokens), the student in stage 2 or a plain model. Call it once the datasets are
     loaded (their metadata then has ``thing_classes``)."""
     model = unwrap(model)
-    if isinstance(model, MasKDTokenLearner):
+    stage = model_stage(model)
+    if stage == STAGE1:
         who, learner = "the teacher (stage 1 trains the tokens with its task loss)", model.teacher
-    elif hasattr(model, "teacher") and hasattr(model, "student"):
+    elif stage == STAGE2:
         who, learner = "the student", model.student
     else:
         who, learner = "the model", model
@@ -54,7 +55,7 @@ def check_input_format(model: torch.nn.Module, data_format: str, what: str) -> N
     """Fail if a MasKD model was built for images of another channel order than the data this
     run loads (its ``input_format`` vs ``INPUT.FORMAT`` / the mapper's ``image_format``). The
     teacher may read another order than the data: the model converts for it
-    (:mod:`maskd.pairing`), which is why the model must know the data's."""
+    (:mod:`maskd.modeling.pairing`), which is why the model must know the data's."""
     inner = unwrap(model)
     if getattr(inner, "teacher", None) is None:
         return

@@ -22,8 +22,8 @@ from detectron2.evaluation import (
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from ..datasets import check_evaluation_dependencies
-from ..token_learner import MasKDTokenLearner
+from ..checkpoint.format import STAGE1, model_stage
+from ..data.datasets import check_evaluation_dependencies
 from .ddp import unwrap
 
 __all__ = [
@@ -110,7 +110,7 @@ def evaluate_with_retention(model: torch.nn.Module, evaluate: Callable[[bool], d
     """
     results = evaluate(False)
     learner = unwrap(model)
-    if not isinstance(learner, MasKDTokenLearner):
+    if model_stage(learner) != STAGE1:
         return results
     with learner.masks_disabled():  # every rank: the evaluators gather across processes
         teacher = evaluate(True)

@@ -7,7 +7,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.utils import comm
 
 from ..checkpoint import MasKDCheckpointer
-from ..datasets import check_evaluation_dependencies
+from ..data.datasets import check_evaluation_dependencies
 from .checks import check_class_counts, check_input_format, check_positive
 from .ddp import create_ddp_model
 from .evaluation import lazy_test, log_final_retention

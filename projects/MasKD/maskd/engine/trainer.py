@@ -10,8 +10,8 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 
 from .._compat import cpu_ddp_in_default_trainer
 from ..checkpoint import MasKDCheckpointer
-from ..datasets import check_datasets, check_evaluation_dependencies
-from ..deeplab import build_deeplab_train_loader, build_lr_scheduler, is_deeplab
+from ..data.datasets import check_datasets, check_evaluation_dependencies
+from ..projects.deeplab import build_deeplab_train_loader, build_lr_scheduler, is_deeplab
 from .checks import check_class_counts, check_input_format, check_positive
 from .ddp import create_ddp_model
 from .evaluation import build_evaluator, evaluate_with_retention, log_final_retention

@@ -12,10 +12,11 @@ repository::
 import os
 from typing import List, Sequence
 
+from ..config import SHIPPED_CONFIG_ROOT, load_config, shipped_config_file
+
 __all__ = ["get_config_file", "get_config", "list_configs", "CONFIG_ROOT"]
 
-# the shipped configs (in a checkout: a link to the repository's configs/)
-CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIG_ROOT = SHIPPED_CONFIG_ROOT
 _SUFFIXES = (".yaml", ".py")
 
 
@@ -39,21 +40,11 @@ def get_config_file(name: str) -> str:
         RuntimeError: naming the config, if MasKD ships no config of that name (as
             ``detectron2.model_zoo.get_config_file`` does).
     """
-    rel = name[len("configs/") :] if name.startswith("configs/") else name
-    path = os.path.normpath(os.path.join(CONFIG_ROOT, rel))
-    inside = path.startswith(os.path.normpath(CONFIG_ROOT) + os.sep)
-    if not inside or not rel.endswith(_SUFFIXES) or not os.path.isfile(path):
-        raise RuntimeError(
-            f"'{name}' is not a config shipped with MasKD (maskd.model_zoo.list_configs() lists "
-            "them)"
-        )
-    return path
+    return shipped_config_file(name)
 
 
 def get_config(name: str, opts: Sequence[str] = ()):
     """A shipped config, loaded (yacs: a CfgNode with the MasKD keys; LazyConfig: its
     DictConfig), with overrides (yacs ``["KEY", "VALUE", ...]``, LazyConfig ``["k=v", ...]``).
     """
-    from ..config import load_config
-
     return load_config(get_config_file(name), opts)

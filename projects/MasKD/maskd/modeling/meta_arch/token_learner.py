@@ -1,0 +1,342 @@
+"""Stage 1: learn the receptive tokens with the teacher frozen."""
+
+import contextlib
+import inspect
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.events import get_event_storage
+from detectron2.utils.registry import locate
+from omegaconf import DictConfig
+from torch import nn
+
+from ..._compat import NORM_TYPES
+from ...checkpoint.provenance import (
+    CONFIG_KEY,
+    FINGERPRINT_KEY,
+    config_fingerprint,
+    fingerprint,
+    fingerprint_tensor,
+)
+from ..backbone import LevelMasks, TokenMaskedBackbone
+from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
+from ..losses import (
+    check_loss_weight,
+    dice_diversity_loss,
+    min_token_area_loss,
+    raise_if_not_finite,
+)
+from ..pairing import resolve_channel_orders, resolve_in_features, teacher_batch
+from ..receptive_tokens import build_level_tokens
+from ..teacher import freeze, head_levels, teacher_from_config
+
+__all__ = ["MasKDTokenLearner", "DICE_PAIRS"]
+
+logger = logging.getLogger(__name__)
+
+# The pairs of tokens the Dice loss compares: all (the paper), or weighted by w_i w_j.
+DICE_PAIRS = ("all", "weighted")
+
+
+@contextlib.contextmanager
+def task_loss_mode(teacher: nn.Module):
+    """Let a frozen teacher compute its training losses, then put it back in eval mode.
+
+    detectron2 meta-architectures return losses only in training mode, so the teacher's heads
+    run in training mode inside this block, while its backbone and every normalisation layer
+    stay in inference mode (running statistics are neither used from the batch nor updated).
+    """
+    teacher.train()
+    teacher.backbone.inner.eval()
+    for m in teacher.modules():
+        if isinstance(m, NORM_TYPES):
+            m.eval()
+    try:
+        yield
+    finally:
+        teacher.eval()
+
+
+@META_ARCH_REGISTRY.register()
+class MasKDTokenLearner(nn.Module):
+    """Stage 1 of MasKD: a frozen teacher whose distilled feature levels go through receptive
+    tokens; only the tokens (and their mask-weight heads) are trained.
+
+    Training: the teacher's own heads run on the masked aggregate ``sum_t w_t M_t * F`` of each
+    distilled level, with the ordinary ground truth; the losses are the teacher's task losses
+    plus ``loss_dice`` (the Dice diversity loss summed over levels, times ``dice_weight``).
+    Inference: the teacher's predictions on masked features.
+
+    Opt-in levers for tokens that partition the map (not the paper's; 0 / the paper's value
+    leaves each off): the tokens' form (``mask_norm``, ``weight_floor``), the ``fill`` of
+    masked-out cells, the weights as relative gates (``weight_gate``), Dice over weighted pairs
+    (``dice_pairs``), a minimum area per token (``min_token_area``, ``loss_token_area``) and the
+    area prior (``area_weight``, ``loss_area``).
+
+    Attributes:
+        teacher: the teacher meta-architecture; its ``backbone`` is a
+            :class:`TokenMaskedBackbone` holding the tokens.
+        tokens: (property) level name -> ReceptiveTokens, i.e. ``teacher.backbone.tokens``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        teacher: nn.Module,
+        in_features: Optional[List[str]] = None,
+        num_tokens: int = 6,
+        weighted: bool = True,
+        dice_weight: float = 1.0,
+        area_weight: float = 0.0,
+        teacher_from_checkpoint: bool = False,
+        input_format: Optional[str] = None,
+        mask_norm: str = "sigmoid",
+        weight_floor: float = 0.0,
+        fill: str = "zeros",
+        dice_pairs: str = "all",
+        min_token_area: float = 0.0,
+        weight_gate: str = "absolute",
+    ):
+        """
+        Args:
+            teacher: a detectron2 meta-architecture with a ``backbone`` (R-CNN, RetinaNet,
+                FCOS, Panoptic FPN, SemanticSegmentor, ...), with its trained weights loaded
+                (:func:`maskd.modeling.teacher.build_teacher`). It is frozen here.
+            in_features: distilled levels; None or empty: every backbone level the teacher's
+                heads read (a level they do not read could not learn from the task loss).
+            num_tokens: tokens per level.
+            weighted: whether to learn mask-weight heads.
+            dice_weight: weight of the Dice diversity loss.
+            area_weight: weight of ``loss_area``, the mask-area prior: the mean of the combined
+                mask ``sum_t w_t M_t`` over images and cells, summed over levels (not part of
+                the paper's objective; 0: off, the paper). It makes keeping a cell cost
+                something, so that the tokens keep only what the teacher's loss needs.
+            teacher_from_checkpoint: the teacher's weights are not loaded yet but come with the
+                checkpoint to be loaded (evaluation of a stage-1 checkpoint): its fingerprint is
+                then taken from that checkpoint instead of checked against it.
+            input_format: the channel order of the batch ("BGR", "RGB"; ``INPUT.FORMAT``);
+                None: the teacher's. A teacher that reads the other of RGB/BGR gets the batch
+                converted (:mod:`maskd.modeling.pairing`), in training and in evaluation.
+            mask_norm, weight_floor: the tokens' form (:class:`maskd.ReceptiveTokens`):
+                "sigmoid" masks (the paper) or "softmax" over the tokens; a floor eps on the
+                token weights (eps / T each at least; 0: the paper).
+            fill: what masked-out cells become (:func:`maskd.modeling.losses.neutral_fill`): "zeros"
+                (the paper), "mean", "blur".
+            dice_pairs: "all" (the paper) or "weighted": the Dice loss over pairs weighted by
+                ``w_i w_j`` (:func:`maskd.modeling.losses.dice_diversity_loss`).
+            min_token_area: a > 0 adds ``loss_token_area``, ``dice_weight`` times
+                :func:`maskd.modeling.losses.min_token_area_loss` summed over levels (0: off).
+            weight_gate: "absolute" (the paper: ``sum_t w_t M_t`` scales the features) or
+                "relative" (``sum_t (w_t / max_s w_s) M_t``; :class:`TokenMaskedBackbone`).
+        """
+        super().__init__()
+        check_loss_weight(dice_weight, "MODEL.MASKD.DICE_WEIGHT")
+        check_loss_weight(area_weight, "MODEL.MASKD.AREA_WEIGHT")
+        if dice_pairs not in DICE_PAIRS:
+            raise ValueError(
+                f"MODEL.MASKD.DICE_PAIRS must be one of {DICE_PAIRS}, got '{dice_pairs}'"
+            )
+        if dice_pairs == "weighted" and not weighted:
+            raise ValueError("MODEL.MASKD.DICE_PAIRS 'weighted' needs weighted tokens")
+        if not 0.0 <= min_token_area <= 1.0:  # NaN fails too
+            raise ValueError(f"MODEL.MASKD.MIN_TOKEN_AREA must lie in [0, 1], got {min_token_area}")
+        if num_tokens < 2 and dice_weight > 0:
+            raise ValueError(
+                f"MODEL.MASKD.NUM_TOKENS = {num_tokens}: the Dice loss compares pairs of tokens, so "
+                "with one token it is always 0; use at least 2 tokens, or DICE_WEIGHT 0.0"
+            )
+        freeze(teacher)
+        # which teacher the tokens are learned for (all zeros: not known yet, the checkpoint to
+        # be loaded brings it)
+        device = next(teacher.parameters()).device  # the tokens live with the teacher
+        if teacher_from_checkpoint:
+            digest = torch.zeros(32, dtype=torch.uint8)
+        else:
+            digest = fingerprint_tensor(fingerprint(teacher.state_dict()))
+        self.register_buffer(FINGERPRINT_KEY, digest.to(device))
+        # its preprocessing and backbone settings, known from the config in either case
+        self.register_buffer(CONFIG_KEY, fingerprint_tensor(config_fingerprint(teacher)).to(device))
+        self.teacher_from_checkpoint = teacher_from_checkpoint
+        shapes = teacher.backbone.output_shape()
+        read = head_levels(teacher)
+        levels = resolve_in_features(in_features, {"teacher": read})
+        tokens = build_level_tokens(
+            {lv: shapes[lv].channels for lv in levels},
+            num_tokens,
+            weighted,
+            mask_norm,
+            weight_floor,
+        ).to(device)
+        self.input_format, self.teacher_format = resolve_channel_orders(input_format, teacher)
+        # The wrapper is built here, once, and is part of the module tree: no hooks.
+        teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens, fill, weight_gate)
+        self.teacher = teacher
+        self.in_features = levels
+        self.dice_weight = dice_weight
+        self.area_weight = area_weight
+        self.dice_pairs = dice_pairs
+        self.min_token_area = min_token_area
+        self.strides = {lv: shapes[lv].stride for lv in levels}
+        logger.info(
+            "MasKDTokenLearner: %d tokens (weighted=%s, %s) on levels %s; fill %s, %s weight "
+            "gate, Dice over %s pairs, minimum token area %s",
+            num_tokens,
+            weighted,
+            tokens[levels[0]].describe_form(),
+            levels,
+            fill,
+            weight_gate,
+            dice_pairs,
+            min_token_area or "off",
+        )
+
+    @classmethod
+    def from_config(cls, cfg, load_teacher: bool = True):
+        """Builds the teacher from ``MODEL.MASKD.TEACHER``, with its weights loaded unless
+        ``load_teacher`` is False (``MasKDTokenLearner(cfg, load_teacher=False)``: for the
+        evaluation of a stage-1 checkpoint, which holds the teacher)."""
+        mcfg = cfg.MODEL.MASKD
+        return {
+            "teacher": teacher_from_config(cfg, load=load_teacher),
+            "in_features": list(mcfg.IN_FEATURES),
+            "num_tokens": mcfg.NUM_TOKENS,
+            "weighted": mcfg.WEIGHTED,
+            "dice_weight": mcfg.DICE_WEIGHT,
+            "area_weight": mcfg.AREA_WEIGHT,
+            "teacher_from_checkpoint": not load_teacher,
+            "input_format": cfg.INPUT.FORMAT,
+            "mask_norm": mcfg.MASK_NORM,
+            "weight_floor": mcfg.WEIGHT_FLOOR,
+            "fill": mcfg.FILL,
+            "dice_pairs": mcfg.DICE_PAIRS,
+            "min_token_area": mcfg.MIN_TOKEN_AREA,
+            "weight_gate": mcfg.WEIGHT_GATE,
+        }
+
+    @classmethod
+    def build_inference_model(cls, cfg) -> nn.Module:
+        """The model that evaluates a stage-1 checkpoint (``--eval-only``): the masked teacher,
+        its weights not read from ``MODEL.MASKD.TEACHER.WEIGHTS`` (the checkpoint holds teacher
+        and tokens)."""
+        return cls(cfg, load_teacher=False).to(torch.device(cfg.MODEL.DEVICE))
+
+    @classmethod
+    def lazy_inference_node(cls, node):
+        """:meth:`build_inference_model` for a LazyConfig ``model`` node: the teacher's builder
+        told not to load its weights, where it takes ``load`` (:func:`maskd.build_teacher`)."""
+        target = node.teacher.get("_target_") if isinstance(node.teacher, DictConfig) else None
+        if isinstance(target, str):
+            target = locate(target)
+        try:
+            takes_load = "load" in inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            takes_load = False
+        if takes_load:
+            node.teacher.load = False
+        return node
+
+    @property
+    def tokens(self) -> nn.ModuleDict:
+        return self.teacher.backbone.tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens[self.in_features[0]].tokens.device
+
+    def train(self, mode: bool = True):
+        """Set the training mode; the teacher stays in eval mode (see :func:`task_loss_mode`)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def token_losses(self, masks: Dict[str, LevelMasks]) -> Dict[str, torch.Tensor]:
+        """The tokens' own losses of one step, from the masks the backbone wrapper made.
+
+        Args:
+            masks: level -> :class:`maskd.modeling.backbone.LevelMasks` (with gradient).
+
+        Returns:
+            ``loss_dice`` (``dice_weight`` x the Dice diversity loss, summed over levels), and
+            where enabled ``loss_token_area`` and ``loss_area``.
+
+        Raises:
+            FloatingPointError: a non-finite per-level Dice loss, naming the level.
+        """
+        storage = get_event_storage()
+        dice = {
+            lv: dice_diversity_loss(
+                m.masks, weights=m.weights if self.dice_pairs == "weighted" else None
+            )
+            for lv, m in masks.items()
+        }
+        raise_if_not_finite(dice, "loss_dice (per level)", storage.iter)
+        out = {"loss_dice": self.dice_weight * sum(dice.values())}
+        if self.min_token_area > 0:
+            out["loss_token_area"] = self.dice_weight * sum(
+                min_token_area_loss(m.masks, self.min_token_area) for m in masks.values()
+            )
+        if self.area_weight > 0:  # the mean of the combined mask, padding included
+            out["loss_area"] = self.area_weight * sum(
+                m.combined.float().mean() for m in masks.values()
+            )
+        return out
+
+    @contextlib.contextmanager
+    def masks_disabled(self):
+        """Inside this block the model evaluates as the plain teacher: its backbone's features
+        reach the heads unmasked (the retention of stage 1 compares both). For inference only:
+        a training step inside it fails, as it makes no masks to learn from."""
+        backbone = self.teacher.backbone
+        backbone.masking = False
+        try:
+            yield self
+        finally:
+            backbone.masking = True
+
+    def forward(self, batched_inputs):
+        """
+        Args:
+            batched_inputs: a list of dicts, as detectron2's DatasetMapper produces them.
+
+        Returns:
+            training: dict of scalar losses: the teacher's task losses and those of
+                :meth:`token_losses` (``loss_dice``; ``loss_token_area``, ``loss_area`` where on);
+                the token statistics of every level (:mod:`maskd.modeling.diagnostics`) go to the
+                event storage.
+            inference: the teacher's outputs on masked features, one dict per image.
+        """
+        batched_inputs = teacher_batch(
+            batched_inputs, self.input_format, self.teacher_format, self.teacher
+        )
+        if not self.training:
+            return self.teacher(batched_inputs)
+        with task_loss_mode(self.teacher):
+            losses = self.teacher(batched_inputs)
+        storage = get_event_storage()
+        raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
+        masks, padded = self.teacher.backbone.pop_masks()
+        ours = self.token_losses(masks)
+        image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+        put_token_statistics(
+            storage,
+            {
+                lv: token_statistics(
+                    m.masks.detach(),
+                    None if m.weights is None else m.weights.detach(),
+                    level_sizes(image_sizes, padded, m.masks.shape[-2:]),
+                    foreground=foreground_cells(
+                        batched_inputs, self.strides[lv], *m.masks.shape[-2:]
+                    ),
+                )
+                for lv, m in masks.items()
+            },
+        )
+        clash = sorted(set(ours) & set(losses))
+        if clash:
+            raise KeyError(f"the teacher already returns losses named {clash}")
+        losses.update(ours)
+        return losses
