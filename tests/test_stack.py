@@ -57,3 +57,37 @@ def test_tiny_faster_rcnn_trains_one_step():
     assert {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"} <= set(losses)
     for name, value in losses.items():
         assert math.isfinite(value.item()), name
+
+
+def test_the_public_names_stay_where_users_import_them():
+    """What users import from the package (README, docs, shipped LazyConfigs), whatever the
+    module layout behind it."""
+    from maskd import (  # noqa: F401
+        HEAD_KD_REGISTRY,
+        MASK_SOURCE_REGISTRY,
+        DenseRegressionKD,
+        HeadKD,
+        MasKD,
+        MasKDCheckpointer,
+        MasKDTokenLearner,
+        MaskSource,
+        ReceptiveTokens,
+        RoIRegressionKD,
+        add_maskd_config,
+        build_teacher,
+        dice_diversity_loss,
+        get_maskd_cfg,
+        load_config,
+        load_tokens,
+        masked_aggregate,
+        masked_distillation_loss,
+        model_zoo,
+        tokens_from_file,
+    )
+    from maskd.checkpoint import load_weights_strict, read_checkpoint  # noqa: F401
+    from maskd.config import is_lazy_config, resolve_config_file  # noqa: F401
+    from maskd.modeling.mask_sources import LevelContext  # noqa: F401
+
+    assert model_zoo.get_config_file("Demo/shapes_teacher_R34.yaml").endswith(".yaml")
+    assert set(maskd.__all__) >= {"MasKD", "MasKDTokenLearner", "build_teacher", "model_zoo"}
+

@@ -6,6 +6,7 @@ detectron2's ``META_ARCH_REGISTRY``, the head-level KD terms in
 :data:`maskd.modeling.mask_sources.MASK_SOURCE_REGISTRY`.
 """
 
+from . import model_zoo
 from .checkpoint import MasKDCheckpointer, load_tokens, tokens_from_file
 from .config import add_maskd_config, get_maskd_cfg, load_config
 from .modeling.backbone import RecordingBackbone, TokenMaskedBackbone
@@ -39,4 +40,5 @@ __all__ = [
     "load_tokens",
     "masked_aggregate",
     "masked_distillation_loss",
+    "model_zoo",
 ]
