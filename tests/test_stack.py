@@ -90,4 +90,3 @@ def test_the_public_names_stay_where_users_import_them():
 
     assert model_zoo.get_config_file("Demo/shapes_teacher_R34.yaml").endswith(".yaml")
     assert set(maskd.__all__) >= {"MasKD", "MasKDTokenLearner", "build_teacher", "model_zoo"}
-
