@@ -7,6 +7,8 @@ import os
 import statistics
 from typing import Dict, List, Tuple
 
+from maskd.utils.files import atomic_write, write_text
+
 # Sizes of a run: dataset, iterations of each stage, seeds of the students.
 # Every reported number is evaluated on the test split, on which no choice was made.
 DEFAULT = dict(
@@ -292,8 +294,7 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
         "",
     ]
     path = os.path.join(output, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    atomic_write(path, lambda tmp: write_text(tmp, "\n".join(lines)), overwrite=True)
     return path
 
 

@@ -38,6 +38,7 @@ from shapes import VARIANTS, foreground_statistics, shapes_dataset  # noqa: E402
 
 from maskd.engine.pipeline import STAGES, StageRunner, run_pipeline  # noqa: E402
 from maskd.modeling.mask_sources import mask_source_class  # noqa: E402
+from maskd.utils.files import atomic_write, write_text  # noqa: E402
 
 logger = logging.getLogger("maskd.demo")
 
@@ -261,9 +262,9 @@ def run_demo(
     total = time.perf_counter() - start
     times = stage_times(output, baselines, teachers)
     path = rep.write_report(output, results, times, data_time, total, quick, size)
-    with open(os.path.join(output, "results.json"), "w") as f:
-        summary = {"results": results, "times": times, "total_s": total}
-        json.dump(rep.json_safe(summary), f, indent=1, allow_nan=False)
+    summary = {"results": results, "times": times, "total_s": total}
+    text = json.dumps(rep.json_safe(summary), indent=1, allow_nan=False)
+    atomic_write(os.path.join(output, "results.json"), lambda tmp: write_text(tmp, text), True)
     logger.info("[demo] report: %s", path)
     return path
 

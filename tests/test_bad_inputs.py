@@ -555,8 +555,9 @@ def yaml_alias_bomb_in_a_saved_lazyconfig(ws, tmp):
 @case
 def python_name_tag_in_a_saved_lazyconfig_imports_nothing(ws, tmp):
     """A ``!!python/name:`` tag naming a module beside the config (importable, as with
-    ``python -m``): reading the file imported it and ran its code; now the name is kept for
-    instantiation and the file is refused for its unregistered dataset, the module unimported."""
+    ``python -m``): resolving it while reading would import the module and run its code; the
+    name is kept for instantiation, and the file is refused for its unregistered dataset with
+    the module unimported."""
     import sys
 
     marker = tmp / "ran"

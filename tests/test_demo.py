@@ -30,6 +30,7 @@ def _row(report, name):
     return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     run(

@@ -11,6 +11,7 @@ from tiny import ROOT, run
 GPU_CHECK = os.path.join(ROOT, "tools", "gpu_check.py")
 
 
+@pytest.mark.slow
 def test_dry_run_runs_the_gpu_code_paths_on_cpu(tmp_path):
     out = run([GPU_CHECK, "--dry-run", "--output", str(tmp_path / "gc")], tmp_path)
     summary = out.stdout[out.stdout.index("MasKD GPU check on CPU (dry run)") :]

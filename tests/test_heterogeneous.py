@@ -67,6 +67,7 @@ def _train_net(ws, cfg, name):
     return out.stdout + out.stderr, finite_loss_records(cfg.OUTPUT_DIR)
 
 
+@pytest.mark.slow
 def test_vit_teacher_to_resnet_student_both_stages_through_train_net(ws):
     tmp = ws["tmp"]
     stage1 = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]), tmp / "s1")

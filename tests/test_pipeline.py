@@ -42,6 +42,7 @@ def _summary(out):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
     tmp, args = setup
     # with a head-level KD term of the user's own, from a module outside the package
@@ -126,6 +127,7 @@ def test_pipeline_runs_every_stage_and_keeps_finished_ones(setup):
     assert bad.returncode != 0 and "--import MODULE" in bad.stderr
 
 
+@pytest.mark.slow
 def test_pipeline_resumes_a_killed_stage_from_its_checkpoint(setup):
     tmp, args = setup
     out = tmp / "killed"
@@ -178,6 +180,7 @@ def test_pipeline_resumes_a_killed_stage_from_its_checkpoint(setup):
     assert iters[-1] == 39
 
 
+@pytest.mark.slow
 def test_pipeline_with_lazyconfig_configs(setup, tmp_path):
     import torch
     from detectron2.config import instantiate

@@ -160,6 +160,7 @@ def test_resume_after_kill(ws, stage):
 
 
 # ------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["MasKDTokenLearner", "MasKD"])
 def test_two_process_ddp(ws, stage):
     out = f"ddp_{stage}"
@@ -184,6 +185,7 @@ def test_two_process_ddp(ws, stage):
     assert trained, "nothing was trained"
 
 
+@pytest.mark.slow
 def test_two_machines_on_localhost(ws):
     cfg = stage_cfg(ws, "MasKD", "two_machines", MAX_ITER=2)
     cfg.TEST.EVAL_PERIOD = 0
@@ -276,6 +278,7 @@ def test_frozen_teacher_across_evaluation_during_training(ws):
 
 
 # ------------------------------------------------------------------------------ live runs
+@pytest.mark.slow
 def test_no_live_run_is_harmed_by_a_second_command_on_its_folder(ws):
     """While a training runs, a second training on its OUTPUT_DIR is refused before it writes
     anything, naming the live run; --eval-only with the training's config (a common habit)

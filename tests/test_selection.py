@@ -69,6 +69,7 @@ def test_the_area_prior_value_and_gradient(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_probe_selection_measures_the_teachers_loss_under_fixed_masks(tmp_path):
     teacher_config, teacher_weights, _ = write_teacher(tmp_path, "rcnn")
     json_file, image_dir = write_coco_dataset(str(tmp_path / "data"), n_images=4)

@@ -40,7 +40,8 @@ def test_maskd_is_this_checkout_and_registers_its_models():
     assert os.path.samefile(maskd.__file__, here)
     assert META_ARCH_REGISTRY.get("MasKD") is maskd.MasKD
     assert META_ARCH_REGISTRY.get("MasKDTokenLearner") is maskd.MasKDTokenLearner
-    assert {name for name, _ in maskd.HEAD_KD_REGISTRY} == {"RoIRegressionKD", "DenseRegressionKD"}
+    # keyed by the config node each term reads
+    assert {name for name, _ in maskd.HEAD_KD_REGISTRY} == {"ROI_REG_KD", "DENSE_REG_KD"}
 
 
 def test_tiny_faster_rcnn_trains_one_step():

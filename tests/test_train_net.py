@@ -39,6 +39,7 @@ def workspace(tmp_path_factory):
     return tmp, register
 
 
+@pytest.mark.slow
 def test_yacs_both_stages_eval_and_export(workspace):
     tmp, register = workspace
     teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
@@ -238,6 +239,7 @@ model = L({cls})(teacher=L(build_teacher)(config_file="{teacher_cfg}", weights="
 """
 
 
+@pytest.mark.slow
 def test_lazy_both_stages_and_eval(workspace):
     tmp, register = workspace
     torch.manual_seed(0)

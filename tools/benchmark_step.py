@@ -49,6 +49,7 @@ from maskd import MasKD, MasKDTokenLearner  # noqa: E402
 from maskd._compat import NORM_TYPES  # noqa: E402
 from maskd.modeling.receptive_tokens import build_level_tokens  # noqa: E402
 from maskd.modeling.reference import naive_masked_distillation_loss  # noqa: E402
+from maskd.utils.files import atomic_write, write_text
 
 GOALS = {"c/(a+b)": 1.10, "c/d": 0.75, "mem c/(a+F)": 1.10, "e/(b+3(g-b))": 1.00}
 
@@ -270,8 +271,8 @@ def main(argv=None):
     )
     print(format_report(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        text = json.dumps(res, indent=1)
+        atomic_write(args.json, lambda tmp: write_text(tmp, text), overwrite=True)
     return res
 
 

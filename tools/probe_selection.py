@@ -34,6 +34,7 @@ from maskd.engine import register_coco_datasets
 from maskd.modeling.mask_sources import box_cells
 from maskd.modeling.meta_arch.token_learner import task_loss_mode
 from maskd.modeling.teacher import build_teacher, head_levels, preprocess_images
+from maskd.utils.files import atomic_write, write_text
 
 logger = logging.getLogger("maskd.probe_selection")
 
@@ -141,8 +142,8 @@ def main(argv=None):
     for name, row in losses.items():
         print(f"{name:<24}" + "".join(f"{row[k]:>16.4f}" for k in keys))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"offset": ratio, "losses": losses, "images": len(items)}, f, indent=1)
+        text = json.dumps({"offset": ratio, "losses": losses, "images": len(items)}, indent=1)
+        atomic_write(args.output, lambda tmp: write_text(tmp, text), overwrite=True)
 
 
 if __name__ == "__main__":

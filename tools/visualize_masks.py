@@ -35,6 +35,7 @@ from maskd import MasKDTokenLearner
 from maskd.config import load_config
 from maskd.engine import build_inference_model, load_inference_weights, register_coco_datasets
 from maskd.utils.extensions import add_import_argument, import_modules
+from maskd.utils.files import atomic_write, write_text
 from maskd.utils.visualize import save_mask_grid
 
 logger = logging.getLogger("maskd.visualize_masks")
@@ -128,8 +129,9 @@ def main(argv=None):
         lv: {k: statistics.mean(s[lv][k] for s in per_image.values() if k in s[lv]) for k in names}
         for lv, names in levels.items()
     }
-    with open(os.path.join(args.output, "token_statistics.json"), "w") as f:
-        json.dump({"mean": mean, "images": per_image}, f, indent=1)
+    text = json.dumps({"mean": mean, "images": per_image}, indent=1)
+    path = os.path.join(args.output, "token_statistics.json")
+    atomic_write(path, lambda tmp: write_text(tmp, text), overwrite=True)
     for lv, stats in mean.items():
         logger.info(
             "%s, mean of %d images: %s",

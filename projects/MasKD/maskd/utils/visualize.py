@@ -11,6 +11,7 @@ from ..modeling.backbone import unwrap_backbone
 from ..modeling.diagnostics import foreground_cells, level_sizes, token_statistics
 from ..modeling.pairing import teacher_batch
 from ..modeling.teacher import preprocess_images
+from .files import atomic_write
 
 __all__ = ["receptive_masks", "mask_grid", "save_mask_grid", "format_statistics"]
 
@@ -142,7 +143,7 @@ def save_mask_grid(
     if input_format == "BGR":
         image = image[:, :, ::-1]
     fig = mask_grid(np.ascontiguousarray(image), masks, statistics=stats)
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"), overwrite=True)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
