@@ -12,3 +12,41 @@ sys.path.insert(0, os.path.join(ROOT, "projects", "MasKD"))
 # root over maskd.cli.
 sys.path.insert(0, os.path.join(ROOT, "demo"))
 sys.path.insert(0, ROOT)
+
+
+import dataclasses  # noqa: E402
+from typing import List, Tuple  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@dataclasses.dataclass
+class Datasets:
+    """A test module's tiny COCO-format datasets on disk (see :func:`datasets`)."""
+
+    tmp: object  # the module's folder (pathlib.Path)
+    names: Tuple[str, str]  # (train, val), registered in this process
+    train: Tuple[str, str]  # (annotation json, image folder)
+    val: Tuple[str, str]
+    register: List[str]  # the --register-coco arguments of a command
+
+
+@pytest.fixture(scope="module")
+def datasets(request, tmp_path_factory):
+    """The workspace every CLI test starts from: a folder of the test module's own with a train
+    (4 images) and a val (2 images) COCO-format dataset of tiny images, registered in this
+    process under the module's own names (``<module>_train``, ``<module>_val``: no two modules
+    share a name), and the ``--register-coco`` arguments that register them in a command."""
+    from tiny import write_coco_dataset
+
+    from maskd.engine import register_coco_datasets
+
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    module = module[len("test_") :] if module.startswith("test_") else module
+    tmp = tmp_path_factory.mktemp(module)
+    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
+    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
+    names = (f"{module}_train", f"{module}_val")
+    register_coco_datasets([(names[0], *train), (names[1], *val)])
+    register = ["--register-coco", names[0], *train, "--register-coco", names[1], *val]
+    return Datasets(tmp, names, train, val, register)

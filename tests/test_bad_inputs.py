@@ -61,10 +61,8 @@ class _RunsCode:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bad_inputs")
-    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
-    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
+def ws(datasets):
+    tmp, train = datasets.tmp, datasets.train
     teacher = write_teacher(tmp, "rcnn", seed=0, name="teacher_a")[:2]
     other = write_teacher(tmp, "rcnn", seed=1, name="teacher_b")[:2]
     torch.manual_seed(0)
@@ -75,7 +73,7 @@ def ws(tmp_path_factory):
     MasKDCheckpointer(s2, save_dir=str(tmp)).save("stage2_tokens_a2")
     return {
         "tmp": tmp,
-        "register": ["--register-coco", "bi_train", *train, "--register-coco", "bi_val", *val],
+        "register": datasets.register,
         "dataset": train,
         "teacher": teacher,
         "other": other,
@@ -91,7 +89,7 @@ def stage1_cfg(teacher):
 def stage2(ws, tmp, **keys):
     """A tiny stage-2 training config on the workspace's files, ``keys`` set (dotted names)."""
     cfg = tiny_training(maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"]), tmp / "out")
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bi_train",), ("bi_val",)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bad_inputs_train",), ("bad_inputs_val",)
     cfg.merge_from_list([x for k, v in keys.items() for x in (k.replace("__", "."), v)])
     return cfg
 
@@ -261,7 +259,7 @@ def pkl_attack_in_visualize_masks(ws, tmp):
     config = write(stage1_cfg(ws["teacher"]), tmp / "s1.yaml")
     tool = _tool("visualize_masks")
     argv = ["--config-file", config, "--checkpoint", path, "--output", str(tmp / "png")]
-    argv += ["--dataset", "bi_train", *ws["register"]]  # registered here too: any test order
+    argv += ["--dataset", "bad_inputs_train", *ws["register"]]
     refused(lambda: tool.main(argv), "--checkpoint", "crash.pkl")
 
 
@@ -668,7 +666,7 @@ def negative_loss_weight(ws, tmp):
 @case
 def negative_dice_weight(ws, tmp):
     cfg = tiny_training(stage1_cfg(ws["teacher"]), tmp / "out")
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bi_train",), ("bi_val",)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bad_inputs_train",), ("bad_inputs_val",)
     cfg.MODEL.MASKD.DICE_WEIGHT = -0.5
     refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.DICE_WEIGHT", "-0.5")
 
@@ -690,7 +688,7 @@ def nan_head_kd_weight(ws, tmp):
 @case
 def nan_area_weight(ws, tmp):
     cfg = tiny_training(stage1_cfg(ws["teacher"]), tmp / "out")
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bi_train",), ("bi_val",)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bad_inputs_train",), ("bad_inputs_val",)
     cfg.MODEL.MASKD.AREA_WEIGHT = float("nan")
     refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.AREA_WEIGHT", "finite", "nan")
 
@@ -837,7 +835,7 @@ def stage1_checkpoint_evaluated_with_a_stage2_config(ws, tmp):
 def plain_teacher_checkpoint_evaluated_with_a_stage1_config(ws, tmp):
     """A stage-1 model loads nothing from a non-MasKD checkpoint: it evaluated its random init."""
     cfg = tiny_training(stage1_cfg(ws["teacher"]), tmp / "out")
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bi_train",), ("bi_val",)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bad_inputs_train",), ("bad_inputs_val",)
     call = train_cfg(ws, tmp, cfg, "--eval-only", "MODEL.WEIGHTS", ws["teacher"][1])
     refused(call, "MODEL.WEIGHTS", "is not a MasKD checkpoint", "stage-1 checkpoints")
 
@@ -846,7 +844,7 @@ def plain_teacher_checkpoint_evaluated_with_a_stage1_config(ws, tmp):
 def plain_teacher_checkpoint_in_visualize_masks_with_a_stage1_config(ws, tmp):
     config = write(stage1_cfg(ws["teacher"]), tmp / "s1.yaml")
     argv = ["--config-file", config, "--checkpoint", ws["teacher"][1], "--output", str(tmp / "png")]
-    argv += ["--dataset", "bi_train", *ws["register"]]
+    argv += ["--dataset", "bad_inputs_train", *ws["register"]]
     refused(lambda: _tool("visualize_masks").main(argv), "teacher_a.pth", "not a MasKD checkpoint")
     assert not (tmp / "png").exists() or not os.listdir(tmp / "png")
 
@@ -1054,7 +1052,7 @@ def dataset_not_registered(ws, tmp):
 def eval_only_with_other_classes_than_the_data(ws, tmp):
     cfg = stage2(ws, tmp, MODEL__ROI_HEADS__NUM_CLASSES="5")
     call = train_cfg(ws, tmp, cfg, "--eval-only", "MODEL.WEIGHTS", ws["stage2"])
-    refused(call, "predicts 5 classes", "bi_val", "has 3")
+    refused(call, "predicts 5 classes", "bad_inputs_val", "has 3")
     assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "results.json"))
 
 

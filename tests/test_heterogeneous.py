@@ -18,7 +18,6 @@ from tiny import (
     maskd_cfg,
     run,
     tiny_training,
-    write_coco_dataset,
 )
 
 from maskd.modeling.pairing import image_area, pair_levels, parse_level_map
@@ -40,16 +39,14 @@ def write_vit_teacher(folder, square_pad=128, seed=0):
     return str(config), str(weights)
 
 
+# the names that the datasets fixture (conftest.py) gives this module's datasets
+DATASETS = ("heterogeneous_train", "heterogeneous_val")
+
+
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hetero")
-    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
-    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
-    return {
-        "tmp": tmp,
-        "register": ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val],
-        "teacher": write_vit_teacher(tmp),
-    }
+def ws(datasets):
+    tmp = datasets.tmp
+    return {"tmp": tmp, "register": datasets.register, "teacher": write_vit_teacher(tmp)}
 
 
 def _assert_teacher_unchanged(checkpoint_file, teacher_weights):
@@ -70,7 +67,9 @@ def _train_net(ws, cfg, name):
 @pytest.mark.slow
 def test_vit_teacher_to_resnet_student_both_stages_through_train_net(ws):
     tmp = ws["tmp"]
-    stage1 = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]), tmp / "s1")
+    stage1 = tiny_training(
+        maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]), tmp / "s1", DATASETS
+    )
     assert stage1.INPUT.FORMAT == "BGR"  # the student's data; the teacher reads RGB
     log, records = _train_net(ws, stage1, "stage1")
     assert "the BGR batch is converted to RGB for the teacher" in log
@@ -80,6 +79,7 @@ def test_vit_teacher_to_resnet_student_both_stages_through_train_net(ws):
     stage2 = tiny_training(
         maskd_cfg("MasKD", "rcnn", *ws["teacher"], str(tmp / "s1" / "model_final.pth")),
         tmp / "s2",
+        DATASETS,
     )
     log, records = _train_net(ws, stage2, "stage2")
     assert "teacher input: converted BGR -> RGB, loss over the image area" in log

@@ -11,24 +11,23 @@ import sys
 import time
 
 import pytest
-from tiny import ROOT, maskd_cfg, run, tiny_training, write_coco_dataset, write_teacher
+from tiny import ROOT, maskd_cfg, run, tiny_training, write_teacher
 
 DISTILL_NET = os.path.join(ROOT, "distill_net.py")
+# the names that the datasets fixture (conftest.py) gives this module's datasets
+DATASETS = ("pipeline_train", "pipeline_val")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(datasets):
     """Data, teacher and the two stage configs of a tiny R-CNN pair, as files."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
-    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
-    register = ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val]
+    tmp, register = datasets.tmp, datasets.register
     teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
     # The stage configs name no teacher: the pipeline's --teacher-config/--teacher-weights do.
-    s1 = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", "", ""), tmp / "unused")
+    s1 = tiny_training(maskd_cfg("MasKDTokenLearner", "rcnn", "", ""), tmp / "unused", DATASETS)
     s1.SOLVER.CHECKPOINT_PERIOD = 2
     (tmp / "tokens.yaml").write_text(s1.dump())
-    s2 = tiny_training(maskd_cfg("MasKD", "rcnn", "", ""), tmp / "unused")
+    s2 = tiny_training(maskd_cfg("MasKD", "rcnn", "", ""), tmp / "unused", DATASETS)
     s2.MODEL.MASKD.ROI_REG_KD.WEIGHT = 1.0
     s2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     (tmp / "student.yaml").write_text(s2.dump())
@@ -198,6 +197,7 @@ def test_pipeline_with_lazyconfig_configs(setup, tmp_path):
     )
     # the configs name a teacher that does not exist: the pipeline's arguments replace it
     fmt = dict(weights="missing.pth", teacher_cfg="missing.py", out=tmp_path / "unused")
+    fmt.update(train=DATASETS[0], val=DATASETS[1])
     (tmp_path / "tokens.py").write_text(
         LAZY.format(cls="MasKDTokenLearner", extra=", num_tokens=3", **fmt)
     )

@@ -20,7 +20,6 @@ from tiny import (
     run,
     tiny_batch,
     tiny_training,
-    write_coco_dataset,
     write_teacher,
 )
 
@@ -28,25 +27,22 @@ import maskd.modeling.meta_arch.token_learner
 import maskd.utils.files
 from maskd.checkpoint import MasKDCheckpointer
 from maskd.cli import train as train_net
-from maskd.engine import MasKDTrainer, register_coco_datasets
+from maskd.engine import MasKDTrainer
 
-# this module's dataset names: registered in-process, with files of its own
+# the names that the datasets fixture (conftest.py) gives this module's datasets
 DATASETS = ("reliability_train", "reliability_val")
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(datasets):
     """Datasets, a teacher, and a stage-1 checkpoint to distil from."""
-    tmp = tmp_path_factory.mktemp("reliability")
-    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
-    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
-    register_coco_datasets([(DATASETS[0], *train), (DATASETS[1], *val)])
+    tmp, train, val = datasets.tmp, datasets.train, datasets.val
     teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
     stage1 = maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights)
     MasKDCheckpointer(build_model(stage1), save_dir=str(tmp)).save("tokens")
     return {
         "tmp": tmp,
-        "register": ["--register-coco", DATASETS[0], *train, "--register-coco", DATASETS[1], *val],
+        "register": datasets.register,
         "datasets": [*(DATASETS[0], *train), *(DATASETS[1], *val)],
         "teacher": (teacher_config, teacher_weights),
         "tokens": str(tmp / "tokens.pth"),

@@ -22,21 +22,19 @@ from tiny import (
     run,
     tiny_fcos,
     tiny_training,
-    write_coco_dataset,
     write_teacher,
 )
 
 from maskd.checkpoint.export import export_student, export_tokens
 from maskd.modeling.diagnostics import STAT_NAMES
 
+# the names that the datasets fixture (conftest.py) gives this module's datasets
+DATASETS = ("train_net_train", "train_net_val")
+
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train_net")
-    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
-    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
-    register = ["--register-coco", "tiny_train", *train, "--register-coco", "tiny_val", *val]
-    return tmp, register
+def workspace(datasets):
+    return datasets.tmp, datasets.register
 
 
 @pytest.mark.slow
@@ -45,7 +43,9 @@ def test_yacs_both_stages_eval_and_export(workspace):
     teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
 
     stage1 = tiny_training(
-        maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights), tmp / "s1"
+        maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights),
+        tmp / "s1",
+        DATASETS,
     )
     stage1.SOLVER.OPTIMIZER = "ADAM"
     stage1.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
@@ -72,7 +72,7 @@ def test_yacs_both_stages_eval_and_export(workspace):
     # columns = the image and its 4 tokens (2 inches each at 80 dpi).
     run(
         [os.path.join(ROOT, "tools", "visualize_masks.py"), "--config-file", "stage1.yaml"]
-        + ["--checkpoint", str(tmp / "s1" / "model_final.pth"), "--dataset", "tiny_val"]
+        + ["--checkpoint", str(tmp / "s1" / "model_final.pth"), "--dataset", DATASETS[1]]
         + [*register, "--output", "vis"],
         tmp,
     )
@@ -95,6 +95,7 @@ def test_yacs_both_stages_eval_and_export(workspace):
             "MasKD", "rcnn", teacher_config, teacher_weights, str(tmp / "s1" / "model_final.pth")
         ),
         tmp / "s2",
+        DATASETS,
     )
     stage2.MODEL.MASKD.CUSTOM_MASK_WARMUP = 1
     stage2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # predictions to compare after the export
@@ -219,11 +220,11 @@ from maskd import {cls}, build_teacher, tokens_from_file
 from tiny import tiny_fcos
 
 dataloader = get_config("common/data/coco.py").dataloader
-dataloader.train.dataset.names = "tiny_train"
+dataloader.train.dataset.names = "{train}"
 dataloader.train.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=64, max_size=128)]
 dataloader.train.total_batch_size = 2
 dataloader.train.num_workers = 0
-dataloader.test.dataset.names = "tiny_val"
+dataloader.test.dataset.names = "{val}"
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=64, max_size=128)]
 dataloader.test.num_workers = 0
 optimizer = get_config("common/optim.py").SGD
@@ -250,7 +251,9 @@ def test_lazy_both_stages_and_eval(workspace):
     (tmp / "fcos_teacher.py").write_text(
         f"from tiny import tiny_fcos\nmodel = tiny_fcos({TEACHER_DEPTH}, {TEACHER_FPN}, 'BN')\n"
     )
-    fmt = dict(weights=weights, teacher_cfg=tmp / "fcos_teacher.py")
+    fmt = dict(
+        weights=weights, teacher_cfg=tmp / "fcos_teacher.py", train=DATASETS[0], val=DATASETS[1]
+    )
 
     (tmp / "lazy1.py").write_text(
         LAZY.format(cls="MasKDTokenLearner", out=tmp / "l1", extra=", num_tokens=3", **fmt)

@@ -22,7 +22,6 @@ from tiny import (
     run,
     tiny_batch,
     tiny_training,
-    write_coco_dataset,
     write_teacher,
 )
 
@@ -31,7 +30,7 @@ from maskd.checkpoint import MasKDCheckpointer, load_weights_strict, read_checkp
 from maskd.checkpoint.export import export_student, export_tokens
 from maskd.checkpoint.provenance import FINGERPRINT_KEY, fingerprint, fingerprint_text
 from maskd.checkpoint.safe_pickle import UNSAFE_PICKLE_ENV, UnsafePickleError, load_pkl
-from maskd.engine import MasKDTrainer, check_input_format, register_coco_datasets
+from maskd.engine import MasKDTrainer, check_input_format
 from maskd.modeling.teacher import build_teacher
 from maskd.utils.visualize import receptive_masks
 
@@ -56,23 +55,20 @@ def _evil_pkl(folder, name="evil.pkl"):
     return path, marker
 
 
-# this module's dataset names: registered in-process, with files of its own
+# the names that the datasets fixture (conftest.py) gives this module's datasets
 DATASETS = ("trust_train", "trust_val")
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("trust")
-    train = write_coco_dataset(str(tmp / "train"), n_images=4, seed=0)
-    val = write_coco_dataset(str(tmp / "val"), n_images=2, seed=1)
-    register_coco_datasets([(DATASETS[0], *train), (DATASETS[1], *val)])
+def ws(datasets):
+    tmp = datasets.tmp
     teacher = write_teacher(tmp, "rcnn", seed=0, name="teacher_a")
     other = write_teacher(tmp, "rcnn", seed=1, name="teacher_b")
     stage1 = maskd_cfg("MasKDTokenLearner", "rcnn", *teacher[:2])
     MasKDCheckpointer(build_model(stage1), save_dir=str(tmp)).save("tokens_a")
     return {
         "tmp": tmp,
-        "register": ["--register-coco", DATASETS[0], *train, "--register-coco", DATASETS[1], *val],
+        "register": datasets.register,
         "teacher": teacher[:2],
         "other": other[:2],
         "tokens": str(tmp / "tokens_a.pth"),
