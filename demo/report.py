@@ -7,6 +7,7 @@ import os
 import statistics
 from typing import Dict, List, Tuple
 
+from maskd.modeling.diagnostics import STAT_NAMES
 from maskd.utils.files import atomic_write, write_text
 
 # Sizes of a run: dataset, iterations of each stage, seeds of the students.
@@ -315,17 +316,8 @@ def data_lines(data) -> List[str]:
     ]
 
 
-STAT_COLUMNS = (
-    "coverage",
-    "constant",
-    "dice",
-    "weight_entropy",
-    "combined",
-    "tokens_eff",
-    "weighted_dice",
-    "gt_share",
-    "gt_share_uniform",
-)
+# the token statistics in the order maskd.modeling.diagnostics gives them
+STAT_COLUMNS = STAT_NAMES
 
 
 def statistics_table(stats: Dict[str, Dict[str, float]]) -> List[str]:

@@ -79,6 +79,18 @@ def _tagged(out_dir) -> int:
     return int(digits) if name.startswith("model_") and digits else -1
 
 
+def _start_training(ws, config):
+    """train_net.py on ``config`` in a process group of its own (a kill reaches its workers)."""
+    return subprocess.Popen(
+        [sys.executable, TRAIN_NET, "--config-file", config, *ws["register"]],
+        cwd=ws["tmp"],
+        env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "projects", "MasKD")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,15 +116,7 @@ def test_resume_after_kill(ws, stage):
     cfg.TEST.EVAL_PERIOD = 0
     config = write_cfg(ws, cfg, f"{out}.yaml")
     out_dir = ws["tmp"] / out
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "projects", "MasKD"))
-    proc = subprocess.Popen(
-        [sys.executable, TRAIN_NET, "--config-file", config, *ws["register"]],
-        cwd=ws["tmp"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _start_training(ws, config)
     deadline = time.time() + 300
     # kill once last_checkpoint names the checkpoint of iteration 3 or later (the checkpoint
     # file appears just before last_checkpoint is updated)
@@ -285,15 +289,7 @@ def test_no_live_run_is_harmed_by_a_second_command_on_its_folder(ws):
     cfg.TEST.EVAL_PERIOD = 0
     config = write_cfg(ws, cfg, f"{out}.yaml")
     out_dir = ws["tmp"] / out
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "projects", "MasKD"))
-    proc = subprocess.Popen(
-        [sys.executable, TRAIN_NET, "--config-file", config, *ws["register"]],
-        cwd=ws["tmp"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = _start_training(ws, config)
     try:
         deadline = time.time() + 300
         while not (out_dir / "metrics.json").exists():  # the live run is training

@@ -8,7 +8,7 @@ from torch import nn
 
 from .._compat import SafeLoadingCheckpointer
 from ..utils.files import atomic_write, remove_stale_temporaries, write_text
-from .format import short_list
+from .format import check_local_file, short_list
 from .loading import load_checkpoint_dict
 from .safe_pickle import UnsafePickleError
 
@@ -59,8 +59,8 @@ class MasKDCheckpointer(SafeLoadingCheckpointer):
                 )
         else:
             what = "MODEL.WEIGHTS (train.init_checkpoint)"
-        if path and "://" not in path and not os.path.isfile(path.split("?")[0]):
-            raise FileNotFoundError(f"{what}: file not found: '{path}'")
+        if path:  # empty: detectron2 starts from the initialisation
+            check_local_file(path, what)
         self._resuming = what.startswith("--resume")
         try:
             return super().resume_or_load(path, resume=resume)

@@ -25,6 +25,7 @@ from .safe_pickle import UnsafePickleError
 
 __all__ = [
     "read_checkpoint",
+    "check_local_file",
     "checkpoint_kind",
     "bare_key",
     "bare_state",
@@ -62,9 +63,7 @@ def read_checkpoint(
     Returns:
         dict with at least a "model" entry (name -> tensor or array).
     """
-    local = urlparse(path)._replace(query="").geturl()  # without ?matching_heuristics=True
-    if "://" not in path and not os.path.isfile(local):
-        raise FileNotFoundError(f"{what}: file not found: '{local}'")
+    check_local_file(path, what)
     try:
         return read_checkpoint_file(path)
     except UnsafePickleError as e:
@@ -72,6 +71,18 @@ def read_checkpoint(
     except Exception as e:  # a failed download, a corrupt file: say which setting named it
         verb = "download" if "://" in path else "read"
         raise RuntimeError(f"{what}: could not {verb} '{path}': {type(e).__name__}: {e}") from e
+
+
+def check_local_file(path: str, what: str) -> None:
+    """Fail, naming ``what``, if ``path`` (without a ``?matching_heuristics=True`` query) is a
+    local file that does not exist; URLs and ``detectron2://`` paths are left to the download.
+
+    Raises:
+        FileNotFoundError: naming ``what`` and the path.
+    """
+    local = urlparse(path)._replace(query="").geturl()
+    if "://" not in path and not os.path.isfile(local):
+        raise FileNotFoundError(f"{what}: file not found: '{local}'")
 
 
 def checkpoint_kind(keys) -> Optional[str]:

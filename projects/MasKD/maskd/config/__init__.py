@@ -1,6 +1,7 @@
 """MasKD's configuration: the ``MODEL.MASKD`` keys of yacs configs (:mod:`.defaults`) and the
 loading of config files without running code from them (:mod:`.loading`)."""
 
+from . import loading
 from .defaults import add_maskd_config
 from .loading import (
     SHIPPED_CONFIG_ROOT,
@@ -18,19 +19,4 @@ from .loading import (
     shipped_config_file,
 )
 
-__all__ = [
-    "add_maskd_config",
-    "get_maskd_cfg",
-    "load_config",
-    "is_lazy_config",
-    "resolve_config_file",
-    "shipped_config_file",
-    "SHIPPED_CONFIG_ROOT",
-    "read_yaml",
-    "LazyYamlLoader",
-    "MasKDCfgNode",
-    "ZOO_PREFIX",
-    "locate_name",
-    "partial_call",
-    "local_config_files",
-]
+__all__ = ["add_maskd_config", *loading.__all__]

@@ -272,9 +272,14 @@ def local_config_files(filename: str) -> List[str]:
             break
         if not isinstance(base, str) or base.startswith(ZOO_PREFIX) or "://" in base:
             break
-        base = os.path.expanduser(base)
-        path = os.path.abspath(os.path.join(os.path.dirname(path), base))
+        path = os.path.abspath(_base_path(path, base))
     return files
+
+
+def _base_path(filename: str, base: str) -> str:
+    """The file a local ``_BASE_`` of ``filename`` names (``~`` expanded; relative to
+    ``filename``'s folder)."""
+    return os.path.join(os.path.dirname(filename), os.path.expanduser(base))
 
 
 def _check_base(filename: str, base) -> None:
@@ -292,8 +297,7 @@ def _check_base(filename: str, base) -> None:
             f"{filename}: _BASE_ '{base}' is a URL; config files are not fetched: download it "
             "and name the local file"
         )
-    path = os.path.expanduser(base)
-    path = path if os.path.isabs(path) else os.path.join(os.path.dirname(filename), path)
+    path = _base_path(filename, base)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{filename}: _BASE_ names '{base}', which is not a file ({path})")
 

@@ -17,14 +17,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shlex
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from ..config import is_lazy_config
+from ..config import is_lazy_config, local_config_files
 from ..utils.files import atomic_write, write_text
 
 __all__ = [
@@ -200,25 +199,25 @@ def config_digests(args: Sequence[str]) -> Dict[str, Optional[str]]:
     yacs file's local ``_BASE_`` files too), by path; None for a file that no longer exists."""
     out: Dict[str, Optional[str]] = {}
     suffixes = (".yaml", ".yml", ".py", ".json")
-    todo = [a for a in args if a.endswith(suffixes) and os.path.isfile(a)]
-    while todo:
-        path = todo.pop()
-        if path in out:
+    for arg in args:
+        if not (arg.endswith(suffixes) and os.path.isfile(arg)):
             continue
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError:
-            out[path] = None
-            continue
-        out[path] = hashlib.sha256(data).hexdigest()
-        base = re.search(rb"^_BASE_:\s*[\"']?([^\"'\n]+?)[\"']?\s*$", data, re.M)
-        if base and path.endswith((".yaml", ".yml")):
-            name = base.group(1).decode(errors="replace")
-            local = os.path.join(os.path.dirname(path), name)
-            if not name.startswith("zoo:") and os.path.isfile(local):
-                todo.append(os.path.normpath(local))
+        # the file by the name given, its _BASE_ files as paths of the same kind
+        bases = local_config_files(arg)[1:]
+        keys = [arg] + [b if os.path.isabs(arg) else os.path.relpath(b) for b in bases]
+        for key in keys:
+            if key not in out:
+                out[key] = _digest(key)
     return out
+
+
+def _digest(path: str) -> Optional[str]:
+    """SHA-256 of a file's bytes; None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
 
 
 def mark(
