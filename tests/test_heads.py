@@ -135,8 +135,8 @@ def test_dense_regression_kd_retinanet_uses_the_configured_loss(tmp_path, loss):
         **{"DENSE_REG_KD.WEIGHT": weight, "DENSE_REG_KD.LOSS": loss, "DENSE_REG_KD.BETA": beta},
     )
     recorded = {}
-    pop = model.student.head.pop
-    model.student.head.pop = lambda: recorded.setdefault("out", pop())
+    read = model.student.head.recorded
+    model.student.head.recorded = lambda key: recorded.setdefault(key, read(key))
     batch = tiny_batch(2, 64, seed=0, empty=(1,))
     value, reached = head_term(model, "loss_dense_reg_kd")
     assert all(n.startswith("student.") for n in reached)
@@ -146,7 +146,7 @@ def test_dense_regression_kd_retinanet_uses_the_configured_loss(tmp_path, loss):
     with torch.no_grad():
         features = teacher.backbone(preprocess_images(teacher, batch).tensor)
         t_reg = teacher.head([features[lv] for lv in teacher.head_in_features])[1]
-    s_reg = [r.detach() for r in recorded["out"][1]]
+    s_reg = [r.detach() for r in recorded["outputs"][1]]
     diff = torch.cat([(s - t).flatten() for s, t in zip(s_reg, t_reg)]).abs()
     per = diff if loss == "l1" else torch.where(diff < beta, 0.5 * diff**2 / beta, diff - beta / 2)
     assert value.item() == pytest.approx(weight * per.mean().item(), rel=1e-5)

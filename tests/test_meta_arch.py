@@ -28,6 +28,7 @@ from tiny import (
 )
 
 from maskd import MasKD, MasKDCheckpointer, MasKDTokenLearner, build_teacher, tokens_from_file
+from maskd.modeling.backbone import recording
 from maskd.modeling.losses import masked_distillation_loss
 
 
@@ -278,6 +279,31 @@ def test_teacher_heads_never_run_in_stage2(stage2_model):
     model.teacher.roi_heads.forward = boom
     optimizer = build_optimizer(cfg, model)
     train(model, optimizer, {}, steps=1)
+
+
+def test_the_student_features_are_kept_for_one_step_only(stage2_model):
+    """What the student's forward made is read inside the step's recording and dropped after
+    it: no graph outlives the step, a forward outside a step keeps nothing, steps do not nest."""
+    model, cfg = stage2_model
+    backbone = model.student.backbone
+    kept = []
+    read = backbone.recorded
+    backbone.recorded = lambda key: kept.append(read(key)) or kept[-1]
+    train(model, build_optimizer(cfg, model), {}, steps=1)
+    assert set(kept[0]) == set(model.in_features)  # the step read this forward's features
+    with pytest.raises(RuntimeError, match="outside a recording"):
+        read("features")
+    batch = tiny_batch(1, 64, seed=0)
+    with recording(model.student):
+        model.student.eval()(batch)  # inference keeps nothing
+        with pytest.raises(RuntimeError, match="no 'features' was made"):
+            read("features")
+        with pytest.raises(RuntimeError, match="already open"):
+            with recording(model.student):
+                pass
+    with torch.no_grad(), EventStorage(0):
+        model.student.train()(batch)  # a training forward outside a step keeps nothing either
+    assert backbone._record is None
 
 
 def test_model_weights_load_only_into_the_student(tmp_path, stage2_model):

@@ -13,6 +13,7 @@ from tiny import ROOT, maskd_cfg, tiny_batch, write_teacher
 
 from maskd.checkpoint.tokens import tokens_from_file
 from maskd.config import get_maskd_cfg
+from maskd.modeling.backbone import recording
 from maskd.modeling.losses import (
     dice_diversity_loss,
     masked_aggregate,
@@ -236,17 +237,19 @@ def test_a_stage1_step_with_every_lever_and_its_losses(teacher_files):
         assert rt.mask_norm == "softmax" and rt.weight_floor == 0.5
         assert rt.tokens.grad is not None and rt.tokens.grad.abs().sum() > 0
         assert logged[f"[metric]tokens/{lv}/tokens_eff"] >= 2.0  # the floor: 1 / (0.625^2 + ...)
-    assert model.teacher.backbone.last_masks is None  # the learner took the step's masks
+    with pytest.raises(RuntimeError, match="outside a recording"):  # nothing kept after the step
+        model.teacher.backbone.recorded("masks")
 
 
 def test_the_token_losses_are_those_of_the_exposed_masks(teacher_files):
     cfg, model = _stage1(teacher_files, **LEVERS)
     model.train()
     with EventStorage(0):
-        model.teacher.backbone.train()  # as in the learner's training forward
-        model.teacher.backbone(torch.randn(2, 3, 64, 64))
+        backbone = model.teacher.backbone.train()  # as in the learner's training forward
+        with recording(backbone):
+            backbone(torch.randn(2, 3, 64, 64))
+            masks = backbone.recorded("masks")
         model.teacher.eval()
-        masks, _ = model.teacher.backbone.pop_masks()
         got = model.token_losses(masks)
     dice = sum(
         _weighted_dice_reference(m.masks.double(), m.weights.double()) for m in masks.values()
@@ -257,8 +260,9 @@ def test_the_token_losses_are_those_of_the_exposed_masks(teacher_files):
     )
     torch.testing.assert_close(got["loss_dice"].double(), dice, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got["loss_token_area"].double(), area, rtol=1e-5, atol=1e-7)
-    with pytest.raises(RuntimeError, match="no receptive masks were made"):
-        model.teacher.backbone.pop_masks()
+    with recording(backbone), pytest.raises(RuntimeError, match="no 'masks' was made"):
+        backbone.eval()(torch.randn(2, 3, 64, 64))  # inference keeps nothing
+        backbone.recorded("masks")
 
 
 @pytest.mark.parametrize("gate", ["absolute", "relative"])
@@ -278,7 +282,6 @@ def test_the_weight_gate_of_the_aggregate_value_and_gradient(teacher_files, gate
     with torch.no_grad():
         rt.tokens.normal_(0, 0.3)  # trained-size tokens
     out = backbone(images)[lv]
-    backbone.pop_masks()
     x = feats[lv]
     m = torch.sigmoid(torch.einsum("tc,nchw->nthw", rt.tokens, x))
     w = rt.weights(x)

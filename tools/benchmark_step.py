@@ -47,6 +47,7 @@ from measure import measure  # noqa: E402
 
 from maskd import MasKD, MasKDTokenLearner  # noqa: E402
 from maskd._compat import NORM_TYPES  # noqa: E402
+from maskd.modeling.backbone import recording  # noqa: E402
 from maskd.modeling.receptive_tokens import build_level_tokens  # noqa: E402
 from maskd.modeling.reference import naive_masked_distillation_loss  # noqa: E402
 from maskd.utils.files import atomic_write, write_text
@@ -164,8 +165,9 @@ def run_benchmark(
             t_feats = teacher.backbone(images_.tensor)
             proposals, _ = teacher.proposal_generator(images_, t_feats, None)
             teacher.roi_heads(images_, t_feats, proposals, None)
-        losses = model.student(batch)  # the same student; its backbone keeps its features
-        s_feats = model.student.backbone.pop_features()
+        with recording(model.student):  # the same student; its backbone keeps its features
+            losses = model.student(batch)
+            s_feats = model.student.backbone.recorded("features")
         kd = 0.0
         for lv in model.in_features:
             rt, tf = model.tokens[lv], t_feats[lv]

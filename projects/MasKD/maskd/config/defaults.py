@@ -21,7 +21,19 @@ def add_maskd_config(cfg: CN) -> CN:
     # The detectron2 meta-architecture of the student (stage 2), e.g. "GeneralizedRCNN",
     # "RetinaNet", "PanopticFPN", "SemanticSegmentor"; it is built from the rest of MODEL.*.
     _C.STUDENT_META_ARCHITECTURE = "GeneralizedRCNN"
+    _add_teacher_keys(_C)
+    _add_token_keys(_C)
+    _add_distillation_keys(_C)
 
+    # "SGD" (detectron2's), "ADAM" or "ADAMW": the paper learns tokens with Adam.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # DeepLabV3/V3+ teachers and students: the keys of detectron2's DeepLab project
+    add_deeplab_config(cfg)
+    return cfg
+
+
+def _add_teacher_keys(_C: CN) -> None:
+    """``MODEL.MASKD.TEACHER``: which teacher, from which weights (both stages)."""
     _C.TEACHER = CN()
     # The teacher's config: a path to a yacs .yaml or LazyConfig .py file, or a detectron2
     # model-zoo name such as "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml".
@@ -35,33 +47,16 @@ def add_maskd_config(cfg: CN) -> CN:
     # smoke runs only: distilling from an untrained teacher is never what a user wants.
     _C.TEACHER.ALLOW_RANDOM_INIT = False
 
+
+def _add_token_keys(_C: CN) -> None:
+    """The receptive tokens (both stages) and the objective that learns them (stage 1)."""
     # The distilled feature levels (the teacher's names); empty: stage 1 every level the
     # teacher's heads read, stage 2 every level of the tokens that the student has at the same
     # stride (under the same name, or the one LEVEL_MAP gives).
     _C.IN_FEATURES = []
-    # Stage 2, teacher and student levels of equal stride but different names:
-    # ["TEACHER_LEVEL:STUDENT_LEVEL", ...], e.g. ["p4:res4"].
-    _C.LEVEL_MAP = []
-    # Stage 2: the loss and the masks over the image area only, never the padding. Always on when
-    # teacher and student pad differently (e.g. a ViTDet teacher's 1024 square); off otherwise,
-    # as in the published method, where both see the same padded batch.
-    _C.IMAGE_AREA_ONLY = False
     # Receptive tokens per level (T), and whether a head predicts per-image token weights.
     _C.NUM_TOKENS = 6
     _C.WEIGHTED = True
-    # Stage 2: the learned tokens, a stage-1 checkpoint as detectron2's checkpointer writes it
-    # (model_final.pth) or a tokens-only export (tools/export.py). Required in stage 2.
-    _C.TOKENS_WEIGHTS = ""
-    # Stage 2 with untrained random tokens when TOKENS_WEIGHTS is empty (an ablation only).
-    _C.ALLOW_RANDOM_TOKENS = False
-    # Stage 2 with tokens whose recorded teacher fingerprint is not this teacher's (experiments
-    # only; by default such tokens are refused, see maskd/checkpoint/provenance.py).
-    _C.ALLOW_TOKENS_OF_OTHER_TEACHER = False
-    # Stage 2: weight of loss_maskd (the masked feature loss, summed over levels).
-    _C.LOSS_WEIGHT = 1.0
-    # Stage 2: from this iteration on, the teacher's masks are multiplied by the student's
-    # ("student-customised masks"); negative disables.
-    _C.CUSTOM_MASK_WARMUP = -1
     # Stage 1: weight of loss_dice (the Dice diversity loss, summed over levels).
     _C.DICE_WEIGHT = 1.0
     # Stage 1, opt-in (not in the paper): weight of loss_area, the mask-area prior (the mean of
@@ -89,6 +84,31 @@ def add_maskd_config(cfg: CN) -> CN:
     # Stage 1: a minimum share a of the image per token: loss_token_area = DICE_WEIGHT x mean over
     # images and tokens of relu(a - mean_hw M_t) / a. 0.0: off (the paper).
     _C.MIN_TOKEN_AREA = 0.0
+
+
+def _add_distillation_keys(_C: CN) -> None:
+    """Stage 2: which tokens, the levels paired, the masked feature loss, its mask source and
+    the head-level terms."""
+    # Stage 2, teacher and student levels of equal stride but different names:
+    # ["TEACHER_LEVEL:STUDENT_LEVEL", ...], e.g. ["p4:res4"].
+    _C.LEVEL_MAP = []
+    # Stage 2: the loss and the masks over the image area only, never the padding. Always on when
+    # teacher and student pad differently (e.g. a ViTDet teacher's 1024 square); off otherwise,
+    # as in the published method, where both see the same padded batch.
+    _C.IMAGE_AREA_ONLY = False
+    # Stage 2: the learned tokens, a stage-1 checkpoint as detectron2's checkpointer writes it
+    # (model_final.pth) or a tokens-only export (tools/export.py). Required in stage 2.
+    _C.TOKENS_WEIGHTS = ""
+    # Stage 2 with untrained random tokens when TOKENS_WEIGHTS is empty (an ablation only).
+    _C.ALLOW_RANDOM_TOKENS = False
+    # Stage 2 with tokens whose recorded teacher fingerprint is not this teacher's (experiments
+    # only; by default such tokens are refused, see maskd/checkpoint/provenance.py).
+    _C.ALLOW_TOKENS_OF_OTHER_TEACHER = False
+    # Stage 2: weight of loss_maskd (the masked feature loss, summed over levels).
+    _C.LOSS_WEIGHT = 1.0
+    # Stage 2: from this iteration on, the teacher's masks are multiplied by the student's
+    # ("student-customised masks"); negative disables.
+    _C.CUSTOM_MASK_WARMUP = -1
     # Stage 2: MASK_SOURCE, where the masks of loss_maskd come from (maskd/modeling/mask_sources/):
     # "tokens" (the learned receptive tokens: the paper), "uniform" (every cell: whole-map
     # mimicking), "gt_boxes" (the ground-truth boxes' cells; GT_BOXES.BACKGROUND elsewhere),
@@ -105,9 +125,3 @@ def add_maskd_config(cfg: CN) -> CN:
     # "Inheriting": start the student's neck (FPN) and heads from the teacher's weights where
     # names and shapes match (logged), before training.
     _C.INHERIT = False
-
-    # "SGD" (detectron2's), "ADAM" or "ADAMW": the paper learns tokens with Adam.
-    cfg.SOLVER.OPTIMIZER = "SGD"
-    # DeepLabV3/V3+ teachers and students: the keys of detectron2's DeepLab project
-    add_deeplab_config(cfg)
-    return cfg

@@ -6,16 +6,21 @@ semantic segmentation, ...) runs unchanged:
 
 * :class:`TokenMaskedBackbone` (stage 1) returns the masked aggregate of the receptive tokens
   for the distilled levels, so the teacher's heads run on masked features.
-* :class:`RecordingBackbone` (stage 2) returns the student's features unchanged and keeps them
-  until the MasKD model takes them for the distillation loss.
+* :class:`RecordingBackbone` (stage 2) returns the student's features unchanged.
+
+What a wrapper's forward made (stage 1's masks, stage 2's student features, the head outputs of
+:mod:`maskd.modeling.head_kd`) is kept only inside a :func:`recording` block opened by the
+caller, and read in that block with :meth:`TransparentWrapper.recorded`: nothing outlives the
+step that made it, and a forward nobody records (inference, visualisation) keeps nothing.
 
 Both are transparent in state dicts: the wrapped backbone's parameters keep the keys they have
 without the wrapper (``backbone.bottom_up.stem.conv1.weight``), so plain detectron2 checkpoints
 load into a wrapped model, and a wrapped model's checkpoint loads into a plain one.
 """
 
+import contextlib
 import logging
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 from detectron2.modeling import Backbone
@@ -31,6 +36,7 @@ __all__ = [
     "GATES",
     "RecordingBackbone",
     "TransparentWrapper",
+    "recording",
     "unwrap_backbone",
 ]
 
@@ -42,12 +48,17 @@ _INNER = "inner"
 class TransparentWrapper:
     """Mixin for a module that wraps another as ``self.inner``: that level is hidden in
     state-dict keys (saving and loading), and attributes it lacks are read from the inner
-    module, so code that used the wrapped module keeps working."""
+    module, so code that used the wrapped module keeps working.
+
+    A wrapper's forward hands what it made to an open :func:`recording` with :meth:`keep`;
+    the caller reads it with :meth:`recorded` inside that block.
+    """
 
     def _wrap(self, inner: nn.Module) -> None:
         if isinstance(inner, TransparentWrapper):
             raise ValueError(f"{type(inner).__name__} is already wrapped")
         self.inner = inner
+        self._record: Optional[Dict[str, Any]] = None  # open only inside recording()
         register_state_dict_hook(self, _hide_inner)
         self.register_load_state_dict_pre_hook(_expand_inner)
 
@@ -63,6 +74,50 @@ class TransparentWrapper:
     def own_keys(self) -> List[str]:
         """Names of this wrapper's own children (not the wrapped module's)."""
         return [name for name, _ in self.named_children() if name != _INNER]
+
+    def keep(self, **values: Any) -> None:
+        """Called by the forward: keep ``values`` for the open recording (none open: dropped)."""
+        if self._record is not None:
+            self._record.update(values)
+
+    def recorded(self, key: str) -> Any:
+        """What the forwards of the open recording kept under ``key``.
+
+        Raises:
+            RuntimeError: no recording is open, or no forward inside it kept ``key``.
+        """
+        if self._record is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.recorded('{key}') outside a recording() block"
+            )
+        if key not in self._record:
+            raise RuntimeError(
+                f"{type(self).__name__}: no '{key}' was made in this step (the model's forward "
+                f"did not call its {type(self.inner).__name__} in training mode)"
+            )
+        return self._record[key]
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module) -> Iterator[None]:
+    """Open a recording on every :class:`TransparentWrapper` inside ``model`` (``model``
+    included): inside the block, their forwards keep what they make (:meth:`keep`) and
+    :meth:`TransparentWrapper.recorded` reads it; on leaving it everything kept is dropped.
+
+    Raises:
+        RuntimeError: a recording is already open on one of them (nested steps).
+    """
+    wrappers = [m for m in model.modules() if isinstance(m, TransparentWrapper)]
+    busy = [type(m).__name__ for m in wrappers if m._record is not None]
+    if busy:
+        raise RuntimeError(f"a recording is already open on {busy}")
+    try:
+        for m in wrappers:
+            m._record = {}
+        yield
+    finally:
+        for m in wrappers:
+            m._record = None
 
 
 class _TransparentBackbone(TransparentWrapper, Backbone):
@@ -121,8 +176,9 @@ class TokenMaskedBackbone(_TransparentBackbone):
     aggregate ``sum_t w_t * M_t * F`` (stage 1).
 
     The wrapped backbone runs under ``torch.no_grad()``: its features are inputs of the tokens.
-    Levels not in ``tokens`` pass through unchanged. The masks of the last training forward are
-    exposed, with their gradient, for the token learner's own losses (:meth:`pop_masks`).
+    Levels not in ``tokens`` pass through unchanged. In training mode, inside a
+    :func:`recording`, the forward keeps its masks (with their gradient) as ``"masks"`` and the
+    padded input size as ``"input_hw"``, for the token learner's own losses.
     """
 
     def __init__(
@@ -159,8 +215,6 @@ class TokenMaskedBackbone(_TransparentBackbone):
         self.tokens = tokens
         self.fill = fill
         self.gate = gate
-        self.last_masks: Optional[Dict[str, LevelMasks]] = None
-        self.last_input_hw: Optional[Tuple[int, int]] = None
         self.masking = True
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -170,9 +224,7 @@ class TokenMaskedBackbone(_TransparentBackbone):
 
         Returns:
             The backbone's feature dict, the distilled levels masked (unmasked while
-            ``self.masking`` is False: the plain teacher, for the retention of stage 1). In
-            training mode the masks of this call stay until the token learner takes them
-            (:meth:`pop_masks`).
+            ``self.masking`` is False: the plain teacher, for the retention of stage 1).
         """
         with torch.no_grad():
             features = self.inner(x)
@@ -191,37 +243,17 @@ class TokenMaskedBackbone(_TransparentBackbone):
             fill = neutral_fill(feat, self.fill)
             out[name] = masked_aggregate(feat, masks, gates, combined, fill)  # (N, C, H, W)
             kept[name] = LevelMasks(masks, weights, combined)
-        self.last_masks = kept if self.training else None
-        self.last_input_hw = tuple(x.shape[-2:])
+        if self.training:
+            self.keep(masks=kept, input_hw=tuple(x.shape[-2:]))
         return out
-
-    def pop_masks(self) -> Tuple[Dict[str, LevelMasks], Tuple[int, int]]:
-        """Returns and clears the masks of the last training forward.
-
-        Returns:
-            (level -> :class:`LevelMasks`, with their gradient; (H, W) of the padded batch).
-
-        Raises:
-            RuntimeError: no training forward made masks since the last call.
-        """
-        if self.last_masks is None:
-            raise RuntimeError(
-                "the teacher's forward did not call its backbone: no receptive masks were made"
-            )
-        masks, self.last_masks = self.last_masks, None
-        return masks, self.last_input_hw
 
 
 class RecordingBackbone(_TransparentBackbone):
-    """A student backbone that keeps its last output for the distillation loss (stage 2).
+    """A student backbone whose features are kept for the distillation loss (stage 2).
 
-    Its forward returns the wrapped backbone's features unchanged; in training mode it also
-    stores them until :meth:`pop_features` is called.
+    Its forward returns the wrapped backbone's features unchanged; in training mode, inside a
+    :func:`recording`, it keeps them as ``"features"``.
     """
-
-    def __init__(self, inner: Backbone):
-        super().__init__(inner)
-        self.recorded: Optional[Dict[str, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
@@ -232,17 +264,8 @@ class RecordingBackbone(_TransparentBackbone):
             dict of (N, C_l, H_l, W_l) features, as the wrapped backbone returns them.
         """
         features = self.inner(x)
-        self.recorded = features if self.training else None
-        return features
-
-    def pop_features(self) -> Dict[str, torch.Tensor]:
-        """Returns and clears the features of the last training forward."""
-        if self.recorded is None:
-            raise RuntimeError(
-                "the student's forward did not call its backbone in training mode: "
-                "no student features to distil"
-            )
-        features, self.recorded = self.recorded, None
+        if self.training:
+            self.keep(features=features)
         return features
 
 

@@ -16,23 +16,17 @@ LOSSES = ("l1", "smooth_l1")
 
 
 class RecordingDenseHead(TransparentWrapper, nn.Module):
-    """Wraps a student's RetinaNet / FCOS head; in training it keeps its last outputs."""
+    """Wraps a student's RetinaNet / FCOS head; in training, inside a
+    :func:`maskd.modeling.backbone.recording`, it keeps its outputs as ``"outputs"``."""
 
     def __init__(self, inner: nn.Module):
         nn.Module.__init__(self)
         self._wrap(inner)
-        self.recorded = None
 
     def forward(self, features):
         out = self.inner(features)
-        self.recorded = out if self.training else None
-        return out
-
-    def pop(self):
-        """Returns the head outputs of the last training forward and clears them."""
-        out, self.recorded = self.recorded, None
-        if out is None:
-            raise RuntimeError("the student's dense head did not run in training mode")
+        if self.training:
+            self.keep(outputs=out)
         return out
 
 
@@ -120,7 +114,7 @@ class DenseRegressionKD(HeadKD):
         student.head = RecordingDenseHead(student.head)
 
     def forward(self, student, teacher, teacher_features):
-        student_out = student.head.pop()
+        student_out = student.head.recorded("outputs")
         levels = list(teacher.head_in_features)
         with torch.no_grad():
             teacher_out = teacher.head([teacher_features[lv] for lv in levels])

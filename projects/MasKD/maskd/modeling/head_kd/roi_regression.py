@@ -12,31 +12,25 @@ __all__ = ["RoIRegressionKD", "RecordingBoxPredictor", "roi_regression_kd_loss"]
 
 
 class RecordingBoxPredictor(TransparentWrapper, nn.Module):
-    """Wraps a student's ``FastRCNNOutputLayers``; in training it keeps the predictions of the
-    last forward and the sampled proposals its losses were computed on."""
+    """Wraps a student's ``FastRCNNOutputLayers``; in training, inside a
+    :func:`maskd.modeling.backbone.recording`, it keeps the box deltas of its forward as
+    ``"deltas"`` (R, 4 or 4K) and the sampled proposals its losses were computed on as
+    ``"proposals"`` (list[Instances])."""
 
     def __init__(self, inner: nn.Module):
         nn.Module.__init__(self)
         self._wrap(inner)
-        self.recorded = None
 
     def forward(self, x):
         predictions = self.inner(x)
         if self.training:
-            self.recorded = {"predictions": predictions}
+            self.keep(deltas=predictions[1])
         return predictions
 
     def losses(self, predictions, proposals):
-        if self.training and self.recorded is not None:
-            self.recorded["proposals"] = proposals
+        if self.training:
+            self.keep(proposals=proposals)
         return self.inner.losses(predictions, proposals)
-
-    def pop(self):
-        """Returns (proposal_deltas (R, 4 or 4K), proposals list[Instances]) and clears them."""
-        rec, self.recorded = self.recorded, None
-        if rec is None or "proposals" not in rec:
-            raise RuntimeError("the student's ROI heads did not compute box losses this step")
-        return rec["predictions"][1], rec["proposals"]
 
 
 def _first(module):
@@ -144,7 +138,8 @@ class RoIRegressionKD(HeadKD):
         student.roi_heads.box_predictor = RecordingBoxPredictor(student.roi_heads.box_predictor)
 
     def forward(self, student, teacher, teacher_features):
-        deltas, proposals = student.roi_heads.box_predictor.pop()
+        predictor = student.roi_heads.box_predictor
+        deltas, proposals = predictor.recorded("deltas"), predictor.recorded("proposals")
         return self.weight * roi_regression_kd_loss(
             teacher, teacher_features, deltas, proposals, self.beta
         )

@@ -24,7 +24,7 @@ from ...checkpoint.provenance import (
 )
 from ...checkpoint.tokens import tokens_from_file
 from ...utils.extensions import registered_after_the_config
-from ..backbone import RecordingBackbone
+from ..backbone import RecordingBackbone, recording
 from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
 from ..head_kd import HeadKD, build_head_kd
 from ..inherit import inherit_neck_and_heads
@@ -279,8 +279,10 @@ class MasKD(nn.Module):
             )
             images = preprocess_images(self.teacher, teacher_inputs)
             teacher_features = self.teacher.backbone(images.tensor)
-        losses = self.student(batched_inputs)
-        student_features = self.student.backbone.pop_features()
+        with recording(self.student):  # what the student's forward made, for this step only
+            losses = self.student(batched_inputs)
+            student_features = self.student.backbone.recorded("features")
+            extra = self.head_losses(teacher_features)
         storage = get_event_storage()
         per_level, masks, sizes = self.distillation_losses(
             student_features,
@@ -305,7 +307,6 @@ class MasKD(nn.Module):
         raise_if_not_finite(per_level, "loss_maskd (per level)", storage.iter)
         for level, value in per_level.items():
             storage.put_scalar(f"maskd/loss_{level}", value.detach().item())
-        extra = self.head_losses(teacher_features)
         raise_if_not_finite(extra, "the head-level distillation losses", storage.iter)
         extra["loss_maskd"] = self.loss_weight * sum(per_level.values())
         clash = set(extra) & set(losses)
@@ -317,8 +318,9 @@ class MasKD(nn.Module):
     # --- the losses, level by level ------------------------------------------------------
 
     def head_losses(self, teacher_features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The head-level KD terms of this step (weighted), from what the student recorded in
-        its forward and the teacher's heads on its own features."""
+        """The head-level KD terms of this step (weighted), from what the student's wrappers kept
+        in its forward (inside :func:`maskd.modeling.backbone.recording`) and the teacher's heads
+        on its own features."""
         return {
             term.LOSS_NAME: term(self.student, self.teacher, teacher_features)
             for term in self.head_kd

@@ -21,7 +21,7 @@ from ...checkpoint.provenance import (
     fingerprint,
     fingerprint_tensor,
 )
-from ..backbone import LevelMasks, TokenMaskedBackbone
+from ..backbone import LevelMasks, TokenMaskedBackbone, recording
 from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
 from ..losses import (
     check_loss_weight,
@@ -58,6 +58,42 @@ def task_loss_mode(teacher: nn.Module):
         yield
     finally:
         teacher.eval()
+
+
+def _check_objective(
+    num_tokens: int,
+    weighted: bool,
+    dice_weight: float,
+    area_weight: float,
+    dice_pairs: str,
+    min_token_area: float,
+) -> None:
+    """Raise ValueError, naming the config key, for a stage-1 objective that cannot work."""
+    check_loss_weight(dice_weight, "MODEL.MASKD.DICE_WEIGHT")
+    check_loss_weight(area_weight, "MODEL.MASKD.AREA_WEIGHT")
+    if dice_pairs not in DICE_PAIRS:
+        raise ValueError(f"MODEL.MASKD.DICE_PAIRS must be one of {DICE_PAIRS}, got '{dice_pairs}'")
+    if dice_pairs == "weighted" and not weighted:
+        raise ValueError("MODEL.MASKD.DICE_PAIRS 'weighted' needs weighted tokens")
+    if not 0.0 <= min_token_area <= 1.0:  # NaN fails too
+        raise ValueError(f"MODEL.MASKD.MIN_TOKEN_AREA must lie in [0, 1], got {min_token_area}")
+    if num_tokens < 2 and dice_weight > 0:
+        raise ValueError(
+            f"MODEL.MASKD.NUM_TOKENS = {num_tokens}: the Dice loss compares pairs of tokens, so "
+            "with one token it is always 0; use at least 2 tokens, or DICE_WEIGHT 0.0"
+        )
+
+
+def _teacher_digests(teacher: nn.Module, from_checkpoint: bool) -> Dict[str, torch.Tensor]:
+    """The buffers that record which teacher the tokens are learned for: its weights'
+    fingerprint (all zeros when ``from_checkpoint``: not known yet, the checkpoint to be loaded
+    brings it) and its config's (preprocessing and backbone settings, known in either case);
+    each a (32,) uint8 tensor (:mod:`maskd.checkpoint.provenance`)."""
+    if from_checkpoint:
+        weights = torch.zeros(32, dtype=torch.uint8)
+    else:
+        weights = fingerprint_tensor(fingerprint(teacher.state_dict()))
+    return {FINGERPRINT_KEY: weights, CONFIG_KEY: fingerprint_tensor(config_fingerprint(teacher))}
 
 
 @META_ARCH_REGISTRY.register()
@@ -134,32 +170,11 @@ class MasKDTokenLearner(nn.Module):
                 "relative" (``sum_t (w_t / max_s w_s) M_t``; :class:`TokenMaskedBackbone`).
         """
         super().__init__()
-        check_loss_weight(dice_weight, "MODEL.MASKD.DICE_WEIGHT")
-        check_loss_weight(area_weight, "MODEL.MASKD.AREA_WEIGHT")
-        if dice_pairs not in DICE_PAIRS:
-            raise ValueError(
-                f"MODEL.MASKD.DICE_PAIRS must be one of {DICE_PAIRS}, got '{dice_pairs}'"
-            )
-        if dice_pairs == "weighted" and not weighted:
-            raise ValueError("MODEL.MASKD.DICE_PAIRS 'weighted' needs weighted tokens")
-        if not 0.0 <= min_token_area <= 1.0:  # NaN fails too
-            raise ValueError(f"MODEL.MASKD.MIN_TOKEN_AREA must lie in [0, 1], got {min_token_area}")
-        if num_tokens < 2 and dice_weight > 0:
-            raise ValueError(
-                f"MODEL.MASKD.NUM_TOKENS = {num_tokens}: the Dice loss compares pairs of tokens, so "
-                "with one token it is always 0; use at least 2 tokens, or DICE_WEIGHT 0.0"
-            )
+        _check_objective(num_tokens, weighted, dice_weight, area_weight, dice_pairs, min_token_area)
         freeze(teacher)
-        # which teacher the tokens are learned for (all zeros: not known yet, the checkpoint to
-        # be loaded brings it)
         device = next(teacher.parameters()).device  # the tokens live with the teacher
-        if teacher_from_checkpoint:
-            digest = torch.zeros(32, dtype=torch.uint8)
-        else:
-            digest = fingerprint_tensor(fingerprint(teacher.state_dict()))
-        self.register_buffer(FINGERPRINT_KEY, digest.to(device))
-        # its preprocessing and backbone settings, known from the config in either case
-        self.register_buffer(CONFIG_KEY, fingerprint_tensor(config_fingerprint(teacher)).to(device))
+        for key, digest in _teacher_digests(teacher, teacher_from_checkpoint).items():
+            self.register_buffer(key, digest.to(device))
         self.teacher_from_checkpoint = teacher_from_checkpoint
         shapes = teacher.backbone.output_shape()
         read = head_levels(teacher)
@@ -314,11 +329,12 @@ class MasKDTokenLearner(nn.Module):
         )
         if not self.training:
             return self.teacher(batched_inputs)
-        with task_loss_mode(self.teacher):
+        backbone = self.teacher.backbone
+        with task_loss_mode(self.teacher), recording(backbone):
             losses = self.teacher(batched_inputs)
+            masks, padded = backbone.recorded("masks"), backbone.recorded("input_hw")
         storage = get_event_storage()
         raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
-        masks, padded = self.teacher.backbone.pop_masks()
         ours = self.token_losses(masks)
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
         put_token_statistics(
