@@ -13,6 +13,7 @@ from detectron2.modeling import build_model
 from maskd import MasKD, MasKDTokenLearner
 from maskd.config import get_maskd_cfg, load_config, resolve_config_file
 from maskd.modeling.receptive_tokens import build_level_tokens
+from maskd.utils.numbers import check_number
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 YAML = sorted(
@@ -381,3 +382,15 @@ def test_one_loader_for_both_config_systems(tmp_path):
     assert load_config(str(tmp_path / "saved.yaml")).model.num_classes == 3
     with pytest.raises(FileNotFoundError, match="config file not found: 'nope.yaml'"):
         load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, True, "1", None])
+def test_a_config_number_is_finite_and_positive_or_zero_where_zero_is_off(value):
+    check_number(0.0, "W", zero_allowed=True)
+    check_number(2, "W", zero_allowed=True)
+    check_number(1e-4, "LR", zero_allowed=False)
+    with pytest.raises(ValueError, match="LR must be a finite positive number for training, got 0"):
+        check_number(0, "LR", zero_allowed=False)
+    for zero_allowed in (True, False):
+        with pytest.raises(ValueError, match="K must be a finite"):
+            check_number(value, "K", zero_allowed=zero_allowed)

@@ -17,7 +17,7 @@ from ..data.datasets import (
     load_datasets,
     register_coco_datasets,
 )
-from .checks import check_class_counts, check_input_format, check_positive
+from .checks import check_class_counts, check_input_format
 from .ddp import create_ddp_model
 from .evaluation import (
     PRIMARY_METRICS,
@@ -44,7 +44,6 @@ __all__ = [
     "load_datasets",
     "check_class_counts",
     "check_input_format",
-    "check_positive",
     "check_evaluation_dependencies",
     "lazy_train",
     "lazy_test",

@@ -1,6 +1,5 @@
 """Checks that run when a training or evaluation starts, before any long work."""
 
-import math
 from typing import Iterable
 
 import torch
@@ -10,7 +9,7 @@ from ..checkpoint.format import STAGE1, STAGE2, model_stage
 from ..modeling.teacher import thing_classes
 from .ddp import unwrap
 
-__all__ = ["check_class_counts", "check_positive", "check_input_format"]
+__all__ = ["check_class_counts", "check_input_format"]
 
 
 def check_class_counts(model: torch.nn.Module, dataset_names: Iterable[str]) -> None:
@@ -37,18 +36,6 @@ def check_class_counts(model: torch.nn.Module, dataset_names: Iterable[str]) -> 
                 f"MODEL.RETINANET.NUM_CLASSES, or num_classes), but the dataset '{name}' has "
                 f"{len(classes)}: {list(classes)[:8]}"
             )
-
-
-def check_positive(value, key: str) -> None:
-    """Fail, naming the key, unless ``value`` is a finite positive number (iterations, batch
-    size, learning rate)."""
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not value > 0
-        or not math.isfinite(value)
-    ):
-        raise ValueError(f"{key} must be a finite positive number for training, got {value!r}")
 
 
 def check_input_format(model: torch.nn.Module, data_format: str, what: str) -> None:

@@ -8,7 +8,8 @@ from detectron2.utils import comm
 
 from ..checkpoint import MasKDCheckpointer
 from ..data.datasets import check_evaluation_dependencies
-from .checks import check_class_counts, check_input_format, check_positive
+from ..utils.numbers import check_number
+from .checks import check_class_counts, check_input_format
 from .ddp import create_ddp_model
 from .evaluation import lazy_test, log_final_retention
 
@@ -26,9 +27,9 @@ def lazy_train(cfg, resume: bool = False):
     ``train`` (``output_dir``, ``init_checkpoint`` for the student, ``max_iter``, ``amp``,
     ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``).
     """
-    check_positive(cfg.train.max_iter, "train.max_iter")
+    check_number(cfg.train.max_iter, "train.max_iter", zero_allowed=False)
     if "lr" in cfg.optimizer:
-        check_positive(cfg.optimizer.lr, "optimizer.lr")
+        check_number(cfg.optimizer.lr, "optimizer.lr", zero_allowed=False)
     model = instantiate(cfg.model)
     logging.getLogger("detectron2").info("Model:\n{}".format(model))
     model.to(cfg.train.device)

@@ -12,7 +12,8 @@ from .._compat import cpu_ddp_in_default_trainer
 from ..checkpoint import MasKDCheckpointer
 from ..data.datasets import check_datasets, check_evaluation_dependencies
 from ..projects.deeplab import build_deeplab_train_loader, build_lr_scheduler, is_deeplab
-from .checks import check_class_counts, check_input_format, check_positive
+from ..utils.numbers import check_number
+from .checks import check_class_counts, check_input_format
 from .ddp import create_ddp_model
 from .evaluation import build_evaluator, evaluate_with_retention, log_final_retention
 
@@ -52,9 +53,9 @@ class MasKDTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        check_positive(cfg.SOLVER.MAX_ITER, "SOLVER.MAX_ITER")
-        check_positive(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
-        check_positive(cfg.SOLVER.BASE_LR, "SOLVER.BASE_LR")
+        check_number(cfg.SOLVER.MAX_ITER, "SOLVER.MAX_ITER", zero_allowed=False)
+        check_number(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH", zero_allowed=False)
+        check_number(cfg.SOLVER.BASE_LR, "SOLVER.BASE_LR", zero_allowed=False)
         check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         check_evaluation_dependencies(cfg.DATASETS.TEST)
         with cpu_ddp_in_default_trainer(create_ddp_model):

@@ -266,18 +266,6 @@ def masked_aggregate(
     return features * c + fill.to(features.dtype) * (1.0 - c)
 
 
-def check_loss_weight(value, key: str) -> None:
-    """Fail, naming the config key, unless ``value`` is a finite number >= 0 (a NaN weight would
-    switch its term off without a word: ``NaN > 0`` is False)."""
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{key} must be a finite number >= 0 (0: off), got {value!r}")
-
-
 def raise_if_not_finite(losses: Dict[str, torch.Tensor], source: str, iteration: int) -> None:
     """Raise a FloatingPointError naming the non-finite terms of ``losses`` and their source.
 

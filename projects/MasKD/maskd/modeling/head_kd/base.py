@@ -15,7 +15,7 @@ from torch import nn
 
 from ..._compat import ConfigNameRegistry
 from ...utils.extensions import registered_after_the_config
-from ..losses import check_loss_weight
+from ...utils.numbers import check_number
 
 __all__ = ["HeadKD", "HEAD_KD_REGISTRY", "add_head_kd_config", "build_head_kd"]
 
@@ -101,7 +101,7 @@ def build_head_kd(maskd_node: CfgNode) -> List[HeadKD]:
                 f"the head-level KD term {cls.__name__} is registered, but the config has no "
                 f"MODEL.MASKD.{cls.CONFIG_KEY}"
             )
-        check_loss_weight(node.WEIGHT, f"MODEL.MASKD.{cls.CONFIG_KEY}.WEIGHT")
+        check_number(node.WEIGHT, f"MODEL.MASKD.{cls.CONFIG_KEY}.WEIGHT", zero_allowed=True)
         if node.WEIGHT > 0:
             terms.append(cls(**cls.from_config(node)))
     return terms

@@ -24,11 +24,12 @@ from ...checkpoint.provenance import (
 )
 from ...checkpoint.tokens import tokens_from_file
 from ...utils.extensions import registered_after_the_config
+from ...utils.numbers import check_number
 from ..backbone import RecordingBackbone, recording
 from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
 from ..head_kd import HeadKD, build_head_kd
 from ..inherit import inherit_neck_and_heads
-from ..losses import check_loss_weight, masked_distillation_loss, raise_if_not_finite
+from ..losses import masked_distillation_loss, raise_if_not_finite
 from ..mask_sources import LevelContext, MaskSource, build_mask_source, mask_source_class
 from ..pairing import (
     image_area,
@@ -130,7 +131,7 @@ class MasKD(nn.Module):
         super().__init__()
         if not len(tokens):
             raise ValueError("MasKD needs receptive tokens for at least one level")
-        check_loss_weight(loss_weight, "MODEL.MASKD.LOSS_WEIGHT")
+        check_number(loss_weight, "MODEL.MASKD.LOSS_WEIGHT", zero_allowed=True)
         freeze(teacher)
         device = tokens[next(iter(tokens))].tokens.device
         self._bind_tokens(teacher, tokens, allow_tokens_of_other_teacher, device)

@@ -21,10 +21,10 @@ from ...checkpoint.provenance import (
     fingerprint,
     fingerprint_tensor,
 )
+from ...utils.numbers import check_number
 from ..backbone import LevelMasks, TokenMaskedBackbone, recording
 from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
 from ..losses import (
-    check_loss_weight,
     dice_diversity_loss,
     min_token_area_loss,
     raise_if_not_finite,
@@ -69,8 +69,8 @@ def _check_objective(
     min_token_area: float,
 ) -> None:
     """Raise ValueError, naming the config key, for a stage-1 objective that cannot work."""
-    check_loss_weight(dice_weight, "MODEL.MASKD.DICE_WEIGHT")
-    check_loss_weight(area_weight, "MODEL.MASKD.AREA_WEIGHT")
+    check_number(dice_weight, "MODEL.MASKD.DICE_WEIGHT", zero_allowed=True)
+    check_number(area_weight, "MODEL.MASKD.AREA_WEIGHT", zero_allowed=True)
     if dice_pairs not in DICE_PAIRS:
         raise ValueError(f"MODEL.MASKD.DICE_PAIRS must be one of {DICE_PAIRS}, got '{dice_pairs}'")
     if dice_pairs == "weighted" and not weighted:

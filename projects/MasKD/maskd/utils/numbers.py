@@ -1,0 +1,22 @@
+"""The check of a number read from a config (loss weights, schedules, learning rates)."""
+
+import math
+
+__all__ = ["check_number"]
+
+
+def check_number(value, key: str, *, zero_allowed: bool) -> None:
+    """Fail, naming the key, unless ``value`` is a finite number > 0 (or >= 0 where
+    ``zero_allowed``, for weights where 0 switches a term off). Booleans are not numbers here,
+    and a NaN is refused: it would pass silently through every comparison (``NaN > 0`` is
+    False, so a NaN weight would switch its term off without a word).
+
+    Raises:
+        ValueError: naming ``key`` and the value.
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isfinite(value) and (value > 0 or (zero_allowed and value == 0)):
+        return
+    if zero_allowed:
+        raise ValueError(f"{key} must be a finite number >= 0 (0: off), got {value!r}")
+    raise ValueError(f"{key} must be a finite positive number for training, got {value!r}")
