@@ -184,7 +184,36 @@ class MasKD(nn.Module):
         self.image_area_only = pairing.image_area_only
         self.loss_weight = loss_weight
         self.custom_mask_warmup = custom_mask_warmup
-        log_build(self, tokens, head_kd)
+        self._log_build()
+
+    def _log_build(self) -> None:
+        """Log what a built stage-2 model distils, from what, and how."""
+        levels = self.in_features
+        logger.info(
+            "MasKD: levels %s, masks from %s (%d tokens, weighted=%s), loss weight %s, "
+            "customised masks from iteration %s, head-level KD: %s; teacher input: %s, loss "
+            "over %s",
+            ", ".join(
+                (
+                    lv
+                    if self.student_levels[lv] == lv
+                    else f"{lv} <- student {self.student_levels[lv]}"
+                )
+                for lv in levels
+            ),
+            self.mask_source.extra_repr(),
+            self.tokens[levels[0]].num_tokens,
+            self.tokens[levels[0]].weighted,
+            self.loss_weight,
+            self.custom_mask_warmup if self.custom_mask_warmup >= 0 else "never",
+            ", ".join(f"{t.LOSS_NAME} ({t.extra_repr()})" for t in self.head_kd) or "none",
+            (
+                f"converted {self.input_format} -> {self.teacher_format}"
+                if self.teacher_format
+                else "as loaded"
+            ),
+            "the image area" if self.image_area_only else "the padded batch",
+        )
 
     def _bind_tokens(self, teacher, tokens, allow_other: bool, device) -> None:
         """Check the tokens' provenance against the teacher, and keep both teachers'
@@ -484,33 +513,3 @@ def stage2_tokens(mcfg, teacher: nn.Module, learned: bool) -> nn.ModuleDict:
             "MODEL.MASKD.ALLOW_RANDOM_TOKENS only for the random-token ablation"
         )
     return tokens
-
-
-def log_build(model, tokens, head_kd) -> None:
-    """Log what a built stage-2 model distils, from what, and how."""
-    levels = model.in_features
-    logger.info(
-        "MasKD: levels %s, masks from %s (%d tokens, weighted=%s), loss weight %s, "
-        "customised masks from iteration %s, head-level KD: %s; teacher input: %s, loss "
-        "over %s",
-        ", ".join(
-            (
-                lv
-                if model.student_levels[lv] == lv
-                else f"{lv} <- student {model.student_levels[lv]}"
-            )
-            for lv in levels
-        ),
-        model.mask_source.extra_repr(),
-        tokens[levels[0]].num_tokens,
-        tokens[levels[0]].weighted,
-        model.loss_weight,
-        model.custom_mask_warmup if model.custom_mask_warmup >= 0 else "never",
-        ", ".join(f"{t.LOSS_NAME} ({t.extra_repr()})" for t in head_kd) or "none",
-        (
-            f"converted {model.input_format} -> {model.teacher_format}"
-            if model.teacher_format
-            else "as loaded"
-        ),
-        "the image area" if model.image_area_only else "the padded batch",
-    )
