@@ -50,3 +50,32 @@ def datasets(request, tmp_path_factory):
     register_coco_datasets([(names[0], *train), (names[1], *val)])
     register = ["--register-coco", names[0], *train, "--register-coco", names[1], *val]
     return Datasets(tmp, names, train, val, register)
+
+
+@dataclasses.dataclass
+class Teachers:
+    """Two tiny R-CNN teachers on disk and tokens learned for the first (see :func:`teachers`)."""
+
+    teacher: Tuple[str, str]  # (config file, weights file) of teacher A
+    other: Tuple[str, str]  # teacher B: the same architecture, other weights
+    tokens: str  # a stage-1 checkpoint (untrained tokens) of teacher A: tokens_a.pth
+
+
+@pytest.fixture(scope="module")
+def teachers(datasets):
+    """The files the trust, bad-input and reliability tests distil from, in the module's
+    folder: teacher A (``teacher_a``, seed 0), teacher B (``teacher_b``, seed 1) and a stage-1
+    checkpoint of teacher A (``tokens_a.pth``, tokens of seed 0)."""
+    import torch
+    from detectron2.modeling import build_model
+    from tiny import maskd_cfg, write_teacher
+
+    from maskd.checkpoint import MasKDCheckpointer
+
+    tmp = datasets.tmp
+    teacher = write_teacher(tmp, "rcnn", seed=0, name="teacher_a")[:2]
+    other = write_teacher(tmp, "rcnn", seed=1, name="teacher_b")[:2]
+    torch.manual_seed(0)
+    stage1 = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *teacher))
+    MasKDCheckpointer(stage1, save_dir=str(tmp)).save("tokens_a")
+    return Teachers(teacher, other, str(tmp / "tokens_a.pth"))

@@ -22,7 +22,8 @@ from tiny import ROOT, maskd_cfg, tiny_training, write_coco_dataset, write_teach
 
 import train_net
 from maskd.checkpoint import MasKDCheckpointer
-from maskd.checkpoint.provenance import fingerprint, fingerprint_text
+from maskd.checkpoint.provenance import FINGERPRINT_KEY, fingerprint, fingerprint_text
+from maskd.modeling.teacher import build_teacher
 
 CASES = {}  # name -> function(ws, tmp)
 
@@ -61,12 +62,8 @@ class _RunsCode:
 
 
 @pytest.fixture(scope="module")
-def ws(datasets):
-    tmp, train = datasets.tmp, datasets.train
-    teacher = write_teacher(tmp, "rcnn", seed=0, name="teacher_a")[:2]
-    other = write_teacher(tmp, "rcnn", seed=1, name="teacher_b")[:2]
-    torch.manual_seed(0)
-    MasKDCheckpointer(build_model(stage1_cfg(teacher)), save_dir=str(tmp)).save("tokens_a")
+def ws(datasets, teachers):
+    tmp, teacher = datasets.tmp, teachers.teacher
     torch.manual_seed(1)  # other random tokens, same teacher
     MasKDCheckpointer(build_model(stage1_cfg(teacher)), save_dir=str(tmp)).save("tokens_a2")
     s2 = build_model(maskd_cfg("MasKD", "rcnn", *teacher, str(tmp / "tokens_a2.pth")))
@@ -74,10 +71,10 @@ def ws(datasets):
     return {
         "tmp": tmp,
         "register": datasets.register,
-        "dataset": train,
+        "dataset": datasets.train,
         "teacher": teacher,
-        "other": other,
-        "tokens": str(tmp / "tokens_a.pth"),
+        "other": teachers.other,
+        "tokens": teachers.tokens,
         "stage2": str(tmp / "stage2_tokens_a2.pth"),
     }
 
@@ -178,13 +175,15 @@ def runstring_pickle(marker):
 
 
 @case
-def pkl_global_os_system_as_teacher_weights(ws, tmp):
-    marker = tmp / "ran"
-    with open(tmp / "evil.pkl", "wb") as f:
-        pickle.dump({"model": {"w": _RunsCode(str(marker))}, "__author__": "x"}, f)
-    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "evil.pkl"))
-    refused(train_cfg(ws, tmp, cfg), "MODEL.MASKD.TEACHER.WEIGHTS", "evil.pkl", "io.open")
-    assert not marker.exists()
+def pkl_calling_open_in_each_weights_key(ws, tmp):
+    for key in ("MODEL.MASKD.TEACHER.WEIGHTS", "MODEL.MASKD.TOKENS_WEIGHTS", "MODEL.WEIGHTS"):
+        marker = tmp / f"ran_{key}"
+        path = tmp / f"evil_{key.replace('.', '_')}.pkl"
+        with open(path, "wb") as f:
+            pickle.dump({"model": {"w": _RunsCode(str(marker))}, "__author__": "x"}, f)
+        cfg = stage2(ws, tmp, **{key.replace(".", "__"): str(path)})
+        refused(train_cfg(ws, tmp, cfg), key, path.name, "io.open", "refused")
+        assert not marker.exists(), key
 
 
 @case
@@ -713,7 +712,13 @@ def inf_base_lr(ws, tmp):
 @case
 def tokens_of_another_teacher(ws, tmp):
     cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=ws["other"][1])
-    refused(train_cfg(ws, tmp, cfg), "tokens_a.pth", "were learned for another teacher")
+    ours = fingerprint(build_teacher(ws["other"][0], weights=ws["other"][1]).state_dict())
+    theirs = fingerprint_text(torch.load(ws["tokens"], weights_only=True)["model"][FINGERPRINT_KEY])
+    call = train_cfg(ws, tmp, cfg)
+    refused(call, "tokens_a.pth", "were learned for another teacher", ours[:16], theirs[:16])
+    # the explicit override, for experiments: this teacher's fingerprint is the model's
+    cfg.MODEL.MASKD.ALLOW_TOKENS_OF_OTHER_TEACHER = True
+    assert fingerprint_text(getattr(build_model(cfg), FINGERPRINT_KEY)) == ours
 
 
 @case
@@ -828,7 +833,9 @@ def teacher_checkpoint_given_as_tokens(ws, tmp):
 @case
 def stage1_checkpoint_evaluated_with_a_stage2_config(ws, tmp):
     call = train_cfg(ws, tmp, stage2(ws, tmp), "--eval-only", "MODEL.WEIGHTS", ws["tokens"])
-    refused(call, "MODEL.WEIGHTS", "tokens_a.pth", "stage 1 (MasKDTokenLearner) checkpoint")
+    refused(
+        call, "MODEL.WEIGHTS", "tokens_a.pth", "stage 1 (MasKDTokenLearner) checkpoint", "stage 2"
+    )
 
 
 @case
@@ -1045,7 +1052,32 @@ def dataset_annotation_file_missing(ws, tmp):
 def dataset_not_registered(ws, tmp):
     cfg = stage2(ws, tmp)
     cfg.DATASETS.TRAIN = ("my_data",)
-    refused(train_cfg(ws, tmp, cfg), "my_data", "not registered")
+    refused(train_cfg(ws, tmp, cfg), "my_data", "not registered", "bad_inputs_train")
+    assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+
+
+@case
+def stage1_teacher_with_other_classes_than_the_data(ws, tmp):
+    teacher = write_teacher(tmp, "rcnn", opts=["MODEL.ROI_HEADS.NUM_CLASSES", "5"])[:2]
+    cfg = tiny_training(stage1_cfg(teacher), tmp / "out")
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("bad_inputs_train",), ("bad_inputs_val",)
+    refused(train_cfg(ws, tmp, cfg), "teacher", "predicts 5 classes", "'bad_inputs_train' has 3")
+    assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+
+
+@case
+def stage2_student_with_other_classes_than_the_data(ws, tmp):
+    cfg = stage2(ws, tmp, MODEL__ROI_HEADS__NUM_CLASSES="5")
+    refused(train_cfg(ws, tmp, cfg), "student predicts 5 classes", "'bad_inputs_train' has 3")
+
+
+@case
+def roi_kd_teacher_with_other_classes_than_the_student(ws, tmp):
+    teacher = write_teacher(tmp, "rcnn", opts=["MODEL.ROI_HEADS.NUM_CLASSES", "5"])[:2]
+    cfg = stage2(ws, tmp, MODEL__MASKD__ROI_REG_KD__WEIGHT="1.0")
+    cfg.MODEL.MASKD.TEACHER.CONFIG_FILE, cfg.MODEL.MASKD.TEACHER.WEIGHTS = teacher
+    cfg.MODEL.MASKD.TOKENS_WEIGHTS, cfg.MODEL.MASKD.ALLOW_RANDOM_TOKENS = "", True
+    refused(train_cfg(ws, tmp, cfg), "ROI_REG_KD", "student has 3 classes", "teacher 5")
 
 
 @case

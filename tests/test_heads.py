@@ -324,3 +324,13 @@ def test_a_module_that_fails_to_import_stops_the_command(tmp_path, monkeypatch):
         train_cli(["--import", str(broken), "--config-file", str(tmp_path / "never_read.yaml")])
     broken.write_text("FIXED = True\n")
     assert import_modules([str(broken)])[0].FIXED
+
+
+def test_an_invalid_dense_kd_loss_fails_when_the_model_is_built(tmp_path):
+    config, weights, _ = write_teacher(tmp_path, "retinanet")
+    cfg = maskd_cfg("MasKD", "retinanet", config, weights)
+    cfg.MODEL.MASKD.ALLOW_RANDOM_TOKENS = True
+    cfg.MODEL.MASKD.DENSE_REG_KD.WEIGHT = 1.0
+    cfg.MODEL.MASKD.DENSE_REG_KD.LOSS = "l2"
+    with pytest.raises(ValueError, match="'l1' or 'smooth_l1', got 'l2'"):
+        build_model(cfg)

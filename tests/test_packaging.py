@@ -143,3 +143,29 @@ def test_every_import_of_the_package_is_declared(installed):
     needed = {DISTRIBUTIONS.get(m, m).lower() for m in third_party - NOT_ON_PYPI}
     assert needed <= _declared(), needed - _declared()
     assert third_party & NOT_ON_PYPI == {"detectron2"}
+
+
+def test_every_test_the_docs_cite_exists():
+    """A guarantee in the docs cites the tests that hold it: each cited test (a name, a
+    ``tests/test_x.py::name`` or a ``test_*_errors`` pattern) and test file must exist."""
+    import fnmatch
+
+    defined, files = set(), set(os.listdir(os.path.join(ROOT, "tests")))
+    for name in files:
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "tests", name)) as f:
+                tree = ast.parse(f.read())
+            defined |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    docs = [os.path.join(ROOT, "docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))]
+    cited = 0
+    for path in docs + [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "MODEL_ZOO.md")]:
+        if not path.endswith(".md"):
+            continue
+        with open(path) as f:
+            text = f.read()
+        for file in re.findall(r"tests/(test_[a-z0-9_]+\.py)", text):
+            assert file in files, f"{os.path.basename(path)} cites tests/{file}, which is not there"
+        for name in re.findall(r"(?<![a-z0-9_/.])(test_[a-z0-9_*]+)(?![a-z0-9_*.])", text):
+            cited += 1
+            assert fnmatch.filter(defined, name), f"{os.path.basename(path)} cites {name}"
+    assert cited > 20  # the guarantees table cites its tests

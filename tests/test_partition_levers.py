@@ -309,6 +309,10 @@ def test_stage1_refuses_bad_levers_by_key(teacher_files):
         _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_GATE": "soft"})
     with pytest.raises(ValueError, match=r"MIN_TOKEN_AREA must lie in \[0, 1\]"):
         _stage1(teacher_files, **{"MODEL.MASKD.MIN_TOKEN_AREA": 2.0})
+    with pytest.raises(ValueError, match="NUM_TOKENS = 1.*Dice"):
+        _stage1(teacher_files, **{"MODEL.MASKD.NUM_TOKENS": 1})
+    # without the Dice loss, one token is a choice
+    _stage1(teacher_files, **{"MODEL.MASKD.NUM_TOKENS": 1, "MODEL.MASKD.DICE_WEIGHT": 0.0})
 
 
 def test_the_tokens_form_travels_with_them_and_is_checked_in_stage_2(teacher_files):

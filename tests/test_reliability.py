@@ -1,6 +1,9 @@
-"""Reliability: resume after a kill, multi-process and multi-machine training, bad input,
-frozen-teacher guarantees across evaluation, atomic checkpoints."""
+"""Reliability of runs: resume after a kill, multi-process and multi-machine training, non-finite
+losses named, the frozen teacher across evaluation, live runs left unharmed, and every file
+written whole or not at all (atomic, synced, with the umask's mode, temporaries that never pass
+for results and are removed only when provably stale)."""
 
+import fnmatch
 import json
 import os
 import signal
@@ -26,6 +29,7 @@ from tiny import (
 import maskd.modeling.meta_arch.token_learner
 import maskd.utils.files
 from maskd.checkpoint import MasKDCheckpointer
+from maskd.checkpoint.export import export_student, export_tokens
 from maskd.cli import train as train_net
 from maskd.engine import MasKDTrainer
 
@@ -34,18 +38,14 @@ DATASETS = ("reliability_train", "reliability_val")
 
 
 @pytest.fixture(scope="module")
-def ws(datasets):
+def ws(datasets, teachers):
     """Datasets, a teacher, and a stage-1 checkpoint to distil from."""
-    tmp, train, val = datasets.tmp, datasets.train, datasets.val
-    teacher_config, teacher_weights, _ = write_teacher(tmp, "rcnn")
-    stage1 = maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights)
-    MasKDCheckpointer(build_model(stage1), save_dir=str(tmp)).save("tokens")
     return {
-        "tmp": tmp,
+        "tmp": datasets.tmp,
         "register": datasets.register,
-        "datasets": [*(DATASETS[0], *train), *(DATASETS[1], *val)],
-        "teacher": (teacher_config, teacher_weights),
-        "tokens": str(tmp / "tokens.pth"),
+        "datasets": [*(DATASETS[0], *datasets.train), *(DATASETS[1], *datasets.val)],
+        "teacher": teachers.teacher,
+        "tokens": teachers.tokens,
     }
 
 
@@ -211,13 +211,25 @@ def test_two_machines_on_localhost(ws):
     assert os.path.isfile(ws["tmp"] / "two_machines" / "model_final.pth")
 
 
-# ------------------------------------------------------------------------------ bad input
-def test_unregistered_dataset_is_named(ws):
-    cfg = stage_cfg(ws, "MasKD", "bad_dataset")
-    cfg.DATASETS.TRAIN = ("no_such_dataset",)
-    with pytest.raises(KeyError, match="no_such_dataset"):
-        MasKDTrainer(cfg)
-    assert not os.path.exists(ws["tmp"] / "bad_dataset" / "model_final.pth")
+def test_the_collective_timeout_is_a_flag(monkeypatch, tmp_path):
+    # NCCL ranks on other machines may notice a dead peer only after the collective timeout;
+    # train_net.py makes it a flag.
+    import train_net
+    from maskd.cli import train
+
+    seen = {}
+    monkeypatch.setattr(train, "launch", lambda *a, **k: seen.update(k))
+    config = tmp_path / "x.yaml"
+    config.write_text(f"OUTPUT_DIR: {tmp_path / 'out'}\n")
+    train_net.cli(["--config-file", str(config), "--num-gpus", "8", "--dist-timeout", "5"])
+    assert seen["timeout"].total_seconds() == 300
+    train_net.cli(["--config-file", str(config)])
+    assert seen["timeout"].total_seconds() == 1800  # detectron2's default
+    with pytest.raises(SystemExit, match="must be positive"):
+        train_net.cli(["--config-file", str(config), "--dist-timeout", "0"])
+
+
+# ------------------------------------------------------------------------------ non-finite
 
 
 def test_non_finite_losses_name_the_term(ws, monkeypatch):
@@ -308,7 +320,7 @@ def test_no_live_run_is_harmed_by_a_second_command_on_its_folder(ws):
         assert str(out_dir) in str(e.value)
         assert (out_dir / "config.yaml").read_bytes() == config_before  # nothing written
 
-        stage1_weights = str(ws["tmp"] / "tokens.pth")
+        stage1_weights = ws["tokens"]
         train_net.cli(
             ["--config-file", config, *ws["register"], "--eval-only"]
             + ["MODEL.WEIGHTS", stage1_weights]
@@ -327,7 +339,7 @@ def test_no_live_run_is_harmed_by_a_second_command_on_its_folder(ws):
     assert not writing.exists()
 
 
-# ------------------------------------------------------------------------------ atomic
+# ------------------------------------------------------------------------------ files
 def test_checkpoints_are_written_atomically(ws, monkeypatch):
     model = build_model(stage_cfg(ws, "MasKD", "atomic"))
     folder = ws["tmp"] / "atomic_ckpt"
@@ -335,7 +347,10 @@ def test_checkpoints_are_written_atomically(ws, monkeypatch):
     checkpointer.save("model_0000")
     assert (folder / "last_checkpoint").read_text() == "model_0000.pth"
 
+    names = []
+
     def killed_mid_write(obj, f):
+        names.append(os.path.basename(f))
         with open(f, "wb") as out:
             out.write(b"partial")
         raise KeyboardInterrupt("killed while saving")
@@ -343,5 +358,93 @@ def test_checkpoints_are_written_atomically(ws, monkeypatch):
     monkeypatch.setattr(torch, "save", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save("model_0001")
-    assert sorted(os.listdir(folder)) == ["last_checkpoint", "model_0000.pth"]
     assert (folder / "last_checkpoint").read_text() == "model_0000.pth"
+    # what was cut short is a temporary that no reader takes for a checkpoint or config
+    (name,) = names
+    assert "model_0001" in name
+    for pattern in ("*.pth", "model_*", "*.pkl", "*.yaml"):
+        assert not fnmatch.fnmatch(name, pattern), (name, pattern)
+    assert sorted(os.listdir(folder)) == ["last_checkpoint", "model_0000.pth"]  # and it is gone
+
+
+def test_files_get_the_umask_mode_and_reach_the_disk_before_the_rename(ws, tmp_path, monkeypatch):
+    model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os,
+        "replace",
+        lambda a, b: (events.append(f"replace {os.path.basename(b)}"), real_replace(a, b))[1],
+    )
+    old = os.umask(0o022)
+    try:
+        MasKDCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+        export_tokens(str(tmp_path / "model_final.pth"), str(tmp_path / "tokens.pth"))
+        os.chmod(tmp_path / "tokens.pth", 0o600)  # --force writes a new file with the umask mode
+        export_tokens(str(tmp_path / "model_final.pth"), str(tmp_path / "tokens.pth"), True)
+    finally:
+        os.umask(old)
+    for name in ("model_final.pth", "last_checkpoint", "tokens.pth"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+    # each file is synced before it is renamed into place
+    assert events[:2] == ["fsync", "replace model_final.pth"], events
+    assert events[events.index("replace last_checkpoint") - 1] == "fsync"
+
+
+def test_stale_temporary_files_are_removed_when_a_run_starts(ws, tmp_path):
+    """Only provably stale temporaries go: written on this host by a process that has ended.
+    A live writer's (another run's, mid-write) and another host's stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    host = maskd.utils.files._HOST
+    try:
+        stale = [
+            tmp_path / f".model_0000099.pth.{dead.pid}@{host}.k2j4h5g6.tmp",
+            tmp_path / f".last_checkpoint.{dead.pid}@{host}.abcdefgh.tmp",
+        ]
+        keep = [
+            tmp_path / "model_0000099.pth",
+            tmp_path / "notes.tmp",
+            tmp_path / ".hidden",
+            tmp_path / f".model_0000199.pth.{live.pid}@{host}.k2j4h5g6.tmp",  # being written
+            tmp_path / f".model_0000299.pth.{dead.pid}@other-host.k2j4h5g6.tmp",
+        ]
+        for path in stale + keep:
+            path.write_bytes(b"x" * 100)
+        model = build_model(maskd_cfg("MasKDTokenLearner", "rcnn", *ws["teacher"]))
+        MasKDCheckpointer(model, save_dir=str(tmp_path))
+        assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+        # a checkpointer that does not save (the other ranks) leaves the folder alone
+        stale[0].write_bytes(b"x")
+        MasKDCheckpointer(model, save_dir=str(tmp_path), save_to_disk=False)
+        assert stale[0].exists()
+        # and the next write of a file removes its own stale temporaries
+        export_tokens(ws["tokens"], str(tmp_path / "model_0000099.pth"), overwrite=True)
+        assert not stale[0].exists()
+        assert all(p.exists() for p in keep)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_student_export_is_complete_or_absent(ws, tmp_path, monkeypatch):
+    cfg = maskd_cfg("MasKD", "rcnn", *ws["teacher"], ws["tokens"])
+    MasKDCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("s2")
+    with pytest.raises(ValueError, match=r"ends in \.yaml"):
+        export_student(str(tmp_path / "s2.pth"), str(tmp_path / "student.yaml"), cfg)
+    assert not (tmp_path / "student.yaml").exists()
+
+    def failing(obj, f):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(OSError):
+        export_student(str(tmp_path / "s2.pth"), str(tmp_path / "rel" / "student.pth"), cfg)
+    assert not (tmp_path / "rel" / "student.pth").exists()  # no weights: not a release
+    monkeypatch.undo()
+    export_student(str(tmp_path / "s2.pth"), str(tmp_path / "rel" / "student.pth"), cfg, True)
+    assert (tmp_path / "rel" / "student.pth").exists() and (
+        tmp_path / "rel" / "student.yaml"
+    ).exists()
