@@ -1,7 +1,7 @@
 """`make demo QUICK=1`: the whole demo (data, teachers, distill_net.py pipelines, baseline
 students, report) runs; the test checks that every number of the report is the one its runs
-produced (not accuracy). The
-report's arithmetic (deltas, spread, goals, retention) is checked on made-up results."""
+produced (not accuracy). The report's arithmetic (deltas, spread, goals, retention) is checked
+on made-up results, and the demo's configs against the shipped ones."""
 
 import json
 import math
@@ -10,6 +10,8 @@ import re
 
 import pytest
 from tiny import ROOT, run
+
+from maskd.config import get_maskd_cfg
 
 STATS = {"coverage", "constant", "dice", "weight_entropy", "combined", "tokens_eff"}
 STATS |= {"weighted_dice", "gt_share", "gt_share_uniform"}  # every demo image has boxes
@@ -394,3 +396,31 @@ def test_the_demo_configs_hold_the_demos_schedule():
     assert stage2.MODEL.MASKD.CUSTOM_MASK_WARMUP == rep.DEFAULT["student_iter"] // 2
     tokens = load_config(os.path.join(demo, "maskd_shapes_R34-R18_tokens.yaml"))
     assert tokens.SOLVER.MAX_ITER == rep.DEFAULT["tokens_iter"]
+
+
+def test_the_demo_partition_configs_are_the_shipped_pair_plus_the_levers():
+    """configs/Demo/*_partition.yaml: the stage-1 schedule and student of the shipped demo pair,
+    with the partition objective; stage 1 and stage 2 agree on the tokens' form."""
+    demo = os.path.join(ROOT, "configs", "Demo")
+    pairs = {}
+    for stage in ("tokens", "2x"):
+        for suffix in ("", "_partition"):
+            cfg = get_maskd_cfg()
+            cfg.merge_from_file(os.path.join(demo, f"maskd_shapes_R34-R18_{stage}{suffix}.yaml"))
+            pairs[stage, suffix] = cfg
+    levers = {
+        "WEIGHT_FLOOR": 0.5,
+        "WEIGHT_GATE": "relative",
+        "FILL": "mean",
+        "DICE_PAIRS": "weighted",
+        "MIN_TOKEN_AREA": 0.08,
+    }
+    for stage in ("tokens", "2x"):
+        shipped, partition = pairs[stage, ""], pairs[stage, "_partition"]
+        assert {k: partition.MODEL.MASKD[k] for k in levers} == levers
+        assert shipped.MODEL.MASKD.WEIGHT_FLOOR == 0.0 and shipped.MODEL.MASKD.FILL == "zeros"
+        # everything else is the shipped recipe
+        for k in levers:
+            partition.MODEL.MASKD[k] = shipped.MODEL.MASKD[k]
+        partition.OUTPUT_DIR = shipped.OUTPUT_DIR
+        assert partition == shipped, stage

@@ -2,13 +2,15 @@
 against independent computations, where their gradients go, and the registry through which a
 new term plugs in."""
 
+import math
+
 import pytest
 import torch
 from detectron2.config import instantiate
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from tiny import (
-    NEEDS,
     STUDENT_DEPTH,
     STUDENT_FPN,
     TEACHER_DEPTH,
@@ -16,7 +18,6 @@ from tiny import (
     calibrate_bn,
     maskd_cfg,
     tiny_batch,
-    tiny_cfg,
     tiny_fcos,
     write_teacher,
 )
@@ -29,6 +30,7 @@ from maskd.modeling.head_kd import (
     HeadKD,
     dense_regression_kd_loss,
 )
+from maskd.modeling.head_kd.roi_regression import roi_regression_kd_loss
 from maskd.modeling.receptive_tokens import build_level_tokens
 from maskd.modeling.teacher import preprocess_images
 
@@ -86,6 +88,32 @@ def test_roi_regression_kd_weight_scales_the_term(tmp_path):
         model, _ = stage2(tmp_path, "rcnn", **{"ROI_REG_KD.WEIGHT": weight})
         values[weight], _ = head_term(model, "loss_roi_reg_kd")
     assert values[3.0].item() == pytest.approx(3 * values[1.0].item(), rel=1e-5)
+
+
+def test_roi_regression_kd_is_smooth_l1_with_its_beta(tmp_path):
+    """Against SmoothL1 written out, with differences on both sides of beta = 0.5 (L1, or
+    SmoothL1 with beta 1, give other values)."""
+    _, teacher = stage2(tmp_path, "rcnn")
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        feats = teacher.backbone(image)
+    proposals = Instances((64, 64))
+    proposals.proposal_boxes = Boxes(
+        torch.tensor([[4.0, 4.0, 30.0, 40.0], [10.0, 20.0, 60.0, 50.0]])
+    )
+    proposals.gt_classes = torch.tensor([0, 2])
+    roi = teacher.roi_heads
+    with torch.no_grad():
+        pooled = roi.box_pooler([feats[f] for f in roi.box_in_features], [proposals.proposal_boxes])
+        _, teacher_deltas = roi.box_predictor(roi.box_head(pooled))
+    offsets = torch.tensor([0.1, -0.3, 2.0, -1.5]).repeat(2, teacher_deltas.shape[1] // 4)
+    beta = 0.5
+    value = roi_regression_kd_loss(teacher, feats, teacher_deltas + offsets, [proposals], beta)
+    a = offsets.abs()
+    smooth = torch.where(a < beta, 0.5 * a.square() / beta, a - 0.5 * beta)
+    torch.testing.assert_close(value, smooth.sum() / 2, rtol=1e-5, atol=1e-5)
+    assert not math.isclose(value.item(), a.sum().item() / 2, rel_tol=1e-3)  # not L1
 
 
 @pytest.mark.parametrize(

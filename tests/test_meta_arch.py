@@ -480,6 +480,20 @@ def test_stage1_refuses_levels_the_teacher_heads_do_not_read(tmp_path):
         build_model(cfg)
 
 
+def test_tokens_of_levels_the_teachers_heads_do_not_read_are_refused(tmp_path):
+    from tiny import STUDENT_DEPTH, STUDENT_FPN, tiny_cfg, write_teacher
+
+    from maskd import MasKD, build_teacher
+    from maskd.modeling.receptive_tokens import build_level_tokens
+
+    config, weights, _ = write_teacher(tmp_path, "semantic")  # its head reads p2-p5, not p6
+    teacher = build_teacher(config, weights=weights)
+    student = build_model(tiny_cfg("rcnn", depth=STUDENT_DEPTH, fpn_channels=STUDENT_FPN))
+    tokens = build_level_tokens({"p5": 32, "p6": 32}, num_tokens=4, weighted=False)
+    with pytest.raises(ValueError, match=r"levels \['p6'\], which the teacher's heads do not read"):
+        MasKD(student=student, teacher=teacher, tokens=tokens)
+
+
 def test_checkpointer_loads_plain_models_as_detectron2_does(tmp_path):
     torch.manual_seed(0)
     source = build_model(tiny_cfg("rcnn"))

@@ -23,7 +23,6 @@ from tiny import (
     run,
     tiny_batch,
     tiny_training,
-    write_teacher,
 )
 
 import maskd.modeling.meta_arch.token_learner

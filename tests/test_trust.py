@@ -5,13 +5,10 @@ user meets them on the command lines are cases of test_bad_inputs.py; how files 
 in test_reliability.py."""
 
 import collections
-import fnmatch
 import fractions
 import os
 import pickle
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,12 +23,11 @@ from tiny import (
     write_teacher,
 )
 
-import maskd.utils.files
 from maskd.checkpoint import MasKDCheckpointer, load_weights_strict, read_checkpoint
-from maskd.checkpoint.export import export_student, export_tokens
+from maskd.checkpoint.export import export_tokens
 from maskd.checkpoint.provenance import FINGERPRINT_KEY, fingerprint, fingerprint_text
 from maskd.checkpoint.safe_pickle import UNSAFE_PICKLE_ENV, UnsafePickleError, load_pkl
-from maskd.engine import MasKDTrainer, check_input_format
+from maskd.engine import check_input_format
 from maskd.modeling.teacher import build_teacher
 from maskd.utils.visualize import receptive_masks
 
