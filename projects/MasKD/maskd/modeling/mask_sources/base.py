@@ -11,7 +11,7 @@ optional (N, T) weights of :func:`maskd.modeling.losses.masked_distillation_loss
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
