@@ -1,13 +1,15 @@
 """Token-quality diagnostics (the statistics of the masks, of the weighted tokens and of the
-loss weight on the ground-truth cells) and the retention of stage 1."""
+loss weight on the ground-truth cells), the retention of stage 1 and the selection probe
+(tools/probe_selection.py: the teacher's loss under fixed masks)."""
 
+import json
 import math
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from tiny import maskd_cfg, tiny_batch, write_teacher
+from tiny import ROOT, maskd_cfg, run, tiny_batch, write_coco_dataset, write_teacher
 
 from maskd.engine import evaluate_with_retention, retention
 from maskd.modeling.diagnostics import (
@@ -303,3 +305,28 @@ def test_low_retention_warns_and_names_switched_off_levels():
     low, good = (r.getMessage() for r in records)
     assert "bbox/AP = 0.600, below 0.95" in low and "p4 (0.01)" in low and "p2" not in low
     assert good == "MasKD stage 1 finished: retention (masked teacher / teacher) bbox/AP = 0.990"
+
+
+@pytest.mark.slow
+def test_probe_selection_measures_the_teachers_loss_under_fixed_masks(tmp_path):
+    teacher_config, teacher_weights, _ = write_teacher(tmp_path, "rcnn")
+    json_file, image_dir = write_coco_dataset(str(tmp_path / "data"), n_images=4)
+    out = tmp_path / "probe.json"
+    args = [f"{ROOT}/tools/probe_selection.py", "--config-file", teacher_config]
+    args += ["--weights", teacher_weights, "--dataset", "probe_val", "--num", "4", "--batch", "2"]
+    args += ["--register-coco", "probe_val", json_file, image_dir, "--output", str(out)]
+    proc = run(args, tmp_path)
+    assert "offset" in proc.stdout and "boxes, background 0" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["images"] == 4 and set(result["offset"]) == {"p2", "p3", "p4", "p5", "p6"}
+    losses = result["losses"]
+    assert set(losses) == {
+        "ones (plain teacher)",
+        "boxes, background 0",
+        "boxes, background 0.5",
+        "0.5 everywhere",
+    }
+    totals = [row["total"] for row in losses.values()]
+    assert len(set(totals)) == 4  # the masks change what the teacher's heads see
+    for row in losses.values():
+        assert row["total"] == pytest.approx(sum(v for k, v in row.items() if k != "total"))

@@ -1,6 +1,7 @@
-"""The opt-in levers of a stage-1 objective whose tokens partition the map: each one's value
-against a written-out reference and its gradient, the tokens' form kept through checkpoints and
-checked between the stages, and a stage-1 step with every lever on."""
+"""The opt-in levers of stage 1's objective (none is the paper's): those for tokens that
+partition the map and the mask-area prior. Each one's value against a written-out reference and
+its gradient, the tokens' form kept through checkpoints and checked between the stages, a stage-1
+step with every lever on."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from tiny import maskd_cfg, tiny_batch, write_teacher
 from maskd.checkpoint.tokens import tokens_from_file
 from maskd.modeling.backbone import recording
 from maskd.modeling.losses import (
+    combined_mask,
     dice_diversity_loss,
     masked_aggregate,
     min_token_area_loss,
@@ -18,6 +20,7 @@ from maskd.modeling.losses import (
 )
 from maskd.modeling.receptive_tokens import ReceptiveTokens
 from maskd.modeling.reference import naive_dice_diversity_loss, naive_mask_features
+from maskd.modeling.teacher import preprocess_images
 
 
 def _features(n=2, c=6, h=5, w=7, seed=0):
@@ -345,3 +348,62 @@ def test_the_tokens_form_travels_with_them_and_is_checked_in_stage_2(teacher_fil
                 if "tokens.p2." in k
             }
         )
+
+
+# --- the area prior (MODEL.MASKD.AREA_WEIGHT) ----------------------------------------------------
+
+
+def _area_model(tmp_path, area_weight):
+    teacher_config, teacher_weights, _ = write_teacher(tmp_path, "rcnn")
+    cfg = maskd_cfg("MasKDTokenLearner", "rcnn", teacher_config, teacher_weights)
+    cfg.MODEL.MASKD.AREA_WEIGHT = area_weight
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_combined_mask_and_aggregate_against_einsum():
+    g = torch.Generator().manual_seed(0)
+    masks, weights = torch.rand(2, 3, 5, 4, generator=g), torch.rand(2, 3, generator=g)
+    x = torch.randn(2, 7, 5, 4, generator=g)
+    want = torch.einsum("nthw,nt->nhw", masks, weights)
+    torch.testing.assert_close(combined_mask(masks, weights), want)
+    torch.testing.assert_close(combined_mask(masks), masks.sum(1))
+    ref = torch.einsum("nthw,nt,nchw->nchw", masks, weights, x)
+    torch.testing.assert_close(masked_aggregate(x, masks, weights), ref)
+    torch.testing.assert_close(masked_aggregate(x, masks, weights, want), ref)
+
+
+def test_the_area_prior_is_off_by_default_and_refuses_negative_weights(tmp_path):
+    model = _area_model(tmp_path, 0.0)
+    model.train()
+    with EventStorage(0):
+        losses = model(tiny_batch(2, 64, seed=0))
+    assert "loss_area" not in losses and "loss_dice" in losses
+    with pytest.raises(ValueError, match="AREA_WEIGHT must be a finite number >= 0"):
+        _area_model(tmp_path, -1.0)
+
+
+def test_the_area_prior_value_and_gradient(tmp_path):
+    """loss_area = weight * sum over levels of the mean combined mask of the teacher's
+    features, and its gradient reaches the tokens and weight heads only."""
+    weight = 2.5
+    model = _area_model(tmp_path, weight)
+    model.train()
+    batch = tiny_batch(2, 64, seed=1, empty=(1,))
+    with EventStorage(0):
+        losses = model(batch)
+    with torch.no_grad():
+        images = preprocess_images(model.teacher, batch)
+        feats = model.teacher.backbone.inner(images.tensor)
+    want = 0.0
+    for lv, rt in model.tokens.items():
+        m = torch.sigmoid(torch.einsum("tc,nchw->nthw", rt.tokens, feats[lv]))
+        want = want + torch.einsum("nthw,nt->nhw", m, rt.weights(feats[lv])).mean()
+    torch.testing.assert_close(losses["loss_area"], weight * want)
+    model.zero_grad(set_to_none=True)
+    losses["loss_area"].backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum()}
+    assert reached and all(n.startswith("teacher.backbone.tokens.") for n in reached)
+    assert any(".weight_head." in n for n in reached) and any(
+        n.endswith(".tokens") for n in reached
+    )
