@@ -21,9 +21,11 @@ from tiny import (
     tiny_fcos,
     write_teacher,
 )
+from torch import nn
 
 from maskd import MasKD
 from maskd.config import get_maskd_cfg
+from maskd.modeling.backbone import TransparentWrapper
 from maskd.modeling.head_kd import (
     HEAD_KD_REGISTRY,
     DenseRegressionKD,
@@ -257,8 +259,23 @@ def test_head_kd_options_check_the_models(tmp_path):
         stage2(tmp_path, "rcnn", **{"DENSE_REG_KD.WEIGHT": 1.0})
 
 
-class _FeatureNormKD(HeadKD):
-    """A made-up term for the registry test: the mean square of the student's p2 features."""
+class _KeepOutput(TransparentWrapper, nn.Module):
+    """A made-up recording wrapper, as a user writes one: it keeps its module's output."""
+
+    def __init__(self, inner):
+        nn.Module.__init__(self)
+        self._wrap(inner)
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.keep(out=out)
+        return out
+
+
+class _BoxFeatureNormKD(HeadKD):
+    """A made-up term for the registry test: the mean square of the student's box-head
+    features, read through its own recording wrapper (docs/extending.md)."""
 
     CONFIG_KEY = "TEST_NORM_KD"
     LOSS_NAME = "loss_test_norm_kd"
@@ -272,37 +289,35 @@ class _FeatureNormKD(HeadKD):
         return {"weight": node.WEIGHT}
 
     def check(self, student, teacher):
-        if not hasattr(student, "backbone"):
-            raise ValueError("MODEL.MASKD.TEST_NORM_KD needs a backbone")
+        if not hasattr(student, "roi_heads"):
+            raise ValueError("MODEL.MASKD.TEST_NORM_KD needs an R-CNN student")
 
     def wrap(self, student):
-        self.wrapped = type(student).__name__
+        student.roi_heads.box_head = _KeepOutput(student.roi_heads.box_head)
 
     def forward(self, student, teacher, teacher_features):
-        return self.weight * student.backbone.last_p2.pow(2).mean()
+        return self.weight * student.roi_heads.box_head.recorded("out").pow(2).mean()
 
 
 def test_a_new_head_term_is_one_class_and_one_registration(tmp_path):
-    HEAD_KD_REGISTRY.register(_FeatureNormKD)
+    HEAD_KD_REGISTRY.register(_BoxFeatureNormKD)
     try:
         assert get_maskd_cfg().MODEL.MASKD.TEST_NORM_KD.WEIGHT == 0.0  # its keys, off
         model, _ = stage2(tmp_path, "rcnn")  # registered, but off by default
         assert "loss_test_norm_kd" not in [t.LOSS_NAME for t in model.head_kd]
+        assert not isinstance(model.student.roi_heads.box_head, _KeepOutput)
         model, _ = stage2(tmp_path, "rcnn", **{"TEST_NORM_KD.WEIGHT": 0.5})
         (term,) = model.head_kd
-        assert isinstance(term, _FeatureNormKD) and term.wrapped == "GeneralizedRCNN"
-        inner = model.student.backbone.forward
-        model.student.backbone.forward = lambda x: _keep_p2(model.student.backbone, inner(x))
+        assert isinstance(term, _BoxFeatureNormKD)
         value, reached = head_term(model, "loss_test_norm_kd")
-        assert value.item() > 0 and all(n.startswith("student.backbone.") for n in reached)
+        assert value.item() > 0 and all(n.startswith("student.") for n in reached)
+        assert any(n.startswith("student.roi_heads.box_head.") for n in reached)
+        assert not any("box_predictor" in n for n in reached)  # it reads the box head's output
+        # the wrapper is transparent in the student's state dict
+        assert not any(".box_head.inner." in k for k in model.student.state_dict())
     finally:
         HEAD_KD_REGISTRY._obj_map.pop("TEST_NORM_KD")
     assert "TEST_NORM_KD" not in get_maskd_cfg().MODEL.MASKD
-
-
-def _keep_p2(backbone, features):
-    object.__setattr__(backbone, "last_p2", features["p2"])
-    return features
 
 
 def test_a_term_registered_after_the_config_is_made_is_named_not_skipped(tmp_path):
@@ -310,9 +325,11 @@ def test_a_term_registered_after_the_config_is_made_is_named_not_skipped(tmp_pat
     from maskd.utils.extensions import import_modules
 
     cfg = get_maskd_cfg()  # made before the registration
-    HEAD_KD_REGISTRY.register(_FeatureNormKD)
+    HEAD_KD_REGISTRY.register(_BoxFeatureNormKD)
     try:
-        with pytest.raises(KeyError, match=r"_FeatureNormKD.*MODEL\.MASKD\.TEST_NORM_KD.*--import"):
+        with pytest.raises(
+            KeyError, match=r"_BoxFeatureNormKD.*MODEL\.MASKD\.TEST_NORM_KD.*--import"
+        ):
             build_head_kd(cfg.MODEL.MASKD)
         assert get_maskd_cfg().MODEL.MASKD.TEST_NORM_KD.WEIGHT == 0.0  # a new config has it
     finally:
