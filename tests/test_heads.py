@@ -25,7 +25,6 @@ from torch import nn
 
 from maskd import MasKD
 from maskd.config import get_maskd_cfg
-from maskd.modeling.backbone import TransparentWrapper
 from maskd.modeling.head_kd import (
     HEAD_KD_REGISTRY,
     DenseRegressionKD,
@@ -35,6 +34,7 @@ from maskd.modeling.head_kd import (
 from maskd.modeling.head_kd.roi_regression import roi_regression_kd_loss
 from maskd.modeling.receptive_tokens import build_level_tokens
 from maskd.modeling.teacher import preprocess_images
+from maskd.modeling.wrappers import TransparentWrapper
 
 GN = ["MODEL.RESNETS.NORM", "GN"]  # no batch statistics: a student can equal its teacher
 

@@ -28,8 +28,8 @@ from tiny import (
 )
 
 from maskd import MasKD, MasKDCheckpointer, MasKDTokenLearner, build_teacher, tokens_from_file
-from maskd.modeling.backbone import recording
 from maskd.modeling.losses import masked_distillation_loss
+from maskd.modeling.wrappers import recording
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -10,7 +10,6 @@ from detectron2.utils.events import EventStorage
 from tiny import maskd_cfg, tiny_batch, write_teacher
 
 from maskd.checkpoint.tokens import tokens_from_file
-from maskd.modeling.backbone import recording
 from maskd.modeling.losses import (
     combined_mask,
     dice_diversity_loss,
@@ -21,6 +20,7 @@ from maskd.modeling.losses import (
 from maskd.modeling.receptive_tokens import ReceptiveTokens
 from maskd.modeling.reference import naive_dice_diversity_loss, naive_mask_features
 from maskd.modeling.teacher import preprocess_images
+from maskd.modeling.wrappers import recording
 
 
 def _features(n=2, c=6, h=5, w=7, seed=0):

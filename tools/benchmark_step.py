@@ -47,9 +47,9 @@ from measure import measure  # noqa: E402
 
 from maskd import MasKD, MasKDTokenLearner  # noqa: E402
 from maskd._compat import NORM_TYPES  # noqa: E402
-from maskd.modeling.backbone import recording  # noqa: E402
 from maskd.modeling.receptive_tokens import build_level_tokens  # noqa: E402
 from maskd.modeling.reference import naive_masked_distillation_loss  # noqa: E402
+from maskd.modeling.wrappers import recording  # noqa: E402
 from maskd.utils.files import atomic_write, write_text
 
 GOALS = {"c/(a+b)": 1.10, "c/d": 0.75, "mem c/(a+F)": 1.10, "e/(b+3(g-b))": 1.00}

@@ -8,116 +8,32 @@ semantic segmentation, ...) runs unchanged:
   for the distilled levels, so the teacher's heads run on masked features.
 * :class:`RecordingBackbone` (stage 2) returns the student's features unchanged.
 
-What a wrapper's forward made (stage 1's masks, stage 2's student features, the head outputs of
-:mod:`maskd.modeling.head_kd`) is kept only inside a :func:`recording` block opened by the
-caller, and read in that block with :meth:`TransparentWrapper.recorded`: nothing outlives the
-step that made it, and a forward nobody records (inference, visualisation) keeps nothing.
-
-Both are transparent in state dicts: the wrapped backbone's parameters keep the keys they have
-without the wrapper (``backbone.bottom_up.stem.conv1.weight``), so plain detectron2 checkpoints
-load into a wrapped model, and a wrapped model's checkpoint loads into a plain one.
+Both are :class:`maskd.modeling.wrappers.TransparentWrapper`: transparent in state dicts (the
+wrapped backbone's parameters keep their keys, ``backbone.bottom_up.stem.conv1.weight``), and in
+training they keep what they made (stage 1's masks, stage 2's student features) for the
+caller's :func:`maskd.modeling.wrappers.recording` of the step.
 """
 
-import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from detectron2.modeling import Backbone
 from torch import nn
 
-from .._compat import register_state_dict_hook
 from .losses import FILLS, combined_mask, masked_aggregate, neutral_fill
 from .receptive_tokens import ReceptiveTokens
+from .wrappers import TransparentWrapper
 
 __all__ = [
     "TokenMaskedBackbone",
     "LevelMasks",
     "GATES",
     "RecordingBackbone",
-    "TransparentWrapper",
-    "recording",
     "unwrap_backbone",
 ]
 
 logger = logging.getLogger(__name__)
-
-_INNER = "inner"
-
-
-class TransparentWrapper:
-    """Mixin for a module that wraps another as ``self.inner``: that level is hidden in
-    state-dict keys (saving and loading), and attributes it lacks are read from the inner
-    module, so code that used the wrapped module keeps working.
-
-    A wrapper's forward hands what it made to an open :func:`recording` with :meth:`keep`;
-    the caller reads it with :meth:`recorded` inside that block.
-    """
-
-    def _wrap(self, inner: nn.Module) -> None:
-        if isinstance(inner, TransparentWrapper):
-            raise ValueError(f"{type(inner).__name__} is already wrapped")
-        self.inner = inner
-        self._record: Optional[Dict[str, Any]] = None  # open only inside recording()
-        register_state_dict_hook(self, _hide_inner)
-        self.register_load_state_dict_pre_hook(_expand_inner)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if _INNER in modules and name != _INNER:
-                return getattr(modules[_INNER], name)
-            raise
-
-    def own_keys(self) -> List[str]:
-        """Names of this wrapper's own children (not the wrapped module's)."""
-        return [name for name, _ in self.named_children() if name != _INNER]
-
-    def keep(self, **values: Any) -> None:
-        """Called by the forward: keep ``values`` for the open recording (none open: dropped)."""
-        if self._record is not None:
-            self._record.update(values)
-
-    def recorded(self, key: str) -> Any:
-        """What the forwards of the open recording kept under ``key``.
-
-        Raises:
-            RuntimeError: no recording is open, or no forward inside it kept ``key``.
-        """
-        if self._record is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.recorded('{key}') outside a recording() block"
-            )
-        if key not in self._record:
-            raise RuntimeError(
-                f"{type(self).__name__}: no '{key}' was made in this step (the model's forward "
-                f"did not call its {type(self.inner).__name__} in training mode)"
-            )
-        return self._record[key]
-
-
-@contextlib.contextmanager
-def recording(model: nn.Module) -> Iterator[None]:
-    """Open a recording on every :class:`TransparentWrapper` inside ``model`` (``model``
-    included): inside the block, their forwards keep what they make (:meth:`keep`) and
-    :meth:`TransparentWrapper.recorded` reads it; on leaving it everything kept is dropped.
-
-    Raises:
-        RuntimeError: a recording is already open on one of them (nested steps).
-    """
-    wrappers = [m for m in model.modules() if isinstance(m, TransparentWrapper)]
-    busy = [type(m).__name__ for m in wrappers if m._record is not None]
-    if busy:
-        raise RuntimeError(f"a recording is already open on {busy}")
-    try:
-        for m in wrappers:
-            m._record = {}
-        yield
-    finally:
-        for m in wrappers:
-            m._record = None
 
 
 class _TransparentBackbone(TransparentWrapper, Backbone):
@@ -137,26 +53,6 @@ class _TransparentBackbone(TransparentWrapper, Backbone):
 
     def output_shape(self):
         return self.inner.output_shape()
-
-
-def _hide_inner(module, state_dict, prefix, local_metadata):
-    """state_dict hook: ``<prefix>inner.<key>`` -> ``<prefix><key>``."""
-    inner_prefix = prefix + _INNER + "."
-    for key in [k for k in state_dict if k.startswith(inner_prefix)]:
-        state_dict[prefix + key[len(inner_prefix) :]] = state_dict.pop(key)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:  # module versions, keyed by module prefix without the final dot
-        metadata.pop(prefix + _INNER, None)  # the wrapper's own entry stands for it
-        for key in [k for k in metadata if k.startswith(inner_prefix)]:
-            metadata[prefix + key[len(inner_prefix) :]] = metadata.pop(key)
-
-
-def _expand_inner(module, state_dict, prefix, *args):
-    own = tuple(prefix + name + "." for name in module.own_keys())
-    inner_prefix = prefix + _INNER + "."
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        if not key.startswith(own) and not key.startswith(inner_prefix):
-            state_dict[inner_prefix + key[len(prefix) :]] = state_dict.pop(key)
 
 
 # How the token weights scale the masks in stage 1's aggregate (see TokenMaskedBackbone).

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..backbone import TransparentWrapper
+from ..wrappers import TransparentWrapper
 from .base import HEAD_KD_REGISTRY, HeadKD
 
 __all__ = ["DenseRegressionKD", "RecordingDenseHead", "dense_regression_kd_loss"]
@@ -17,7 +17,7 @@ LOSSES = ("l1", "smooth_l1")
 
 class RecordingDenseHead(TransparentWrapper, nn.Module):
     """Wraps a student's RetinaNet / FCOS head; in training, inside a
-    :func:`maskd.modeling.backbone.recording`, it keeps its outputs as ``"outputs"``."""
+    :func:`maskd.modeling.wrappers.recording`, it keeps its outputs as ``"outputs"``."""
 
     def __init__(self, inner: nn.Module):
         nn.Module.__init__(self)

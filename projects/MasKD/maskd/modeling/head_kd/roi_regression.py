@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..backbone import TransparentWrapper
+from ..wrappers import TransparentWrapper
 from .base import HEAD_KD_REGISTRY, HeadKD
 
 __all__ = ["RoIRegressionKD", "RecordingBoxPredictor", "roi_regression_kd_loss"]
@@ -13,7 +13,7 @@ __all__ = ["RoIRegressionKD", "RecordingBoxPredictor", "roi_regression_kd_loss"]
 
 class RecordingBoxPredictor(TransparentWrapper, nn.Module):
     """Wraps a student's ``FastRCNNOutputLayers``; in training, inside a
-    :func:`maskd.modeling.backbone.recording`, it keeps the box deltas of its forward as
+    :func:`maskd.modeling.wrappers.recording`, it keeps the box deltas of its forward as
     ``"deltas"`` (R, 4 or 4K) and the sampled proposals its losses were computed on as
     ``"proposals"`` (list[Instances])."""
 

@@ -25,7 +25,7 @@ from ...checkpoint.provenance import (
 from ...checkpoint.tokens import tokens_from_file
 from ...utils.extensions import registered_after_the_config
 from ...utils.numbers import check_number
-from ..backbone import RecordingBackbone, recording
+from ..backbone import RecordingBackbone
 from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
 from ..head_kd import HeadKD, build_head_kd
 from ..inherit import inherit_neck_and_heads
@@ -47,6 +47,7 @@ from ..teacher import (
     preprocess_images,
     teacher_from_config,
 )
+from ..wrappers import recording
 
 __all__ = ["MasKD", "student_config"]
 
@@ -349,7 +350,7 @@ class MasKD(nn.Module):
 
     def head_losses(self, teacher_features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The head-level KD terms of this step (weighted), from what the student's wrappers kept
-        in its forward (inside :func:`maskd.modeling.backbone.recording`) and the teacher's heads
+        in its forward (inside :func:`maskd.modeling.wrappers.recording`) and the teacher's heads
         on its own features."""
         return {
             term.LOSS_NAME: term(self.student, self.teacher, teacher_features)

@@ -22,7 +22,7 @@ from ...checkpoint.provenance import (
     fingerprint_tensor,
 )
 from ...utils.numbers import check_number
-from ..backbone import LevelMasks, TokenMaskedBackbone, recording
+from ..backbone import LevelMasks, TokenMaskedBackbone
 from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
 from ..losses import (
     dice_diversity_loss,
@@ -32,6 +32,7 @@ from ..losses import (
 from ..pairing import resolve_channel_orders, resolve_in_features, teacher_batch
 from ..receptive_tokens import build_level_tokens
 from ..teacher import freeze, head_levels, teacher_from_config
+from ..wrappers import recording
 
 __all__ = ["MasKDTokenLearner", "DICE_PAIRS"]
 
