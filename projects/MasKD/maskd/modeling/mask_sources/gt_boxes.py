@@ -2,13 +2,14 @@
 feature distillation (DeFeat, FGD) uses them."""
 
 import math
+from typing import List
 
 import torch
 from detectron2.config import CfgNode
 
 from .base import MASK_SOURCE_REGISTRY, MaskSource
 
-__all__ = ["GTBoxMasks", "box_cells"]
+__all__ = ["GTBoxMasks", "box_cells", "ground_truth_boxes"]
 
 
 def box_cells(boxes: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
@@ -34,6 +35,27 @@ def box_cells(boxes: torch.Tensor, stride: int, height: int, width: int) -> torc
         c0, c1 = max(0, math.floor(x0 / stride)), min(width, math.ceil(x1 / stride))
         out[r0:r1, c0:c1] = 1.0
     return out
+
+
+def ground_truth_boxes(batched_inputs: List[dict], n: int, name: str) -> List[torch.Tensor]:
+    """The ground-truth boxes of each image of a batch of ``n``: N (K_i, 4) tensors (x0, y0, x1,
+    y1) in pixels.
+
+    Raises:
+        ValueError: the inputs are not ``n``, or an input has no ``instances`` (naming the mask
+            source ``name`` that needs them).
+    """
+    if len(batched_inputs) != n:
+        raise ValueError(f"{len(batched_inputs)} inputs for a batch of {n} feature maps")
+    boxes = []
+    for x in batched_inputs:
+        if "instances" not in x:
+            raise ValueError(
+                f"mask source '{name}' needs the ground truth: the training inputs have no "
+                "'instances'"
+            )
+        boxes.append(x["instances"].gt_boxes.tensor)
+    return boxes
 
 
 @MASK_SOURCE_REGISTRY.register()
@@ -71,19 +93,11 @@ class GTBoxMasks(MaskSource):
 
     def forward(self, ctx):
         teacher, stride, valid = ctx.teacher, ctx.stride, ctx.valid
-        batched_inputs = ctx.batched_inputs
         n, _, h, w = teacher.shape
-        if len(batched_inputs) != n:
-            raise ValueError(f"{len(batched_inputs)} inputs for a batch of {n} feature maps")
-        maps = []
-        for x in batched_inputs:
-            if "instances" not in x:
-                raise ValueError(
-                    "mask source 'gt_boxes' needs the ground truth: the training inputs have "
-                    "no 'instances'"
-                )
-            maps.append(box_cells(x["instances"].gt_boxes.tensor, stride, h, w))
-        fg = torch.stack(maps)[:, None].to(device=teacher.device, dtype=teacher.dtype)
+        boxes = ground_truth_boxes(ctx.batched_inputs, n, self.NAME)
+        fg = torch.stack([box_cells(b, stride, h, w) for b in boxes])[:, None].to(
+            device=teacher.device, dtype=teacher.dtype
+        )
         masks = fg + self.background * (1.0 - fg)  # (N, 1, H, W)
         if valid is None:  # the padded batch: the padding is background too
             return masks, None

@@ -17,13 +17,13 @@ non-empty regions, so an image without boxes is distilled as background only (wh
 mimicking over its image area).
 """
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from detectron2.config import CfgNode
 
 from .base import MASK_SOURCE_REGISTRY, MaskSource
-from .gt_boxes import box_cells
+from .gt_boxes import box_cells, ground_truth_boxes
 
 __all__ = ["GTPartitionMasks", "GTInstanceMasks", "region_weights"]
 
@@ -49,20 +49,6 @@ def _check_weight(value: float, key: str) -> float:
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise ValueError(f"MODEL.MASKD.{key} must lie in [0, 1], got {value}")
     return float(value)
-
-
-def _gt_boxes(batched_inputs: List[dict], n: int, name: str) -> List[torch.Tensor]:
-    if len(batched_inputs) != n:
-        raise ValueError(f"{len(batched_inputs)} inputs for a batch of {n} feature maps")
-    boxes = []
-    for x in batched_inputs:
-        if "instances" not in x:
-            raise ValueError(
-                f"mask source '{name}' needs the ground truth: the training inputs have no "
-                "'instances'"
-            )
-        boxes.append(x["instances"].gt_boxes.tensor)
-    return boxes
 
 
 def _area(valid: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -106,7 +92,7 @@ class GTPartitionMasks(MaskSource):
     def forward(self, ctx):
         teacher, stride, valid = ctx.teacher, ctx.stride, ctx.valid
         n, _, h, w = teacher.shape
-        boxes = _gt_boxes(ctx.batched_inputs, n, self.NAME)
+        boxes = ground_truth_boxes(ctx.batched_inputs, n, self.NAME)
         area = _area(valid, teacher)  # (N, 1, H, W)
         fg = torch.stack([box_cells(b, stride, h, w) for b in boxes])[:, None]
         fg = fg.to(device=teacher.device, dtype=teacher.dtype) * area  # (N, 1, H, W)
@@ -128,7 +114,7 @@ class GTInstanceMasks(GTPartitionMasks):
     def forward(self, ctx):
         teacher, stride, valid = ctx.teacher, ctx.stride, ctx.valid
         n, _, h, w = teacher.shape
-        boxes = _gt_boxes(ctx.batched_inputs, n, self.NAME)
+        boxes = ground_truth_boxes(ctx.batched_inputs, n, self.NAME)
         area = _area(valid, teacher)  # (N, 1, H, W)
         k_max = max([len(b) for b in boxes] + [0])
         masks = teacher.new_zeros(n, k_max + 1, h, w)  # (N, K + 1, H, W): boxes, background
