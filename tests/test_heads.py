@@ -21,7 +21,6 @@ from tiny import (
     tiny_fcos,
     write_teacher,
 )
-from torch import nn
 
 from maskd import MasKD
 from maskd.config import get_maskd_cfg
@@ -34,7 +33,7 @@ from maskd.modeling.head_kd import (
 from maskd.modeling.head_kd.roi_regression import roi_regression_kd_loss
 from maskd.modeling.receptive_tokens import build_level_tokens
 from maskd.modeling.teacher import preprocess_images
-from maskd.modeling.wrappers import TransparentWrapper
+from maskd.modeling.wrappers import TransparentModule
 
 GN = ["MODEL.RESNETS.NORM", "GN"]  # no batch statistics: a student can equal its teacher
 
@@ -259,12 +258,8 @@ def test_head_kd_options_check_the_models(tmp_path):
         stage2(tmp_path, "rcnn", **{"DENSE_REG_KD.WEIGHT": 1.0})
 
 
-class _KeepOutput(TransparentWrapper, nn.Module):
+class _KeepOutput(TransparentModule):
     """A made-up recording wrapper, as a user writes one: it keeps its module's output."""
-
-    def __init__(self, inner):
-        nn.Module.__init__(self)
-        self._wrap(inner)
 
     def forward(self, x):
         out = self.inner(x)

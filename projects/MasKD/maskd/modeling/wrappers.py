@@ -19,7 +19,7 @@ from torch import nn
 
 from .._compat import register_state_dict_hook
 
-__all__ = ["TransparentWrapper", "recording"]
+__all__ = ["TransparentWrapper", "TransparentModule", "recording"]
 
 _INNER = "inner"
 
@@ -75,6 +75,15 @@ class TransparentWrapper:
                 f"did not call its {type(self.inner).__name__} in training mode)"
             )
         return self._record[key]
+
+
+class TransparentModule(TransparentWrapper, nn.Module):
+    """A transparent wrapper of any module (a head, a box predictor): subclass it and write the
+    forward, which calls ``self.inner`` and :meth:`keep` what the step needs."""
+
+    def __init__(self, inner: nn.Module):
+        nn.Module.__init__(self)
+        self._wrap(inner)
 
 
 @contextlib.contextmanager

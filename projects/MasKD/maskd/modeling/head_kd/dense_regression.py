@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..wrappers import TransparentWrapper
+from ..wrappers import TransparentModule
 from .base import HEAD_KD_REGISTRY, HeadKD
 
 __all__ = ["DenseRegressionKD", "RecordingDenseHead", "dense_regression_kd_loss"]
@@ -15,13 +15,9 @@ __all__ = ["DenseRegressionKD", "RecordingDenseHead", "dense_regression_kd_loss"
 LOSSES = ("l1", "smooth_l1")
 
 
-class RecordingDenseHead(TransparentWrapper, nn.Module):
+class RecordingDenseHead(TransparentModule):
     """Wraps a student's RetinaNet / FCOS head; in training, inside a
     :func:`maskd.modeling.wrappers.recording`, it keeps its outputs as ``"outputs"``."""
-
-    def __init__(self, inner: nn.Module):
-        nn.Module.__init__(self)
-        self._wrap(inner)
 
     def forward(self, features):
         out = self.inner(features)

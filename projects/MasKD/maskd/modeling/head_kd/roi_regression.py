@@ -5,21 +5,17 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..wrappers import TransparentWrapper
+from ..wrappers import TransparentModule
 from .base import HEAD_KD_REGISTRY, HeadKD
 
 __all__ = ["RoIRegressionKD", "RecordingBoxPredictor", "roi_regression_kd_loss"]
 
 
-class RecordingBoxPredictor(TransparentWrapper, nn.Module):
+class RecordingBoxPredictor(TransparentModule):
     """Wraps a student's ``FastRCNNOutputLayers``; in training, inside a
     :func:`maskd.modeling.wrappers.recording`, it keeps the box deltas of its forward as
     ``"deltas"`` (R, 4 or 4K) and the sampled proposals its losses were computed on as
     ``"proposals"`` (list[Instances])."""
-
-    def __init__(self, inner: nn.Module):
-        nn.Module.__init__(self)
-        self._wrap(inner)
 
     def forward(self, x):
         predictions = self.inner(x)
