@@ -41,7 +41,7 @@ are given.
 """
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,6 +51,7 @@ __all__ = [
     "token_statistics",
     "level_sizes",
     "put_token_statistics",
+    "put_level_statistics",
     "foreground_cells",
 ]
 
@@ -230,3 +231,31 @@ def put_token_statistics(storage, stats: Dict[str, Dict[str, torch.Tensor]]) -> 
     for name, value in out.items():
         storage.put_scalar(name, value)
     return out
+
+
+def put_level_statistics(
+    storage,
+    levels: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor], List[Tuple[int, int]]]],
+    batched_inputs: List[dict],
+    strides: Dict[str, int],
+) -> Dict[str, float]:
+    """The :func:`token_statistics` of every level's masks of one training step, the ground
+    truth of ``batched_inputs`` as foreground, written with :func:`put_token_statistics`.
+
+    Args:
+        storage: the EventStorage.
+        levels: level -> (masks (N, T, H, W), weights (N, T) or None, N valid (h, w) at the
+            level's resolution), without gradient.
+        batched_inputs: the step's inputs (their ``instances`` give the foreground cells).
+        strides: level -> stride.
+
+    Returns:
+        the names written -> values.
+    """
+    stats = {
+        lv: token_statistics(
+            m, w, sizes, foreground=foreground_cells(batched_inputs, strides[lv], *m.shape[-2:])
+        )
+        for lv, (m, w, sizes) in levels.items()
+    }
+    return put_token_statistics(storage, stats)

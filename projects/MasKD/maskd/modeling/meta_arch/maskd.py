@@ -26,7 +26,7 @@ from ...checkpoint.tokens import tokens_from_file
 from ...utils.extensions import registered_after_the_config
 from ...utils.numbers import check_number
 from ..backbone import RecordingBackbone
-from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
+from ..diagnostics import level_sizes, put_level_statistics
 from ..head_kd import HeadKD, build_head_kd
 from ..inherit import inherit_neck_and_heads
 from ..losses import masked_distillation_loss, raise_if_not_finite
@@ -322,18 +322,8 @@ class MasKD(nn.Module):
             tuple(images.tensor.shape[-2:]),
             batched_inputs,
         )
-        put_token_statistics(
-            storage,
-            {
-                lv: token_statistics(
-                    m,
-                    w,
-                    sizes[lv],
-                    foreground=foreground_cells(batched_inputs, self.strides[lv], *m.shape[-2:]),
-                )
-                for lv, (m, w) in masks.items()
-            },
-        )
+        levels = {lv: (m, w, sizes[lv]) for lv, (m, w) in masks.items()}
+        put_level_statistics(storage, levels, batched_inputs, self.strides)
         raise_if_not_finite(losses, "the student's task losses", storage.iter)
         raise_if_not_finite(per_level, "loss_maskd (per level)", storage.iter)
         for level, value in per_level.items():

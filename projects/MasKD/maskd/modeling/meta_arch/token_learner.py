@@ -23,7 +23,7 @@ from ...checkpoint.provenance import (
 )
 from ...utils.numbers import check_number
 from ..backbone import LevelMasks, TokenMaskedBackbone
-from ..diagnostics import foreground_cells, level_sizes, put_token_statistics, token_statistics
+from ..diagnostics import level_sizes, put_level_statistics
 from ..losses import (
     dice_diversity_loss,
     min_token_area_loss,
@@ -338,20 +338,15 @@ class MasKDTokenLearner(nn.Module):
         raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
         ours = self.token_losses(masks)
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
-        put_token_statistics(
-            storage,
-            {
-                lv: token_statistics(
-                    m.masks.detach(),
-                    None if m.weights is None else m.weights.detach(),
-                    level_sizes(image_sizes, padded, m.masks.shape[-2:]),
-                    foreground=foreground_cells(
-                        batched_inputs, self.strides[lv], *m.masks.shape[-2:]
-                    ),
-                )
-                for lv, m in masks.items()
-            },
-        )
+        levels = {
+            lv: (
+                m.masks.detach(),
+                None if m.weights is None else m.weights.detach(),
+                level_sizes(image_sizes, padded, m.masks.shape[-2:]),
+            )
+            for lv, m in masks.items()
+        }
+        put_level_statistics(storage, levels, batched_inputs, self.strides)
         clash = sorted(set(ours) & set(losses))
         if clash:
             raise KeyError(f"the teacher already returns losses named {clash}")
