@@ -13,7 +13,7 @@ from detectron2.modeling import build_model
 from maskd import MasKD, MasKDTokenLearner
 from maskd.config import get_maskd_cfg, load_config, resolve_config_file
 from maskd.modeling.receptive_tokens import build_level_tokens
-from maskd.utils.numbers import check_number
+from maskd.utils.numbers import check_fraction, check_number
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 YAML = sorted(
@@ -394,3 +394,10 @@ def test_a_config_number_is_finite_and_positive_or_zero_where_zero_is_off(value)
     for zero_allowed in (True, False):
         with pytest.raises(ValueError, match="K must be a finite"):
             check_number(value, "K", zero_allowed=zero_allowed)
+
+
+def test_a_config_share_lies_in_0_1():
+    assert check_fraction(0, "S") == 0.0 and check_fraction(1, "S") == 1.0
+    for value in (float("nan"), -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"S must lie in \[0, 1\], got"):
+            check_fraction(value, "S")

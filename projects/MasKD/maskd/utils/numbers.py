@@ -1,8 +1,9 @@
-"""The check of a number read from a config (loss weights, schedules, learning rates)."""
+"""The checks of a number read from a config (loss weights, schedules, learning rates,
+shares)."""
 
 import math
 
-__all__ = ["check_number"]
+__all__ = ["check_number", "check_fraction"]
 
 
 def check_number(value, key: str, *, zero_allowed: bool) -> None:
@@ -20,3 +21,14 @@ def check_number(value, key: str, *, zero_allowed: bool) -> None:
     if zero_allowed:
         raise ValueError(f"{key} must be a finite number >= 0 (0: off), got {value!r}")
     raise ValueError(f"{key} must be a finite positive number for training, got {value!r}")
+
+
+def check_fraction(value, key: str) -> float:
+    """``value`` as a float, if it lies in [0, 1] (a NaN does not).
+
+    Raises:
+        ValueError: naming ``key`` and the value.
+    """
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key} must lie in [0, 1], got {value}")
+    return float(value)

@@ -7,6 +7,7 @@ from typing import List
 import torch
 from detectron2.config import CfgNode
 
+from ...utils.numbers import check_fraction
 from .base import MASK_SOURCE_REGISTRY, MaskSource
 
 __all__ = ["GTBoxMasks", "box_cells", "ground_truth_boxes"]
@@ -72,10 +73,7 @@ class GTBoxMasks(MaskSource):
             background: the mask value of cells outside every box, in [0, 1].
         """
         super().__init__()
-        if not 0.0 <= background <= 1.0:
-            raise ValueError(
-                f"MODEL.MASKD.GT_BOXES.BACKGROUND must lie in [0, 1], got {background}"
-            )
+        check_fraction(background, "MODEL.MASKD.GT_BOXES.BACKGROUND")
         self.background = background
 
     @classmethod

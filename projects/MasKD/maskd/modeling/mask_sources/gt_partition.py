@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from detectron2.config import CfgNode
 
+from ...utils.numbers import check_fraction
 from .base import MASK_SOURCE_REGISTRY, MaskSource
 from .gt_boxes import box_cells, ground_truth_boxes
 
@@ -43,12 +44,6 @@ def region_weights(masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     w = weights * present
     total = w.sum(dim=1, keepdim=True)  # (N, 1)
     return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), w)
-
-
-def _check_weight(value: float, key: str) -> float:
-    if not 0.0 <= value <= 1.0:  # NaN fails too
-        raise ValueError(f"MODEL.MASKD.{key} must lie in [0, 1], got {value}")
-    return float(value)
 
 
 def _area(valid: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -73,7 +68,9 @@ class GTPartitionMasks(MaskSource):
                 the rest.
         """
         super().__init__()
-        self.foreground_weight = _check_weight(foreground_weight, f"{self.KEY}.FOREGROUND_WEIGHT")
+        self.foreground_weight = check_fraction(
+            foreground_weight, f"MODEL.MASKD.{self.KEY}.FOREGROUND_WEIGHT"
+        )
 
     @classmethod
     def add_config(cls, maskd_node: CfgNode) -> None:

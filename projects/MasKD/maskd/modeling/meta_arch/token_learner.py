@@ -21,7 +21,7 @@ from ...checkpoint.provenance import (
     fingerprint,
     fingerprint_tensor,
 )
-from ...utils.numbers import check_number
+from ...utils.numbers import check_fraction, check_number
 from ..backbone import LevelMasks, TokenMaskedBackbone
 from ..diagnostics import level_sizes, put_level_statistics
 from ..losses import (
@@ -76,8 +76,7 @@ def _check_objective(
         raise ValueError(f"MODEL.MASKD.DICE_PAIRS must be one of {DICE_PAIRS}, got '{dice_pairs}'")
     if dice_pairs == "weighted" and not weighted:
         raise ValueError("MODEL.MASKD.DICE_PAIRS 'weighted' needs weighted tokens")
-    if not 0.0 <= min_token_area <= 1.0:  # NaN fails too
-        raise ValueError(f"MODEL.MASKD.MIN_TOKEN_AREA must lie in [0, 1], got {min_token_area}")
+    check_fraction(min_token_area, "MODEL.MASKD.MIN_TOKEN_AREA")
     if num_tokens < 2 and dice_weight > 0:
         raise ValueError(
             f"MODEL.MASKD.NUM_TOKENS = {num_tokens}: the Dice loss compares pairs of tokens, so "
