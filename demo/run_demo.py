@@ -142,13 +142,16 @@ def run_demo(
         args = ["--config-file", config, *opts, *TEST_OPTS, "OUTPUT_DIR", out_dir]
         return lambda: runner.run(name, out_dir, args)
 
+    # the teachers first: stage 1 waits for them, not for the baselines
     first_runs = {
-        ("baseline", s): train(f"student_seed{s}", STUDENT_CFG, student_schedule + ["SEED", str(s)])
-        for s in range(seeds)
-    }
-    for t in range(teacher_seeds):
-        first_runs[("teacher", t)] = train(
+        ("teacher", t): train(
             f"teacher_t{t}", TEACHER_CFG, rep.schedule(size["teacher_iter"]) + ["SEED", str(t)]
+        )
+        for t in range(teacher_seeds)
+    }
+    for s in range(seeds):
+        first_runs[("baseline", s)] = train(
+            f"student_seed{s}", STUDENT_CFG, student_schedule + ["SEED", str(s)]
         )
     done = in_parallel(first_runs)
     baselines = {s: done[("baseline", s)] for s in range(seeds)}

@@ -5,6 +5,12 @@ colour, stripe texture and rotation, on cluttered backgrounds (gradients, noise,
 strokes), overlapping each other (instance masks are what stays visible). Each image comes
 with boxes, instance masks (RLE) and a semantic label map. Deterministic by seed, cached on
 disk (a finished split is never regenerated), written with a progress bar.
+
+Three variants of the scenes (:data:`VARIANTS`): ``default`` (few, large objects), ``small``
+(many objects, all small) and ``detection``, built to look like a detection dataset in the
+respects that decide where a feature loss should look: about seven objects per image, object
+areas spread as COCO's are (small / medium / large by COCO's area thresholds scaled to the
+image), background clutter that includes object-like distractors of no class, and occlusion.
 """
 
 import json
@@ -24,6 +30,8 @@ __all__ = [
     "register_shapes",
     "shapes_dataset",
     "foreground_statistics",
+    "statistics_table",
+    "coco_size_thresholds",
 ]
 
 logger = logging.getLogger("maskd.demo.shapes")
@@ -37,7 +45,26 @@ _VERSION = 2  # bump when the generator changes, so caches are rebuilt
 VARIANTS = {
     "default": dict(radius=(0.06, 0.22), max_objects=6, min_pixels=20),
     "small": dict(radius=(0.025, 0.08), max_objects=12, min_pixels=8),
+    # Drawn areas are sampled per COCO size class (COCO_SIZE_SHARES, with COCO's thresholds
+    # scaled to the image) and log-uniformly within it; an object stays annotated while at
+    # least min_visible of its drawn area (and min_pixels) is visible.
+    "detection": dict(
+        objects=(3, 13),
+        size_shares=(0.46, 0.28, 0.26),
+        largest_area=0.3,
+        min_pixels=6,
+        min_visible=0.25,
+        distractors=(4, 10),
+    ),
 }
+# COCO's published figures (cocodataset.org, detection evaluation): about 41% of objects small
+# (area < 32^2 px), 34% medium (< 96^2), 24% large, in images of about 640x480 px; train2017
+# has 860,001 instances in 118,287 images (7.3 per image).
+COCO_AREA_THRESHOLDS = (32**2, 96**2)
+COCO_IMAGE_AREA = 640 * 480
+COCO_PUBLISHED = {"objects per image": 7.3, "small": 0.41, "medium": 0.34, "large": 0.24}
+# Shape area as a multiple of r^2 for a shape of "radius" r (_shape_mask), per class.
+_AREA_PER_R2 = {"disc": 2.75, "square": 4.0, "triangle": 1.3, "cross": 2.31, "ring": 2.19}
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -133,6 +160,87 @@ def _render(rng: np.random.Generator, size: int, max_objects: int, radius, min_p
     return img, sem, [masks[i] for i in keep], [classes[i] for i in keep]
 
 
+def coco_size_thresholds(image_area: float) -> Tuple[float, float]:
+    """COCO's small / medium and medium / large area thresholds (32^2, 96^2 px in images of
+    about 640x480) scaled to an image of ``image_area`` px."""
+    scale = image_area / COCO_IMAGE_AREA
+    return COCO_AREA_THRESHOLDS[0] * scale, COCO_AREA_THRESHOLDS[1] * scale
+
+
+def _distractors(rng: np.random.Generator, img: np.ndarray, count: int) -> None:
+    """Draw ``count`` object-like distractors of no class on ``img`` (in place): irregular
+    polygons, elongated ellipses and textured patches, of the objects' sizes and colours."""
+    size = img.shape[0]
+    for _ in range(count):
+        color = rng.integers(0, 256, 3).astype(np.float32)
+        m = np.zeros((size, size), np.uint8)
+        cx, cy = rng.uniform(0, size, 2)
+        r = math.exp(rng.uniform(math.log(2.5), math.log(size * 0.2)))
+        kind = rng.integers(0, 3)
+        if kind == 0:  # an irregular polygon of 5-8 vertices
+            k = int(rng.integers(5, 9))
+            angles = np.sort(rng.uniform(0, 2 * math.pi, k))
+            radii = r * rng.uniform(0.4, 1.0, k)
+            pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+            cv2.fillPoly(m, [pts.astype(np.int32)], 1)
+        elif kind == 1:  # an ellipse at least 2.5 times as long as it is wide
+            axes = (max(int(r), 1), max(int(r / rng.uniform(2.5, 5.0)), 1))
+            cv2.ellipse(m, (int(cx), int(cy)), axes, rng.uniform(0, 180), 0, 360, 1, -1)
+        else:  # a rotated patch of checker texture
+            w, h = r * rng.uniform(0.6, 1.4), r * rng.uniform(0.6, 1.4)
+            box = cv2.boxPoints(((cx, cy), (w * 2, h * 2), rng.uniform(0, 90)))
+            cv2.fillPoly(m, [box.astype(np.int32)], 1)
+            yy, xx = np.mgrid[0:size, 0:size]
+            period = rng.uniform(2, 5)
+            checker = ((xx // period + yy // period) % 2 == 0)[..., None]
+            color = np.where(checker, color, 255 - color)
+        mask = m.astype(bool)
+        img[mask] = np.broadcast_to(color, img.shape)[mask].astype(np.uint8)
+
+
+def _render_detection(rng: np.random.Generator, size: int, scene: dict):
+    """One scene of the ``detection`` variant: (image, semantic map, visible masks, classes,
+    visible share of each object's drawn area)."""
+    img = _background(rng, size)
+    _distractors(rng, img, int(rng.integers(scene["distractors"][0], scene["distractors"][1] + 1)))
+    small, medium = coco_size_thresholds(size * size)
+    bounds = [(16.0, small), (small, medium), (medium, scene["largest_area"] * size * size)]
+    sem = np.full((size, size), len(CLASSES), np.uint8)
+    masks, classes, drawn = [], [], []
+    for _ in range(int(rng.integers(scene["objects"][0], scene["objects"][1] + 1))):
+        cls = int(rng.integers(0, len(CLASSES)))
+        lo, hi = bounds[int(rng.choice(3, p=scene["size_shares"]))]
+        area = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        r = math.sqrt(area / _AREA_PER_R2[CLASSES[cls]])
+        cx, cy = rng.uniform(0, size, 2)
+        m = _shape_mask(rng, cls, size, r, cx, cy)
+        if m.sum() < scene["min_pixels"]:
+            continue
+        color = rng.integers(0, 256, 3).astype(np.float32)
+        if rng.random() < 0.5:  # stripe texture
+            yy, xx = np.mgrid[0:size, 0:size]
+            theta, period = rng.uniform(0, math.pi), rng.uniform(1.5, 4)
+            stripes = (np.sin((xx * math.cos(theta) + yy * math.sin(theta)) / period) > 0)[
+                ..., None
+            ]
+            color = np.where(stripes, color, 255 - color)
+        img[m] = np.broadcast_to(color, img.shape)[m].astype(np.uint8)
+        for prev in masks:  # occlusion: later shapes cover earlier ones
+            prev &= ~m
+        masks.append(m)
+        classes.append(cls)
+        drawn.append(int(m.sum()))
+    keep = [
+        i
+        for i, m in enumerate(masks)
+        if m.sum() >= max(scene["min_pixels"], scene["min_visible"] * drawn[i])
+    ]
+    for i in keep:
+        sem[masks[i]] = classes[i]
+    visible = [float(masks[i].sum() / drawn[i]) for i in keep]
+    return img, sem, [masks[i] for i in keep], [classes[i] for i in keep], visible
+
+
 def generate_split(
     root: str, split: str, num_images: int, seed: int, size: int = 128, variant: str = "default"
 ) -> Tuple[str, str]:
@@ -160,28 +268,33 @@ def generate_split(
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for i in tqdm(range(num_images), desc=f"generating {split} ({num_images} images)"):
-        img, sem, masks, classes = _render(
-            rng, size, scene["max_objects"], scene["radius"], scene["min_pixels"]
-        )
+        if variant == "detection":
+            img, sem, masks, classes, visible = _render_detection(rng, size, scene)
+        else:
+            img, sem, masks, classes = _render(
+                rng, size, scene["max_objects"], scene["radius"], scene["min_pixels"]
+            )
+            visible = None
         name = f"{i:06d}.png"
         cv2.imwrite(os.path.join(image_dir, name), img)
         cv2.imwrite(os.path.join(folder, "sem_seg", name), sem)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-        for m, c in zip(masks, classes):
+        for k, (m, c) in enumerate(zip(masks, classes)):
             rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
             x, y, w, h = (float(v) for v in mask_util.toBbox(rle))
             rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": c + 1,
-                    "bbox": [x, y, w, h],
-                    "area": float(m.sum()),
-                    "iscrowd": 0,
-                    "segmentation": rle,
-                }
-            )
+            ann = {
+                "id": len(annotations) + 1,
+                "image_id": i + 1,
+                "category_id": c + 1,
+                "bbox": [x, y, w, h],
+                "area": float(m.sum()),
+                "iscrowd": 0,
+                "segmentation": rle,
+            }
+            if visible is not None:  # the share of the drawn shape left visible (occlusion)
+                ann["visible"] = round(visible[k], 4)
+            annotations.append(ann)
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]
     tmp = json_file + ".tmp"
     with open(tmp, "w") as f:
@@ -220,7 +333,10 @@ def foreground_statistics(json_file: str, strides=(4, 8, 16, 32, 64)) -> Dict[st
 
     Returns:
         {"objects per image", "median box side" (pixels), "small boxes" (the share of boxes
-        under 32x32 pixels, COCO's "small"), "box area / image area" (mean per box), and
+        under 32x32 pixels), "box area / image area" (mean per box), "small", "medium",
+        "large" (the shares of objects by their mask area under COCO's thresholds scaled to
+        each image, :func:`coco_size_thresholds`), "occluded" (the share of objects with less
+        than 90% of their drawn area visible, where the split records it; else absent), and
         "cells in boxes, p<k>" for each stride 2^k: the mean share of a level's cells that the
         boxes overlap (as maskd.modeling.mask_sources.box_cells marks them)}.
     """
@@ -244,6 +360,16 @@ def foreground_statistics(json_file: str, strides=(4, 8, 16, 32, 64)) -> Dict[st
             np.mean([a / (im["width"] * im["height"]) for a, im in _with_images(data)])
         ),
     }
+    images = {im["id"]: im for im in data["images"]}
+    classes = [0, 0, 0]
+    for a in data["annotations"]:
+        im = images[a["image_id"]]
+        small, medium = coco_size_thresholds(im["width"] * im["height"])
+        classes[(a["area"] >= small) + (a["area"] >= medium)] += 1
+    for name, count in zip(("small", "medium", "large"), classes):
+        out[name] = count / max(1, len(areas))
+    if areas and all("visible" in a for a in data["annotations"]):
+        out["occluded"] = sum(a["visible"] < 0.9 for a in data["annotations"]) / len(areas)
     for stride in strides:
         shares = []
         for im in data["images"]:
@@ -252,6 +378,36 @@ def foreground_statistics(json_file: str, strides=(4, 8, 16, 32, 64)) -> Dict[st
             shares.append(cells.mean().item())
         out[f"cells in boxes, p{int(math.log2(stride))}"] = float(np.mean(shares))
     return out
+
+
+def statistics_table(named_files: Dict[str, str]) -> str:
+    """A markdown table of :func:`foreground_statistics` for each (name -> annotation json),
+    with COCO's published figures beside them."""
+    stats = {name: foreground_statistics(path) for name, path in named_files.items()}
+    rows = [
+        ("objects per image", "objects per image", "{:.1f}"),
+        ("small (COCO's thresholds scaled to the image)", "small", "{:.0%}"),
+        ("medium", "medium", "{:.0%}"),
+        ("large", "large", "{:.0%}"),
+        ("occluded (< 90% of the drawn area visible)", "occluded", "{:.0%}"),
+        ("median box side (px)", "median box side", "{:.0f}"),
+        ("box area / image area (mean)", "box area / image area", "{:.1%}"),
+    ]
+    rows += [
+        (f"cells inside boxes, {k.split(', ')[1]}", k, "{:.2f}")
+        for k in stats[next(iter(stats))]
+        if k.startswith("cells in boxes")
+    ]
+    lines = [
+        "| | " + " | ".join(stats) + " | COCO (published) |",
+        "|---" * (len(stats) + 2) + "|",
+    ]
+    for label, key, fmt in rows:
+        cells = [fmt.format(st[key]) if key in st else "-" for st in stats.values()]
+        coco = COCO_PUBLISHED.get(key)
+        coco_cell = "-" if coco is None else fmt.format(coco)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {coco_cell} |")
+    return "\n".join(lines)
 
 
 def _with_images(data):
@@ -305,6 +461,12 @@ if __name__ == "__main__":
     parser.add_argument(
         "--statistics", action="store_true", help="print the foreground statistics of JSON_FILE"
     )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="NAME=JSON",
+        help="print the statistics of these splits beside COCO's published ones",
+    )
     args = parser.parse_args()
     if args.generate:
         splits = shapes_dataset(
@@ -315,6 +477,11 @@ if __name__ == "__main__":
             variant=args.variant,
         )
         print(json.dumps(splits))  # the last line: {split: [json, image folder]}
+    elif args.compare:
+        pairs = [item.split("=", 1) for item in args.compare]
+        if any(len(p) != 2 for p in pairs):
+            parser.error("--compare takes NAME=JSON pairs")
+        print(statistics_table(dict(pairs)))
     elif args.statistics and args.json_file:
         for key, value in foreground_statistics(args.json_file).items():
             print(f"{key}: {value:.3f}")
