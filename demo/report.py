@@ -1,11 +1,14 @@
 """The demo's results and report: read from the runs' ``metrics.json`` (and the released
 students' evaluation), written to ``<output>/report.md``."""
 
+import functools
 import json
 import math
 import os
 import statistics
 from typing import Dict, List, Tuple
+
+from shapes import COCO_PUBLISHED  # demo/shapes.py, beside this module
 
 from maskd.modeling.diagnostics import STAT_NAMES
 from maskd.utils.files import atomic_write, write_text
@@ -126,6 +129,87 @@ def mean(values) -> float:
     return statistics.mean(values) if values else math.nan
 
 
+@functools.lru_cache(maxsize=None)
+def t_quantile(q: float, df: int) -> float:
+    """The q-quantile (q in (0.5, 1)) of Student's t distribution with ``df`` degrees of
+    freedom: its density integrated by Simpson's rule from 0, inverted by bisection (accurate
+    to about 1e-6; no scipy needed)."""
+    if not 0.5 < q < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < q < 1 and df >= 1, got q={q}, df={df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float, steps: int = 2000) -> float:  # P(T <= x) for x >= 0
+        h = x / steps
+        total = 0.0
+        for i in range(steps + 1):
+            y = math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df))
+            total += y * (1 if i in (0, steps) else 4 if i % 2 else 2)
+        return 0.5 + total * h / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(a: List[float], b: List[float]) -> Dict[str, float]:
+    """A minus B paired by seed: {"mean", "sd" (sample), "n", "low", "high"} with the 95%
+    t-interval of the mean difference (mean ± t_{0.975, n-1} sd / sqrt(n)), and "seeds
+    needed": the fewest seeds whose 95% interval would exclude zero for a difference of this
+    mean and spread (inf for a zero mean; NaN with fewer than two seeds or undefined APs)."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    if n < 2 or any(math.isnan(x) for x in d):
+        m = statistics.mean(d) if d else math.nan
+        nan = math.nan
+        return {
+            "mean": m,
+            "sd": nan,
+            "n": n,
+            "low": nan,
+            "high": nan,
+            "seeds needed": nan,
+            "per seed": d,
+        }
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    return {
+        "mean": m,
+        "sd": sd,
+        "n": n,
+        "low": m - half,
+        "high": m + half,
+        "seeds needed": seeds_needed(m, sd),
+        "per seed": d,
+    }
+
+
+def seeds_needed(mean_diff: float, sd: float, most: int = 1000) -> float:
+    """The fewest seeds n >= 2 whose 95% t-interval, t_{0.975, n-1} sd / sqrt(n), is narrower
+    than |mean_diff|: inf for a zero difference or beyond ``most``; 2 for a zero spread."""
+    if mean_diff == 0:
+        return math.inf
+    if sd == 0:
+        return 2
+    # the normal quantile bounds the t quantile from below: start the search where it can hold
+    n = max(2, int((1.959964 * sd / abs(mean_diff)) ** 2))
+    while n <= most:
+        if t_quantile(0.975, n - 1) * sd / math.sqrt(n) < abs(mean_diff):
+            return n
+        n += 1
+    return math.inf
+
+
+def interval(p: Dict[str, float]) -> str:
+    """A paired difference as the report writes it: mean [95% interval], n seeds."""
+    if math.isnan(p["low"]):
+        return f"{num(p['mean'], signed=True)} (n={p['n']}, no interval)"
+    return f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] (n={p['n']})"
+
+
 def spread(values: List[float]) -> str:
     """mean, sample standard deviation and range of a list of numbers, for the report."""
     if any(math.isnan(v) for v in values):
@@ -242,6 +326,7 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
         lines += [f"Teacher seed {t}:", ""] + statistics_table(tr["tokens"][0]["token statistics"])
         lines.append("")
     lines += ablation_lines(results, seeds)
+    lines += paired_lines(results, seeds)
     lines += ["## Goals", ""]
     for t, tr in teachers.items():
         tag = f"teacher seed {t}: " if len(teachers) > 1 else ""
@@ -280,6 +365,7 @@ def write_report(output, results, times, data_time, total, quick, size) -> str:
             f"{'reached' if ok else 'NOT reached'} ({', '.join(ratio(r) for r in ret)})"
         )
     lines += ablation_goals(results, seeds)
+    lines += full_goals(results, seeds)
     lines += [
         "",
         "| stage | wall time (s) |",
@@ -311,9 +397,28 @@ def data_lines(data) -> List[str]:
         f" {100 * stats['box area / image area']:.1f}% of the image on average; share of the cells"
         " inside boxes per level: "
         + ", ".join(f"{k.split(', ')[1]} {stats[k]:.2f}" for k in levels)
-        + ".",
+        + "."
+        + size_classes(stats),
         "",
     ]
+
+
+def size_classes(stats) -> str:
+    """The objects' sizes by COCO's classes (thresholds scaled to the image) and the occluded
+    share, beside COCO's published figures; empty for statistics recorded without them."""
+    if "small" not in stats:
+        return ""
+    shares = " / ".join(f"{100 * stats[k]:.0f}%" for k in ("small", "medium", "large"))
+    coco = " / ".join(f"{100 * COCO_PUBLISHED[k]:.0f}%" for k in ("small", "medium", "large"))
+    occluded = (
+        f"; {100 * stats['occluded']:.0f}% of the objects less than 90% visible"
+        if "occluded" in stats
+        else ""
+    )
+    return (
+        f" Objects small / medium / large by COCO's area thresholds scaled to the image: {shares}"
+        f" (COCO: {coco}, {COCO_PUBLISHED['objects per image']} objects per image){occluded}."
+    )
 
 
 # the token statistics in the order maskd.modeling.diagnostics gives them
@@ -438,6 +543,125 @@ def ablation_lines(results, seeds) -> List[str]:
                 "",
             ]
             lines += statistics_table(st["token statistics"]) + [""]
+    return lines
+
+
+def comparisons(results, t) -> List[Tuple[str, Dict, Dict, Dict, Dict]]:
+    """The paired comparisons of teacher t's students: (label, A test, B test, A val, B val),
+    each seed -> metrics ({} where a split was not evaluated)."""
+    tr = results["teachers"][t]
+    base = results["baseline"]
+    full = {"tokens": tr["maskd"], **tr.get("full", {})}
+    full_val = {"tokens": tr.get("maskd val", {}), **tr.get("full val", {})}
+    abl, abl_val = tr.get("ablation", {}), tr.get("ablation val", {})
+    out = []
+    for src in full:
+        name = SOURCE_NAMES.get(src, src)
+        out.append((f"full recipe, {name} - baseline", full[src], base, {}, {}))
+    for a, b in (
+        ("tokens_variant", "tokens"),
+        ("tokens_variant", "uniform"),
+        ("tokens", "uniform"),
+    ):
+        if a in full and b in full:
+            label = f"full recipe, {SOURCE_NAMES[a]} - {SOURCE_NAMES[b]}"
+            out.append((label, full[a], full[b], full_val.get(a, {}), full_val.get(b, {})))
+    for src in abl:
+        if src != "uniform" and "uniform" in abl:
+            label = f"features only, {SOURCE_NAMES.get(src, src)} - {SOURCE_NAMES['uniform']}"
+            out.append((label, abl[src], abl["uniform"], abl_val.get(src, {}), abl_val["uniform"]))
+    if "tokens_variant" in abl and "tokens" in abl:
+        label = f"features only, {SOURCE_NAMES['tokens_variant']} - {SOURCE_NAMES['tokens']}"
+        out.append(
+            (
+                label,
+                abl["tokens_variant"],
+                abl["tokens"],
+                abl_val["tokens_variant"],
+                abl_val["tokens"],
+            )
+        )
+    return out
+
+
+def paired_of(a: Dict, b: Dict, seeds) -> Dict[str, float]:
+    """:func:`paired` AP differences of two sets of runs (seed -> metrics) over ``seeds``."""
+    return paired([a[s]["AP"] for s in seeds], [b[s]["AP"] for s in seeds])
+
+
+def paired_lines(results, seeds) -> List[str]:
+    """Every A minus B of the report, paired by student seed (same seed, same data order), with
+    its 95% t-interval and the seeds a difference of its size and spread would need."""
+    lines = [
+        "## Paired differences",
+        "",
+        "Every difference is A minus B computed per student seed (both students trained with the"
+        " same seed, hence the same initialisation and data order), then averaged; the interval"
+        " is the 95% t-interval of that mean over the seeds (mean ± t_{0.975, n-1} sd / sqrt(n)),"
+        " n the number of seeds. 'Seeds to resolve' is the fewest seeds whose interval would"
+        " exclude zero for a difference of this mean and spread. Test split (reported); val split"
+        " (where choices are made) where both were evaluated there.",
+        "",
+    ]
+    for t in results["teachers"]:
+        lines += [
+            f"Teacher seed {t}:",
+            "",
+            "| A - B | test: mean [95% interval] (n) | per seed | seeds to resolve |"
+            " val: mean [95% interval] (n) |",
+            "|---|---|---|---|---|",
+        ]
+        for label, a, b, a_val, b_val in comparisons(results, t):
+            p = paired_of(a, b, seeds)
+            val = interval(paired_of(a_val, b_val, seeds)) if a_val and b_val else "-"
+            need = p["seeds needed"]
+            need = "n/a" if math.isnan(need) else "more than 1000" if math.isinf(need) else need
+            lines.append(
+                f"| {label} | {interval(p)} | {signed_list(p['per seed'])} | {need} | {val} |"
+            )
+        lines.append("")
+    return lines
+
+
+MIN_REWEIGHTING = 1.3  # the boxes' share of stage 2's loss on p2 against whole-map mimicking
+MIN_GAIN_OVER_PAPER = 0.3  # the variant's full recipe minus the paper's
+
+
+def full_goals(results, seeds) -> List[str]:
+    """Goal lines of the full recipe through the variant's tokens (none without them): its
+    gain over the paper's tokens (>= +0.3 AP with the 95% interval above zero) and over the
+    baseline (>= +1.0 AP), and the variant's stage 1 re-weighting the boxes at p2."""
+    lines = []
+    for t, tr in results["teachers"].items():
+        tag = f"teacher seed {t}: "
+        full = tr.get("full", {})
+        if "tokens_variant" in full:
+            p = paired_of(full["tokens_variant"], tr["maskd"], seeds)
+            ok = p["mean"] >= MIN_GAIN_OVER_PAPER and p["low"] > 0  # NaN fails
+            lines.append(
+                f"- {tag}full recipe, the variant's tokens - the paper's >= +{MIN_GAIN_OVER_PAPER}"
+                f" AP with the 95% interval above zero: {'reached' if ok else 'NOT reached'}"
+                f" ({interval(p)})"
+            )
+            p = paired_of(full["tokens_variant"], results["baseline"], seeds)
+            ok = p["mean"] >= 1.0  # NaN fails
+            lines.append(
+                f"- {tag}full recipe, the variant's tokens - baseline student >= +1.0 AP:"
+                f" {'reached' if ok else 'NOT reached'} ({interval(p)})"
+            )
+        kinds = [("learned tokens", tr["tokens"])]
+        if "tokens_variant" in tr:
+            kinds.append(("the variant's tokens", tr["tokens_variant"]))
+        for what, runs in kinds:
+            p2 = {k: r["token statistics"].get("p2", {}) for k, r in runs.items()}
+            values = {k: reweighting(st) for k, st in p2.items()}
+            ok = all(v != "-" and float(v) >= MIN_REWEIGHTING for v in values.values())
+            lines.append(
+                f"- {tag}{what}: re-weighting of the boxes at p2 >= {MIN_REWEIGHTING}, every"
+                f" stage-1 seed: {'reached' if ok else 'NOT reached'} ("
+                + ", ".join(f"seed {k}: {v}" for k, v in values.items())
+                + ")"
+            )
     return lines
 
 

@@ -76,6 +76,7 @@ def run_demo(
     variant_opts: Sequence[str] = (),
     jobs: int = 1,
     data: str = "default",
+    full_sources: Sequence[str] = (),
 ) -> str:
     """Run the whole demo and write ``<output>/report.md``; returns its path.
 
@@ -100,14 +101,20 @@ def run_demo(
             the variant's stage-1 runs and of its students, e.g. ``MODEL.MASKD.WEIGHTED False``
             or ``MODEL.MASKD.AREA_WEIGHT 0.05``.
         jobs: how many training runs at a time (each then on one thread).
-        data: the scenes of the generated data (``demo/shapes.py``: "default", or "small":
-            many small objects); use an output folder per variant.
+        data: the scenes of the generated data (``demo/shapes.py``: "default", "small": many
+            small objects, or "detection": detection-like scenes); use an output folder per
+            variant.
+        full_sources: the full recipe (masked features and RoI box-regression KD) through other
+            mask sources than the paper's tokens (e.g. "uniform", "tokens_variant"): for each
+            teacher and student seed one student per source, evaluated on val and test, to
+            compare with the MasKD students seed by seed.
     """
     if fresh and os.path.isdir(output):
         logger.info("[demo] --fresh: removing %s", output)
         shutil.rmtree(output)
-    unknown = [x for x in sources if x not in ABLATION + ("tokens_variant",)]
-    if unknown or ("tokens_variant" in sources and not variant_opts):
+    unknown = [x for x in (*sources, *full_sources) if x not in ABLATION + ("tokens_variant",)]
+    needs_variant = "tokens_variant" in sources or "tokens_variant" in full_sources
+    if unknown or (needs_variant and not variant_opts):
         raise ValueError(
             f"unknown mask sources {unknown} (known: {list(ABLATION) + ['tokens_variant']})"
             if unknown
@@ -183,7 +190,7 @@ def run_demo(
         stage1[(t, 0)] = pipeline(t, f"maskd_t{t}_seed0", ("tokens",))
         for k in range(1, token_seeds):
             stage1[(t, k)] = pipeline(t, f"tokens_t{t}_seed{k}", ("tokens",), tokens_seed=k)
-        if "tokens_variant" in sources:  # as many stage-1 seeds, for the retention
+        if needs_variant:  # as many stage-1 seeds, for the retention
             for k in range(token_seeds):
                 stage1[(t, "variant", k)] = pipeline(
                     t,
@@ -201,29 +208,44 @@ def run_demo(
         return stage1[(t, *k)]["stages"]["tokens"]["dir"]
 
     # stage 2: the full recipe through the whole pipeline, and the ablation's students
+    def source_student(t, s, opts, source, kind, folder):
+        """A stage-2 run of teacher t, seed s, through a mask source, on val and test."""
+        variant = source == "tokens_variant"
+        src = "tokens" if variant else source
+        opts_src = opts + ["MODEL.MASKD.MASK_SOURCE", src] + VAL_AND_TEST
+        if not mask_source_class(src).CUSTOMISABLE:  # e.g. uniform, the oracles
+            opts_src += ["MODEL.MASKD.CUSTOM_MASK_WARMUP", "-1"]
+        if variant:
+            opts_src += list(variant_opts)
+        weights = tokens_file(t, "variant", 0) if variant else tokens_file(t, 0)
+        students[(kind, t, s, source)] = pipeline(
+            t, folder, ("student",), student=opts_src, weights=weights
+        )
+
+    # in the order they run: the features-only students of sources without learned tokens (the
+    # oracles' headroom comes first), the full recipe, the features-only students of tokens
     students = {}
-    for t in range(teacher_seeds):
-        for s in range(seeds):
-            opts = maskd_opts_all + ["SEED", str(s)] + list(maskd_opts)
-            students[("maskd", t, s)] = pipeline(
-                t, f"maskd_t{t}_seed{s}", STAGES[1:], student=opts, weights=tokens_file(t, 0)
-            )
-            for source in sources:
-                variant = source == "tokens_variant"
-                src = "tokens" if variant else source
-                opts_src = opts + FEATURE_ONLY + ["MODEL.MASKD.MASK_SOURCE", src] + VAL_AND_TEST
-                if not mask_source_class(src).CUSTOMISABLE:  # e.g. uniform, the oracles
-                    opts_src += ["MODEL.MASKD.CUSTOM_MASK_WARMUP", "-1"]
-                if variant:
-                    opts_src += list(variant_opts)
-                weights = tokens_file(t, "variant", 0) if variant else tokens_file(t, 0)
-                students[("ablation", t, s, source)] = pipeline(
-                    t,
-                    f"ablation_t{t}_{source}_seed{s}",
-                    ("student",),
-                    student=opts_src,
-                    weights=weights,
-                )
+    learned = ("tokens", "tokens_variant", "random_tokens")
+    for phase in ("fixed sources", "full recipe", "learned sources"):
+        for t in range(teacher_seeds):
+            for s in range(seeds):
+                opts = maskd_opts_all + ["SEED", str(s)] + list(maskd_opts)
+                if phase == "full recipe":
+                    students[("maskd", t, s)] = pipeline(
+                        t,
+                        f"maskd_t{t}_seed{s}",
+                        STAGES[1:],
+                        student=opts + VAL_AND_TEST,
+                        weights=tokens_file(t, 0),
+                    )
+                    for source in full_sources:
+                        folder = f"full_t{t}_{source}_seed{s}"
+                        source_student(t, s, opts, source, "full", folder)
+                    continue
+                for source in sources:  # features only
+                    if (source in learned) == (phase == "learned sources"):
+                        folder = f"ablation_t{t}_{source}_seed{s}"
+                        source_student(t, s, opts + FEATURE_ONLY, source, "ablation", folder)
     students = in_parallel(students)
     pool.shutdown()
 
@@ -237,8 +259,12 @@ def run_demo(
             "ablation": {
                 src: {s: students[("ablation", t, s, src)] for s in range(seeds)} for src in sources
             },
+            "full": {
+                src: {s: students[("full", t, s, src)] for s in range(seeds)}
+                for src in full_sources
+            },
         }
-        if "tokens_variant" in sources:
+        if needs_variant:
             teachers[t]["tokens_variant"] = {
                 k: tokens_dir(t, "variant", k) for k in range(token_seeds)
             }
@@ -283,7 +309,12 @@ def teacher_results(tr) -> dict:
             for s, p in tr["maskd"].items()
         },
         "maskd in training": {
-            s: rep.final_metrics(p["stages"]["student"]["dir"]) for s, p in tr["maskd"].items()
+            s: rep.final_metrics(p["stages"]["student"]["dir"], "maskd_shapes_test")
+            for s, p in tr["maskd"].items()
+        },
+        "maskd val": {
+            s: rep.final_metrics(p["stages"]["student"]["dir"], "maskd_shapes_val")
+            for s, p in tr["maskd"].items()
         },
         # the ablation's students: their own final evaluation (no export), test and val
         "ablation": {
@@ -301,6 +332,15 @@ def teacher_results(tr) -> dict:
             for src, runs in tr["ablation"].items()
         },
     }
+    for kind in ("full",):  # the full recipe through other sources, test and val
+        for key, dataset in ((kind, "maskd_shapes_test"), (f"{kind} val", "maskd_shapes_val")):
+            out[key] = {
+                src: {
+                    s: rep.final_metrics(p["stages"]["student"]["dir"], dataset)
+                    for s, p in runs.items()
+                }
+                for src, runs in tr[kind].items()
+            }
     if "tokens_variant" in tr:
         out["tokens_variant"] = {k: stage1_results(d) for k, d in tr["tokens_variant"].items()}
     return out
@@ -328,9 +368,10 @@ def stage_times(output, baselines, teachers) -> Dict[str, float]:
                 dirs[f"maskd_t{t}_seed{s} {stage}"] = p["stages"][stage]["dir"]
         for k, d in tr.get("tokens_variant", {}).items():
             dirs[f"tokens_variant_t{t}_seed{k}"] = d
-        for src, runs in tr["ablation"].items():
-            for s, p in runs.items():
-                dirs[f"ablation_t{t}_{src}_seed{s}"] = p["stages"]["student"]["dir"]
+        for kind in ("ablation", "full"):
+            for src, runs in tr[kind].items():
+                for s, p in runs.items():
+                    dirs[f"{kind}_t{t}_{src}_seed{s}"] = p["stages"]["student"]["dir"]
     return {name: StageRunner.finished(d)["seconds"] for name, d in dirs.items()}
 
 
@@ -390,6 +431,13 @@ def main(argv=None):
         "(and tokens_variant: tokens learned with --variant-opts)",
     )
     parser.add_argument(
+        "--full-sources",
+        nargs="*",
+        default=[],
+        help="the full recipe through other mask sources than the paper's tokens (e.g. uniform "
+        "tokens_variant), compared with the MasKD students seed by seed",
+    )
+    parser.add_argument(
         "--variant-opts",
         nargs="*",
         default=[],
@@ -400,7 +448,8 @@ def main(argv=None):
         "--data",
         default="default",
         choices=sorted(VARIANTS),
-        help="the scenes of the generated data (small: many small objects)",
+        help="the scenes of the generated data (small: many small objects; detection: "
+        "detection-like scenes)",
     )
     args = parser.parse_args(argv)
     setup_logger(name="maskd")
@@ -417,6 +466,7 @@ def main(argv=None):
         variant_opts=args.variant_opts,
         jobs=args.jobs,
         data=args.data,
+        full_sources=args.full_sources,
     )
     with open(path) as f:
         print(f.read())

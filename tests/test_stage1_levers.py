@@ -16,7 +16,11 @@ from maskd.modeling.losses import (
     masked_aggregate,
     min_token_area_loss,
     neutral_fill,
+    saliency_weight_loss,
+    token_saliency_shares,
+    union_mask,
 )
+from maskd.modeling.meta_arch.token_learner import task_loss_mode
 from maskd.modeling.receptive_tokens import ReceptiveTokens
 from maskd.modeling.reference import naive_dice_diversity_loss, naive_mask_features
 from maskd.modeling.teacher import preprocess_images
@@ -407,3 +411,141 @@ def test_the_area_prior_value_and_gradient(tmp_path):
     assert any(".weight_head." in n for n in reached) and any(
         n.endswith(".tokens") for n in reached
     )
+
+
+# ----------------------------------------------------------------------------- union and saliency
+def test_the_union_of_the_masks_value_and_gradient():
+    g = torch.Generator().manual_seed(4)
+    masks = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    want = 1 - (1 - masks[:, 0]) * (1 - masks[:, 1]) * (1 - masks[:, 2])
+    torch.testing.assert_close(union_mask(masks), want)
+    up = torch.randn(2, 4, 5, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((union_mask(masks) * up).sum(), masks)
+    (ref,) = torch.autograd.grad((want * up).sum(), masks)
+    torch.testing.assert_close(ours, ref)
+    m = masks.detach().clone()
+    m[:, 1] = 1.0  # one token on everywhere: every cell seen whole, whatever the others do
+    torch.testing.assert_close(union_mask(m), torch.ones(2, 4, 5, dtype=torch.float64))
+    m[:] = 0.0
+    torch.testing.assert_close(union_mask(m), torch.zeros(2, 4, 5, dtype=torch.float64))
+
+
+def test_token_saliency_shares_against_a_written_out_reference():
+    g = torch.Generator().manual_seed(5)
+    masks = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    saliency = torch.rand(2, 4, 5, generator=g, dtype=torch.float64)
+    saliency[1] = 0.0  # an image the loss does not reach: equal shares
+    got = token_saliency_shares(masks, saliency)
+    want = torch.empty(2, 3, dtype=torch.float64)
+    for n in range(2):
+        held = [(masks[n, t] * saliency[n]).sum() for t in range(masks.shape[1])]
+        total = sum(held)
+        for t, d in enumerate(held):
+            want[n, t] = d / total if total > 0 else 1 / 3
+    torch.testing.assert_close(got, want)
+    # hard masks: each token's share of the saliency it covers
+    two = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    two[0, 0, 0, 0] = 1.0  # token 0: one cell, saliency 3
+    two[0, 1, 0, 1] = two[0, 1, 1] = 1.0  # token 1: the other three cells, saliency 1 + 0 + 0
+    sal = torch.tensor([[[3.0, 1.0], [0.0, 0.0]]], dtype=torch.float64)
+    torch.testing.assert_close(
+        token_saliency_shares(two, sal), torch.tensor([[3 / 4, 1 / 4]], dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="do not fit"):
+        token_saliency_shares(masks, saliency[:, :3])
+
+
+def test_the_weights_fitted_to_the_saliency_shares_value_and_gradient():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    weights = logits.softmax(dim=1)
+    shares = torch.rand(3, 4, generator=g, dtype=torch.float64).softmax(dim=1)
+    loss = saliency_weight_loss(weights, shares)
+    want = (shares * (shares.log() - weights.log())).sum(dim=1).mean()
+    torch.testing.assert_close(loss, want)
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(grad, (weights - shares).detach() / 3)  # KL through a softmax
+    assert saliency_weight_loss(shares, shares).abs() < 1e-12  # matched: zero
+    assert saliency_weight_loss(weights, shares + 0).requires_grad
+    with pytest.raises(ValueError, match="one \\(N, T\\) shape"):
+        saliency_weight_loss(weights, shares[:, :3])
+
+
+SALIENCY = {
+    "MODEL.MASKD.WEIGHT_GATE": "union",
+    "MODEL.MASKD.WEIGHT_TARGET": "saliency",
+    "MODEL.MASKD.MIN_TOKEN_AREA": 0.1,
+}
+
+
+def test_a_stage1_step_fits_the_weights_to_the_teachers_saliency(teacher_files):
+    """Union gate: the teacher sees c = 1 - prod_t (1 - M_t), and its task loss reaches the masks
+    only; the weights learn from loss_token_weights alone, the KL divergence from each token's
+    share of |d task loss / d c| per cell, computed here by a second, independent forward."""
+    cfg, model = _stage1(teacher_files, **SALIENCY)
+    model.train()
+    batch = tiny_batch(2, 64, seed=0)
+    for rt in model.tokens.values():
+        with torch.no_grad():
+            rt.tokens.normal_(0, 0.3)  # trained-size tokens
+    with EventStorage(0) as storage:
+        torch.manual_seed(0)  # the same proposal sampling as the reference below
+        losses = model(batch)
+        logged = {k: v.latest() for k, v in storage.histories().items()}
+    assert "loss_token_weights" in losses and losses["loss_token_weights"] > 0
+    task = {k: v for k, v in losses.items() if k not in ("loss_dice", "loss_token_area")}
+    task.pop("loss_token_weights")
+    heads = [rt.weight_head[2].weight for rt in model.tokens.values()]
+    from_task = torch.autograd.grad(sum(task.values()), heads, allow_unused=True, retain_graph=True)
+    assert all(g is None or g.abs().max() == 0 for g in from_task)  # weights out of the view
+    from_fit = torch.autograd.grad(losses["loss_token_weights"], heads, retain_graph=True)
+    assert all(g.abs().sum() > 0 for g in from_fit)
+
+    # the reference: the teacher's view made leaf tensors, the task loss differentiated by them
+    backbone = model.teacher.backbone
+    with torch.no_grad():
+        images = preprocess_images(model.teacher, batch)
+        feats = backbone.inner(images.tensor)
+    views, masks, weights = {}, {}, {}
+    for lv, rt in model.tokens.items():
+        with torch.no_grad():
+            masks[lv], weights[lv] = rt.masks(feats[lv]), rt.weights(feats[lv])
+        views[lv] = (1 - (1 - masks[lv]).prod(dim=1)).requires_grad_(True)
+    backbone.inner.forward, inner_forward = (lambda x: feats), backbone.inner.forward
+    backbone.teacher_view = lambda m, w, _lv=iter(list(views)): views[next(_lv)]
+    try:
+        with EventStorage(0), task_loss_mode(model.teacher), recording(backbone):
+            torch.manual_seed(0)
+            ref_task = model.teacher(batch)
+    finally:
+        backbone.inner.forward = inner_forward
+        del backbone.teacher_view
+    grads = torch.autograd.grad(sum(ref_task.values()), list(views.values()))
+    want = 0.0
+    for (lv, view), g in zip(views.items(), grads):
+        m, s = masks[lv].double(), g.abs().double()
+        dens = (m * s[:, None]).sum(dim=(2, 3))
+        total = dens.sum(dim=1, keepdim=True)
+        p = torch.where(total > 0, dens / total, torch.full_like(dens, 1 / dens.shape[1]))
+        w = weights[lv].double()
+        want = want + (p * (p.log() - w.log())).sum(dim=1).mean()
+    torch.testing.assert_close(losses["loss_token_weights"].double(), want, rtol=1e-4, atol=1e-6)
+    for lv in model.tokens:  # what the teacher sees is the union, and the statistic says so
+        assert logged[f"[metric]tokens/{lv}/combined"] == pytest.approx(
+            views[lv].detach().mean().item(), rel=1e-4, abs=1e-5
+        )
+
+
+def test_the_saliency_target_and_the_union_gate_need_each_other(teacher_files):
+    with pytest.raises(ValueError, match="WEIGHT_TARGET 'saliency'.*WEIGHT_GATE 'union'"):
+        _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_TARGET": "saliency"})
+    with pytest.raises(ValueError, match="WEIGHT_TARGET 'saliency'.*WEIGHTED False"):
+        _stage1(
+            teacher_files,
+            **{**SALIENCY, "MODEL.MASKD.WEIGHTED": False, "MODEL.MASKD.WEIGHT_FLOOR": 0.0},
+        )
+    with pytest.raises(ValueError, match="WEIGHT_GATE 'union'.*cannot train them"):
+        _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_GATE": "union"})
+    with pytest.raises(ValueError, match="WEIGHT_TARGET must be one of"):
+        _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_TARGET": "oracle"})
+    _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_GATE": "union", "MODEL.MASKD.WEIGHTED": False})

@@ -75,9 +75,15 @@ def _add_token_keys(_C: CN) -> None:
     # "blur" (a 5x5 box blur of the level), so that masking a cell costs the teacher less.
     _C.FILL = "zeros"
     # Stage 1: how the token weights scale the masks in the aggregate: "absolute" (the paper,
-    # c = sum_t w_t M_t) or "relative" (c = sum_t (w_t / max_s w_s) M_t: the most weighted
-    # token's cells pass whole).
+    # c = sum_t w_t M_t), "relative" (c = sum_t (w_t / max_s w_s) M_t: the most weighted
+    # token's cells pass whole) or "union" (c = 1 - prod_t (1 - M_t): a cell passes whole where
+    # any token covers it; the weights stay out of the teacher's view).
     _C.WEIGHT_GATE = "absolute"
+    # Stage 1: what the token weights learn from: "task" (the paper: the teacher's task loss
+    # through the aggregate) or "saliency" (loss_token_weights: the KL divergence of the weights
+    # from each token's share of the saliency |d task loss / d c| of the cells it covers; needs
+    # WEIGHT_GATE "union").
+    _C.WEIGHT_TARGET = "task"
     # Stage 1: the pairs the Dice loss compares: "all" (the paper) or "weighted" (pairs weighted
     # by w_i w_j, the weights detached: the tokens that carry weight must not overlap).
     _C.DICE_PAIRS = "all"

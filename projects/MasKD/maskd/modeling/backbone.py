@@ -21,7 +21,7 @@ import torch
 from detectron2.modeling import Backbone
 from torch import nn
 
-from .losses import FILLS, combined_mask, masked_aggregate, neutral_fill
+from .losses import FILLS, combined_mask, masked_aggregate, neutral_fill, union_mask
 from .receptive_tokens import ReceptiveTokens
 from .wrappers import TransparentWrapper
 
@@ -56,7 +56,7 @@ class _TransparentBackbone(TransparentWrapper, Backbone):
 
 
 # How the token weights scale the masks in stage 1's aggregate (see TokenMaskedBackbone).
-GATES = ("absolute", "relative")
+GATES = ("absolute", "relative", "union")
 
 
 class LevelMasks(NamedTuple):
@@ -64,7 +64,9 @@ class LevelMasks(NamedTuple):
 
     masks: torch.Tensor  # (N, T, H, W)
     weights: Optional[torch.Tensor]  # (N, T), or None for unweighted tokens
-    combined: torch.Tensor  # (N, H, W): sum_t g_t M_t, g the weights as the gate uses them
+    # (N, H, W): what the teacher sees of each cell, sum_t g_t M_t with g the weights as the
+    # gate uses them, or the soft union of the masks (gate "union")
+    combined: torch.Tensor
 
 
 class TokenMaskedBackbone(_TransparentBackbone):
@@ -87,9 +89,10 @@ class TokenMaskedBackbone(_TransparentBackbone):
             fill: what masked-out cells become (:func:`maskd.modeling.losses.neutral_fill`): "zeros"
                 (the paper), "mean" or "blur".
             gate: how the token weights scale the masks in the aggregate: "absolute" (the
-                paper, ``c = sum_t w_t M_t``) or "relative" (``c = sum_t (w_t / max_s w_s)
+                paper, ``c = sum_t w_t M_t``), "relative" (``c = sum_t (w_t / max_s w_s)
                 M_t``: the most weighted token's cells pass whole, the others by their weight
-                relative to it).
+                relative to it) or "union" (``c = 1 - prod_t (1 - M_t)``: a cell passes whole
+                where any token covers it; the weights stay out of the teacher's view).
         """
         super().__init__(inner)
         shapes = inner.output_shape()
@@ -113,6 +116,22 @@ class TokenMaskedBackbone(_TransparentBackbone):
         self.gate = gate
         self.masking = True
 
+    def teacher_view(self, masks: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """What the teacher's heads see of each cell, the combined mask c of the aggregate
+        ``c F + (1 - c) fill``, as the gate makes it.
+
+        Args:
+            masks: (N, T, H, W) masks; weights: (N, T) token weights, or None.
+
+        Returns:
+            (N, H, W) c.
+        """
+        if self.gate == "union":
+            return union_mask(masks)
+        if weights is not None and self.gate == "relative":
+            weights = weights / weights.max(dim=1, keepdim=True).values  # (N, T), max 1
+        return combined_mask(masks, weights)
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -132,12 +151,9 @@ class TokenMaskedBackbone(_TransparentBackbone):
             feat = features[name]
             masks = rt.masks(feat)  # (N, T, H, W)
             weights = rt.weights(feat) if rt.weighted else None  # (N, T)
-            gates = weights
-            if weights is not None and self.gate == "relative":
-                gates = weights / weights.max(dim=1, keepdim=True).values  # (N, T), max 1
-            combined = combined_mask(masks, gates)  # (N, H, W)
+            combined = self.teacher_view(masks, weights)  # (N, H, W)
             fill = neutral_fill(feat, self.fill)
-            out[name] = masked_aggregate(feat, masks, gates, combined, fill)  # (N, C, H, W)
+            out[name] = masked_aggregate(feat, masks, None, combined, fill)  # (N, C, H, W)
             kept[name] = LevelMasks(masks, weights, combined)
         if self.training:
             self.keep(masks=kept, input_hw=tuple(x.shape[-2:]))

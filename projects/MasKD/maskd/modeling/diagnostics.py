@@ -16,7 +16,9 @@ below make such failures visible during both stages (event storage: metric print
 * ``weight_entropy``: the entropy of the per-image token weights divided by log(T), averaged
   over images (1: uniform weights, 0: one token takes all the weight). Weighted tokens only.
 * ``combined``: the mean of the combined mask ``sum_t w_t M_t`` (unweighted: ``sum_t M_t``),
-  the factor by which stage 1 multiplies the teacher's features before its heads see them.
+  the factor by which stage 1 multiplies the teacher's features before its heads see them
+  (in stage 1 the mask its weight gate makes: with the relative gate ``sum_t (w_t / max_s
+  w_s) M_t``, with the union gate ``1 - prod_t (1 - M_t)``).
   Near 0, the level is switched off: e.g. the weights went to a token whose mask is all off,
   and the masked teacher loses accuracy (its retention falls).
 
@@ -114,6 +116,7 @@ def token_statistics(
     sizes: Optional[Sequence[Tuple[int, int]]] = None,
     constant_std: float = CONSTANT_STD,
     foreground: Optional[torch.Tensor] = None,
+    combined: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """The token-quality numbers of one feature level (see the module docstring).
 
@@ -125,6 +128,9 @@ def token_statistics(
         constant_std: spatial standard deviation below which a mask counts as near-constant.
         foreground: (N, H, W) 0/1 cells of the ground-truth boxes (:func:`foreground_cells`),
             or None.
+        combined: (N, H, W) what the teacher sees of each cell in stage 1
+            (:meth:`maskd.modeling.backbone.TokenMaskedBackbone.teacher_view`), or None:
+            ``sum_t w_t M_t``.
 
     Returns:
         dict of 0-dim float tensors: "coverage", "constant", "dice", "weight_entropy" (only
@@ -184,6 +190,9 @@ def token_statistics(
         wt = weights.detach().double().clamp_min(1e-12)
         entropy = -(wt * wt.log()).sum(dim=1)  # (N,)
         out["weight_entropy"] = (entropy.mean() / math.log(t)).float() if t > 1 else m.new_zeros(())
+    if combined is not None:
+        combined = combined.detach().float().reshape(n, h * w) * valid[:, 0]  # (N, HW)
+    elif weights is not None:
         combined = torch.einsum("ntp,nt->np", m, weights.detach().float())  # (N, HW)
     else:
         combined = m.sum(dim=1)  # (N, HW)
@@ -238,6 +247,7 @@ def put_level_statistics(
     levels: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor], List[Tuple[int, int]]]],
     batched_inputs: List[dict],
     strides: Dict[str, int],
+    combined: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Dict[str, float]:
     """The :func:`token_statistics` of every level's masks of one training step, the ground
     truth of ``batched_inputs`` as foreground, written with :func:`put_token_statistics`.
@@ -248,13 +258,19 @@ def put_level_statistics(
             level's resolution), without gradient.
         batched_inputs: the step's inputs (their ``instances`` give the foreground cells).
         strides: level -> stride.
+        combined: level -> (N, H, W) what the teacher sees of each cell (stage 1), or None.
 
     Returns:
         the names written -> values.
     """
+    combined = combined or {}
     stats = {
         lv: token_statistics(
-            m, w, sizes, foreground=foreground_cells(batched_inputs, strides[lv], *m.shape[-2:])
+            m,
+            w,
+            sizes,
+            foreground=foreground_cells(batched_inputs, strides[lv], *m.shape[-2:]),
+            combined=combined.get(lv),
         )
         for lv, (m, w, sizes) in levels.items()
     }

@@ -14,7 +14,10 @@ __all__ = [
     "dice_diversity_loss",
     "min_token_area_loss",
     "combined_mask",
+    "union_mask",
     "masked_aggregate",
+    "token_saliency_shares",
+    "saliency_weight_loss",
     "neutral_fill",
     "FILLS",
     "raise_if_not_finite",
@@ -224,6 +227,80 @@ def combined_mask(masks: torch.Tensor, weights: Optional[torch.Tensor] = None) -
     if weights is not None:
         return torch.einsum("nthw,nt->nhw", masks, weights.to(masks.dtype))
     return masks.sum(dim=1)
+
+
+def union_mask(masks: torch.Tensor) -> torch.Tensor:
+    """The soft union of the masks, ``1 - prod_t (1 - M_t)``: a cell counts as seen as soon as
+    one token covers it, whatever the tokens' weights.
+
+    Args:
+        masks: (N, T, H, W) soft masks in [0, 1].
+
+    Returns:
+        (N, H, W) tensor in [0, 1], in the dtype of ``masks``.
+    """
+    if masks.dim() != 4:
+        raise ValueError(f"masks must have shape (N, T, H, W), got {tuple(masks.shape)}")
+    return 1.0 - torch.prod(1.0 - masks, dim=1)
+
+
+def token_saliency_shares(masks: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """Each token's share of the saliency.
+
+    With ``s`` the saliency of a cell (how much the teacher's loss depends on it), token t holds
+    ``S_t = sum_hw M_t s`` and its share is ``S_t / sum_u S_u``. Stage 2 puts ``w_t`` of its
+    loss on token t's region (its term is ``w_t`` times the mean error over the region), so
+    weights equal to these shares spread stage 2's loss over the regions as the saliency
+    spreads: per cell, in proportion to its region's saliency per cell.
+
+    Args:
+        masks: (N, T, H, W) soft masks in [0, 1].
+        saliency: (N, H, W) non-negative saliency.
+
+    Returns:
+        (N, T) shares summing to 1 per image (1 / T each for an image without saliency), without
+        gradient.
+    """
+    if masks.dim() != 4 or saliency.shape != (masks.shape[0], *masks.shape[2:]):
+        raise ValueError(
+            f"masks (N, T, H, W) and saliency (N, H, W) do not fit: {tuple(masks.shape)} and "
+            f"{tuple(saliency.shape)}"
+        )
+    dtype = _compute_dtype(masks, saliency)
+    with torch.no_grad(), torch.autocast(device_type=masks.device.type, enabled=False):
+        m = masks.to(dtype).flatten(2)  # (N, T, HW)
+        s = saliency.to(dtype).flatten(1).unsqueeze(2)  # (N, HW, 1)
+        held = torch.bmm(m, s).squeeze(2)  # (N, T)
+        total = held.sum(dim=1, keepdim=True)  # (N, 1)
+        uniform = torch.full_like(held, 1.0 / masks.shape[1])
+        return torch.where(total > 0, held / total.clamp_min(torch.finfo(dtype).tiny), uniform)
+
+
+def saliency_weight_loss(weights: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """``KL(shares || weights)``, averaged over images: the token weights fitted to the tokens'
+    saliency shares (:func:`token_saliency_shares`); 0 where they are equal.
+
+    Args:
+        weights: (N, T) token weights (positive, summing to 1 per image), with gradient.
+        shares: (N, T) target shares (summing to 1 per image), without gradient.
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 inputs); 0, connected to the graph of
+        ``weights``, for N == 0.
+    """
+    if weights.shape != shares.shape or weights.dim() != 2:
+        raise ValueError(
+            f"weights and shares must have one (N, T) shape, got {tuple(weights.shape)} and "
+            f"{tuple(shares.shape)}"
+        )
+    dtype = _compute_dtype(weights, shares)
+    with torch.autocast(device_type=weights.device.type, enabled=False):
+        w, p = weights.to(dtype), shares.detach().to(dtype)
+        if w.shape[0] == 0:
+            return w.sum() * 0.0
+        tiny = torch.finfo(dtype).tiny
+        kl = p * (p.clamp_min(tiny).log() - w.clamp_min(tiny).log())  # (N, T)
+        return kl.sum(dim=1).mean()
 
 
 def masked_aggregate(

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..modeling.backbone import unwrap_backbone
+from ..modeling.backbone import TokenMaskedBackbone, unwrap_backbone
 from ..modeling.diagnostics import foreground_cells, level_sizes, token_statistics
 from ..modeling.pairing import teacher_batch
 from ..modeling.teacher import preprocess_images
@@ -39,6 +39,8 @@ def receptive_masks(model, batched_input: dict, with_statistics: bool = False):
     inputs = teacher_batch([batched_input], model.input_format, model.teacher_format)
     images = preprocess_images(teacher, inputs)
     backbone = unwrap_backbone(teacher.backbone)
+    # stage 1's model: its gate decides what the teacher sees (the "combined" statistic)
+    gated = teacher.backbone if isinstance(teacher.backbone, TokenMaskedBackbone) else None
     features = backbone(images.tensor)
     strides = {lv: shape.stride for lv, shape in backbone.output_shape().items()}
     h, w = images.image_sizes[0]
@@ -51,9 +53,12 @@ def receptive_masks(model, batched_input: dict, with_statistics: bool = False):
             weights = rt.weights(feat) if rt.weighted else None  # (1, T)
             sizes = level_sizes(images.image_sizes, padded, masks.shape[-2:])
             fg = foreground_cells(inputs, strides[level], *masks.shape[-2:])
+            view = None if gated is None else gated.teacher_view(masks, weights)
             stats[level] = {
                 k: v.item()
-                for k, v in token_statistics(masks, weights, sizes, foreground=fg).items()
+                for k, v in token_statistics(
+                    masks, weights, sizes, foreground=fg, combined=view
+                ).items()
             }
         masks = F.interpolate(masks, size=padded, mode="bilinear", align_corners=False)
         out[level] = masks[0, :, :h, :w].float().cpu()

@@ -28,18 +28,23 @@ from ..losses import (
     dice_diversity_loss,
     min_token_area_loss,
     raise_if_not_finite,
+    saliency_weight_loss,
+    token_saliency_shares,
 )
 from ..pairing import resolve_channel_orders, resolve_in_features, teacher_batch
 from ..receptive_tokens import build_level_tokens
 from ..teacher import freeze, head_levels, teacher_from_config
 from ..wrappers import recording
 
-__all__ = ["MasKDTokenLearner", "DICE_PAIRS"]
+__all__ = ["MasKDTokenLearner", "DICE_PAIRS", "WEIGHT_TARGETS"]
 
 logger = logging.getLogger(__name__)
 
 # The pairs of tokens the Dice loss compares: all (the paper), or weighted by w_i w_j.
 DICE_PAIRS = ("all", "weighted")
+# What the token weights learn from: the teacher's task loss through the aggregate (the paper),
+# or the tokens' shares of the teacher's saliency (loss_token_weights).
+WEIGHT_TARGETS = ("task", "saliency")
 
 
 @contextlib.contextmanager
@@ -68,6 +73,8 @@ def _check_objective(
     area_weight: float,
     dice_pairs: str,
     min_token_area: float,
+    weight_gate: str = "absolute",
+    weight_target: str = "task",
 ) -> None:
     """Raise ValueError, naming the config key, for a stage-1 objective that cannot work."""
     check_number(dice_weight, "MODEL.MASKD.DICE_WEIGHT", zero_allowed=True)
@@ -77,6 +84,23 @@ def _check_objective(
     if dice_pairs == "weighted" and not weighted:
         raise ValueError("MODEL.MASKD.DICE_PAIRS 'weighted' needs weighted tokens")
     check_fraction(min_token_area, "MODEL.MASKD.MIN_TOKEN_AREA")
+    if weight_target not in WEIGHT_TARGETS:
+        raise ValueError(
+            f"MODEL.MASKD.WEIGHT_TARGET must be one of {WEIGHT_TARGETS}, got '{weight_target}'"
+        )
+    if weight_target == "saliency" and not (weighted and weight_gate == "union"):
+        raise ValueError(
+            "MODEL.MASKD.WEIGHT_TARGET 'saliency' fits the token weights to the teacher's "
+            "saliency; it needs weighted tokens (MODEL.MASKD.WEIGHTED True) that stay out of the "
+            f"teacher's view (MODEL.MASKD.WEIGHT_GATE 'union'), got WEIGHTED {weighted}, "
+            f"WEIGHT_GATE '{weight_gate}'"
+        )
+    if weight_gate == "union" and weighted and weight_target == "task":
+        raise ValueError(
+            "MODEL.MASKD.WEIGHT_GATE 'union' keeps the token weights out of the teacher's view, "
+            "so the task loss cannot train them: set MODEL.MASKD.WEIGHT_TARGET 'saliency', or "
+            "MODEL.MASKD.WEIGHTED False"
+        )
     if num_tokens < 2 and dice_weight > 0:
         raise ValueError(
             f"MODEL.MASKD.NUM_TOKENS = {num_tokens}: the Dice loss compares pairs of tokens, so "
@@ -136,6 +160,7 @@ class MasKDTokenLearner(nn.Module):
         dice_pairs: str = "all",
         min_token_area: float = 0.0,
         weight_gate: str = "absolute",
+        weight_target: str = "task",
     ):
         """
         Args:
@@ -166,11 +191,26 @@ class MasKDTokenLearner(nn.Module):
                 ``w_i w_j`` (:func:`maskd.modeling.losses.dice_diversity_loss`).
             min_token_area: a > 0 adds ``loss_token_area``, ``dice_weight`` times
                 :func:`maskd.modeling.losses.min_token_area_loss` summed over levels (0: off).
-            weight_gate: "absolute" (the paper: ``sum_t w_t M_t`` scales the features) or
-                "relative" (``sum_t (w_t / max_s w_s) M_t``; :class:`TokenMaskedBackbone`).
+            weight_gate: "absolute" (the paper: ``sum_t w_t M_t`` scales the features),
+                "relative" (``sum_t (w_t / max_s w_s) M_t``) or "union" (``1 - prod_t (1 -
+                M_t)``, the weights left out; :class:`TokenMaskedBackbone`).
+            weight_target: "task" (the paper: the weights learn from the task loss through the
+                aggregate) or "saliency": ``loss_token_weights``, the KL divergence of the
+                weights from the tokens' shares of the teacher's saliency
+                (:func:`maskd.modeling.losses.token_saliency_shares`; the saliency of a cell is
+                ``|d task loss / d c|``, c what the teacher sees of it). Needs "union".
         """
         super().__init__()
-        _check_objective(num_tokens, weighted, dice_weight, area_weight, dice_pairs, min_token_area)
+        _check_objective(
+            num_tokens,
+            weighted,
+            dice_weight,
+            area_weight,
+            dice_pairs,
+            min_token_area,
+            weight_gate,
+            weight_target,
+        )
         freeze(teacher)
         device = next(teacher.parameters()).device  # the tokens live with the teacher
         for key, digest in _teacher_digests(teacher, teacher_from_checkpoint).items():
@@ -195,16 +235,18 @@ class MasKDTokenLearner(nn.Module):
         self.area_weight = area_weight
         self.dice_pairs = dice_pairs
         self.min_token_area = min_token_area
+        self.weight_target = weight_target
         self.strides = {lv: shapes[lv].stride for lv in levels}
         logger.info(
             "MasKDTokenLearner: %d tokens (weighted=%s, %s) on levels %s; fill %s, %s weight "
-            "gate, Dice over %s pairs, minimum token area %s",
+            "gate, weights from the %s, Dice over %s pairs, minimum token area %s",
             num_tokens,
             weighted,
             tokens[levels[0]].describe_form(),
             levels,
             fill,
             weight_gate,
+            "task loss" if weight_target == "task" else "teacher's saliency",
             dice_pairs,
             min_token_area or "off",
         )
@@ -230,6 +272,7 @@ class MasKDTokenLearner(nn.Module):
             "dice_pairs": mcfg.DICE_PAIRS,
             "min_token_area": mcfg.MIN_TOKEN_AREA,
             "weight_gate": mcfg.WEIGHT_GATE,
+            "weight_target": mcfg.WEIGHT_TARGET,
         }
 
     @classmethod
@@ -268,15 +311,22 @@ class MasKDTokenLearner(nn.Module):
         self.teacher.eval()
         return self
 
-    def token_losses(self, masks: Dict[str, LevelMasks]) -> Dict[str, torch.Tensor]:
+    def token_losses(
+        self,
+        masks: Dict[str, LevelMasks],
+        saliency: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> Dict[str, torch.Tensor]:
         """The tokens' own losses of one step, from the masks the backbone wrapper made.
 
         Args:
             masks: level -> :class:`maskd.modeling.backbone.LevelMasks` (with gradient).
+            saliency: level -> (N, H, W) saliency of the cells, where the weights are fitted to
+                it (``weight_target`` "saliency").
 
         Returns:
             ``loss_dice`` (``dice_weight`` x the Dice diversity loss, summed over levels), and
-            where enabled ``loss_token_area`` and ``loss_area``.
+            where enabled ``loss_token_area``, ``loss_area`` and ``loss_token_weights`` (the
+            KL divergence of the weights from the tokens' saliency shares, summed over levels).
 
         Raises:
             FloatingPointError: a non-finite per-level Dice loss, naming the level.
@@ -298,7 +348,28 @@ class MasKDTokenLearner(nn.Module):
             out["loss_area"] = self.area_weight * sum(
                 m.combined.float().mean() for m in masks.values()
             )
+        if saliency is not None:
+            out["loss_token_weights"] = sum(
+                saliency_weight_loss(m.weights, token_saliency_shares(m.masks, saliency[lv]))
+                for lv, m in masks.items()
+            )
         return out
+
+    def saliency(
+        self, task_losses: Dict[str, torch.Tensor], masks: Dict[str, LevelMasks]
+    ) -> Dict[str, torch.Tensor]:
+        """How much the teacher's task loss depends on each cell: level -> (N, H, W)
+        ``|d task loss / d c|``, c what the teacher sees of the cell (the combined mask), without
+        gradient; a level the loss does not reach has zeros."""
+        levels = list(masks)
+        total = sum(task_losses.values())
+        grads = torch.autograd.grad(
+            total, [masks[lv].combined for lv in levels], retain_graph=True, allow_unused=True
+        )
+        return {
+            lv: torch.zeros_like(masks[lv].combined) if g is None else g.detach().abs()
+            for lv, g in zip(levels, grads)
+        }
 
     @contextlib.contextmanager
     def masks_disabled(self):
@@ -335,7 +406,8 @@ class MasKDTokenLearner(nn.Module):
             masks, padded = backbone.recorded("masks"), backbone.recorded("input_hw")
         storage = get_event_storage()
         raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
-        ours = self.token_losses(masks)
+        saliency = self.saliency(losses, masks) if self.weight_target == "saliency" else None
+        ours = self.token_losses(masks, saliency)
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
         levels = {
             lv: (
@@ -345,7 +417,8 @@ class MasKDTokenLearner(nn.Module):
             )
             for lv, m in masks.items()
         }
-        put_level_statistics(storage, levels, batched_inputs, self.strides)
+        views = {lv: m.combined.detach() for lv, m in masks.items()}
+        put_level_statistics(storage, levels, batched_inputs, self.strides, views)
         clash = sorted(set(ours) & set(losses))
         if clash:
             raise KeyError(f"the teacher already returns losses named {clash}")
