@@ -45,23 +45,26 @@ _VERSION = 2  # bump when the generator changes, so caches are rebuilt
 VARIANTS = {
     "default": dict(radius=(0.06, 0.22), max_objects=6, min_pixels=20),
     "small": dict(radius=(0.025, 0.08), max_objects=12, min_pixels=8),
-    # Drawn areas are sampled per COCO size class (COCO_SIZE_SHARES, with COCO's thresholds
-    # scaled to the image) and log-uniformly within it; an object stays annotated while at
-    # least min_visible of its drawn area (and min_pixels) is visible.
+    # "detection": drawn areas are sampled per COCO size class (size_shares of small, medium,
+    # large by COCO's thresholds scaled to the image, coco_size_thresholds) and log-uniformly
+    # within it, up to largest_area of the image; each class has its own band of hues (at 4 px
+    # a shape alone does not tell the class); 2-6 distractors of no class; an object stays
+    # annotated while at least min_visible of its drawn area (and min_pixels) is visible.
     "detection": dict(
         objects=(3, 13),
         size_shares=(0.46, 0.28, 0.26),
         largest_area=0.3,
         min_pixels=6,
         min_visible=0.25,
-        distractors=(4, 10),
+        distractors=(2, 6),
     ),
 }
 # COCO's published figures (cocodataset.org, detection evaluation): about 41% of objects small
-# (area < 32^2 px), 34% medium (< 96^2), 24% large, in images of about 640x480 px; train2017
-# has 860,001 instances in 118,287 images (7.3 per image).
+# (area < 32^2 px), 34% medium (< 96^2), 24% large, in images of typically 640x480 px;
+# train2017 has 860,001 instances in 118,287 images (7.3 per image). The thresholds are scaled
+# to an image as if a COCO image were resized to its short side (480 px) and cropped square.
 COCO_AREA_THRESHOLDS = (32**2, 96**2)
-COCO_IMAGE_AREA = 640 * 480
+COCO_REFERENCE_AREA = 480 * 480
 COCO_PUBLISHED = {"objects per image": 7.3, "small": 0.41, "medium": 0.34, "large": 0.24}
 # Shape area as a multiple of r^2 for a shape of "radius" r (_shape_mask), per class.
 _AREA_PER_R2 = {"disc": 2.75, "square": 4.0, "triangle": 1.3, "cross": 2.31, "ring": 2.19}
@@ -161,29 +164,24 @@ def _render(rng: np.random.Generator, size: int, max_objects: int, radius, min_p
 
 
 def coco_size_thresholds(image_area: float) -> Tuple[float, float]:
-    """COCO's small / medium and medium / large area thresholds (32^2, 96^2 px in images of
-    about 640x480) scaled to an image of ``image_area`` px."""
-    scale = image_area / COCO_IMAGE_AREA
+    """COCO's small / medium and medium / large area thresholds (32^2, 96^2 px) scaled to an
+    image of ``image_area`` px, as if a COCO image (typically 640x480) were resized to the
+    image's short side and cropped square: scaled by ``image_area / 480^2``."""
+    scale = image_area / COCO_REFERENCE_AREA
     return COCO_AREA_THRESHOLDS[0] * scale, COCO_AREA_THRESHOLDS[1] * scale
 
 
 def _distractors(rng: np.random.Generator, img: np.ndarray, count: int) -> None:
-    """Draw ``count`` object-like distractors of no class on ``img`` (in place): irregular
-    polygons, elongated ellipses and textured patches, of the objects' sizes and colours."""
+    """Draw ``count`` distractors of no class on ``img`` (in place), of the objects' sizes:
+    ellipses at least 2.5 times as long as they are wide, and rotated patches of checker
+    texture."""
     size = img.shape[0]
     for _ in range(count):
         color = rng.integers(0, 256, 3).astype(np.float32)
         m = np.zeros((size, size), np.uint8)
         cx, cy = rng.uniform(0, size, 2)
         r = math.exp(rng.uniform(math.log(2.5), math.log(size * 0.2)))
-        kind = rng.integers(0, 3)
-        if kind == 0:  # an irregular polygon of 5-8 vertices
-            k = int(rng.integers(5, 9))
-            angles = np.sort(rng.uniform(0, 2 * math.pi, k))
-            radii = r * rng.uniform(0.4, 1.0, k)
-            pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
-            cv2.fillPoly(m, [pts.astype(np.int32)], 1)
-        elif kind == 1:  # an ellipse at least 2.5 times as long as it is wide
+        if rng.integers(0, 2) == 0:  # an elongated ellipse
             axes = (max(int(r), 1), max(int(r / rng.uniform(2.5, 5.0)), 1))
             cv2.ellipse(m, (int(cx), int(cy)), axes, rng.uniform(0, 180), 0, 360, 1, -1)
         else:  # a rotated patch of checker texture
@@ -196,6 +194,15 @@ def _distractors(rng: np.random.Generator, img: np.ndarray, count: int) -> None:
             color = np.where(checker, color, 255 - color)
         mask = m.astype(bool)
         img[mask] = np.broadcast_to(color, img.shape)[mask].astype(np.uint8)
+
+
+def _hue_color(rng: np.random.Generator, cls: int) -> np.ndarray:
+    """A BGR colour (3,) float32 of class ``cls``'s hue band (1/len(CLASSES) of the hue circle,
+    its middle 60%), with random saturation and value."""
+    band = 180.0 / len(CLASSES)  # OpenCV hues run over [0, 180)
+    hue = (cls + rng.uniform(0.2, 0.8)) * band
+    hsv = np.array([[[hue, rng.uniform(150, 255), rng.uniform(120, 255)]]], np.float32)
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
 
 
 def _render_detection(rng: np.random.Generator, size: int, scene: dict):
@@ -216,14 +223,14 @@ def _render_detection(rng: np.random.Generator, size: int, scene: dict):
         m = _shape_mask(rng, cls, size, r, cx, cy)
         if m.sum() < scene["min_pixels"]:
             continue
-        color = rng.integers(0, 256, 3).astype(np.float32)
-        if rng.random() < 0.5:  # stripe texture
+        color = _hue_color(rng, cls)  # the class's own hue, random saturation and value
+        if rng.random() < 0.5:  # stripe texture, in a darker tone of the same hue
             yy, xx = np.mgrid[0:size, 0:size]
             theta, period = rng.uniform(0, math.pi), rng.uniform(1.5, 4)
             stripes = (np.sin((xx * math.cos(theta) + yy * math.sin(theta)) / period) > 0)[
                 ..., None
             ]
-            color = np.where(stripes, color, 255 - color)
+            color = np.where(stripes, color, 0.5 * color)
         img[m] = np.broadcast_to(color, img.shape)[m].astype(np.uint8)
         for prev in masks:  # occlusion: later shapes cover earlier ones
             prev &= ~m
