@@ -54,9 +54,12 @@ def final_metrics(out_dir: str, dataset: str = "") -> Dict[str, float]:
     return {m: evals[-1][f"{prefix}{m}"] for m in METRICS}
 
 
-def evaluated_metrics(results: dict) -> Dict[str, float]:
+def evaluated_metrics(results: dict, dataset: str = "") -> Dict[str, float]:
     """{"AP", "AP50", "AP75"} of an evaluation's results (``train_net.py --eval-only`` writes
-    them to ``results.json``; NaN for a model without detections)."""
+    them to ``results.json``; NaN for a model without detections); of ``dataset`` where it
+    evaluated several (detectron2 then keys the results by the dataset's name)."""
+    if dataset and dataset in results:
+        results = results[dataset]
     if "bbox" not in results:
         raise RuntimeError(f"no bbox results in {sorted(results)}")
     return {m: math.nan if results["bbox"][m] is None else results["bbox"][m] for m in METRICS}

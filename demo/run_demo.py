@@ -305,7 +305,7 @@ def teacher_results(tr) -> dict:
         "tokens": {k: stage1_results(d) for k, d in tr["tokens"].items()},
         # the released student, evaluated by plain detectron2 (the pipeline's last stage)
         "maskd": {
-            s: rep.evaluated_metrics(p["stages"]["evaluate"]["results"])
+            s: rep.evaluated_metrics(p["stages"]["evaluate"]["results"], "maskd_shapes_test")
             for s, p in tr["maskd"].items()
         },
         "maskd in training": {

@@ -372,7 +372,8 @@ def foreground_statistics(json_file: str, strides=(4, 8, 16, 32, 64)) -> Dict[st
     for a in data["annotations"]:
         im = images[a["image_id"]]
         small, medium = coco_size_thresholds(im["width"] * im["height"])
-        classes[(a["area"] >= small) + (a["area"] >= medium)] += 1
+        area = a.get("area", a["bbox"][2] * a["bbox"][3])  # COCO's: the mask's area
+        classes[(area >= small) + (area >= medium)] += 1
     for name, count in zip(("small", "medium", "large"), classes):
         out[name] = count / max(1, len(areas))
     if areas and all("visible" in a for a in data["annotations"]):

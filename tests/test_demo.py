@@ -408,17 +408,12 @@ def test_the_demo_partition_configs_are_the_shipped_pair_plus_the_levers():
             cfg = get_maskd_cfg()
             cfg.merge_from_file(os.path.join(demo, f"maskd_shapes_R34-R18_{stage}{suffix}.yaml"))
             pairs[stage, suffix] = cfg
-    levers = {
-        "WEIGHT_FLOOR": 0.5,
-        "WEIGHT_GATE": "relative",
-        "FILL": "mean",
-        "DICE_PAIRS": "weighted",
-        "MIN_TOKEN_AREA": 0.08,
-    }
+    levers = {"WEIGHT_GATE": "union", "SALIENCY_WEIGHT": 1.0, "MIN_TOKEN_AREA": 0.08}
     for stage in ("tokens", "2x"):
         shipped, partition = pairs[stage, ""], pairs[stage, "_partition"]
         assert {k: partition.MODEL.MASKD[k] for k in levers} == levers
-        assert shipped.MODEL.MASKD.WEIGHT_FLOOR == 0.0 and shipped.MODEL.MASKD.FILL == "zeros"
+        assert shipped.MODEL.MASKD.WEIGHT_GATE == "absolute"
+        assert shipped.MODEL.MASKD.SALIENCY_WEIGHT == 0.0
         # everything else is the shipped recipe
         for k in levers:
             partition.MODEL.MASKD[k] = shipped.MODEL.MASKD[k]

@@ -16,8 +16,7 @@ from maskd.modeling.losses import (
     masked_aggregate,
     min_token_area_loss,
     neutral_fill,
-    saliency_weight_loss,
-    token_saliency_shares,
+    saliency_cell_loss,
     union_mask,
 )
 from maskd.modeling.meta_arch.token_learner import task_loss_mode
@@ -430,58 +429,63 @@ def test_the_union_of_the_masks_value_and_gradient():
     torch.testing.assert_close(union_mask(m), torch.zeros(2, 4, 5, dtype=torch.float64))
 
 
-def test_token_saliency_shares_against_a_written_out_reference():
+def _saliency_reference(masks, weights, saliency):
+    """KL(s^ || q^) written out cell by cell, q = sum_t w_t M_t^2 / sum M_t."""
+    n, t = masks.shape[:2]
+    kls = []
+    for b in range(n):
+        s = saliency[b].flatten()
+        if s.sum() == 0:
+            continue
+        q = sum(weights[b, i] * masks[b, i].flatten() ** 2 / masks[b, i].sum() for i in range(t))
+        q, p = q / q.sum(), s / s.sum()
+        kls.append(sum(p[j] * (p[j].log() - q[j].log()) for j in range(len(p)) if p[j] > 0))
+    return torch.stack(kls).mean()
+
+
+def test_stage_2s_loss_over_the_cells_fitted_to_the_saliency_value_and_gradient():
     g = torch.Generator().manual_seed(5)
-    masks = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64)
-    saliency = torch.rand(2, 4, 5, generator=g, dtype=torch.float64)
-    saliency[1] = 0.0  # an image the loss does not reach: equal shares
-    got = token_saliency_shares(masks, saliency)
-    want = torch.empty(2, 3, dtype=torch.float64)
-    for n in range(2):
-        held = [(masks[n, t] * saliency[n]).sum() for t in range(masks.shape[1])]
-        total = sum(held)
-        for t, d in enumerate(held):
-            want[n, t] = d / total if total > 0 else 1 / 3
-    torch.testing.assert_close(got, want)
-    # hard masks: each token's share of the saliency it covers
-    two = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
-    two[0, 0, 0, 0] = 1.0  # token 0: one cell, saliency 3
-    two[0, 1, 0, 1] = two[0, 1, 1] = 1.0  # token 1: the other three cells, saliency 1 + 0 + 0
-    sal = torch.tensor([[[3.0, 1.0], [0.0, 0.0]]], dtype=torch.float64)
-    torch.testing.assert_close(
-        token_saliency_shares(two, sal), torch.tensor([[3 / 4, 1 / 4]], dtype=torch.float64)
-    )
-    with pytest.raises(ValueError, match="do not fit"):
-        token_saliency_shares(masks, saliency[:, :3])
-
-
-def test_the_weights_fitted_to_the_saliency_shares_value_and_gradient():
-    g = torch.Generator().manual_seed(6)
-    logits = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    masks = torch.rand(3, 3, 4, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    logits = torch.randn(3, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    saliency = torch.rand(3, 4, 5, generator=g, dtype=torch.float64)
+    saliency[1] = 0.0  # an image the task loss does not reach: left out
+    saliency[2, 0] = 0.0  # cells without saliency count nothing
     weights = logits.softmax(dim=1)
-    shares = torch.rand(3, 4, generator=g, dtype=torch.float64).softmax(dim=1)
-    loss = saliency_weight_loss(weights, shares)
-    want = (shares * (shares.log() - weights.log())).sum(dim=1).mean()
-    torch.testing.assert_close(loss, want)
-    (grad,) = torch.autograd.grad(loss, logits)
-    torch.testing.assert_close(grad, (weights - shares).detach() / 3)  # KL through a softmax
-    assert saliency_weight_loss(shares, shares).abs() < 1e-12  # matched: zero
-    assert saliency_weight_loss(weights, shares + 0).requires_grad
-    with pytest.raises(ValueError, match="one \\(N, T\\) shape"):
-        saliency_weight_loss(weights, shares[:, :3])
+    ours = saliency_cell_loss(masks, weights, saliency)
+    ref = _saliency_reference(masks, weights, saliency)
+    torch.testing.assert_close(ours, ref)
+    got = torch.autograd.grad(ours, [masks, logits], retain_graph=True)
+    want = torch.autograd.grad(ref, [masks, logits])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+        assert a.abs().sum() > 0  # masks and weights both learn from it
+    # hard, disjoint masks: lowest where each token's weight is its region's saliency share
+    hard = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    hard[0, 0, 0, 0] = 1.0  # token 0: one cell, saliency 3
+    hard[0, 1, 0, 1] = hard[0, 1, 1] = 1.0  # token 1: three cells, saliency 1 + 0 + 0
+    sal = torch.tensor([[[3.0, 1.0], [0.0, 0.0]]], dtype=torch.float64)
+    losses = {
+        w0: saliency_cell_loss(hard, torch.tensor([[w0, 1 - w0]], dtype=torch.float64), sal)
+        for w0 in (0.5, 0.7, 0.75, 0.8, 0.9)
+    }
+    assert min(losses, key=losses.get) == 0.75
+    none = saliency_cell_loss(masks, weights, torch.zeros_like(saliency))
+    assert none == 0 and none.requires_grad
+    with pytest.raises(ValueError, match="do not fit"):
+        saliency_cell_loss(masks, weights, saliency[:, :3])
 
 
 SALIENCY = {
     "MODEL.MASKD.WEIGHT_GATE": "union",
-    "MODEL.MASKD.WEIGHT_TARGET": "saliency",
+    "MODEL.MASKD.SALIENCY_WEIGHT": 2.0,
     "MODEL.MASKD.MIN_TOKEN_AREA": 0.1,
 }
 
 
-def test_a_stage1_step_fits_the_weights_to_the_teachers_saliency(teacher_files):
+def test_a_stage1_step_fits_stage_2s_loss_to_the_teachers_saliency(teacher_files):
     """Union gate: the teacher sees c = 1 - prod_t (1 - M_t), and its task loss reaches the masks
-    only; the weights learn from loss_token_weights alone, the KL divergence from each token's
-    share of |d task loss / d c| per cell, computed here by a second, independent forward."""
+    only; the weights learn from loss_saliency alone, SALIENCY_WEIGHT x KL(s^ || q^) with s
+    the saliency |d task loss / d c|, computed here by a second, independent forward."""
     cfg, model = _stage1(teacher_files, **SALIENCY)
     model.train()
     batch = tiny_batch(2, 64, seed=0)
@@ -492,14 +496,16 @@ def test_a_stage1_step_fits_the_weights_to_the_teachers_saliency(teacher_files):
         torch.manual_seed(0)  # the same proposal sampling as the reference below
         losses = model(batch)
         logged = {k: v.latest() for k, v in storage.histories().items()}
-    assert "loss_token_weights" in losses and losses["loss_token_weights"] > 0
+    assert "loss_saliency" in losses and losses["loss_saliency"] > 0
+    for lv, rt in model.tokens.items():  # the fit starts from equal weights
+        assert logged[f"[metric]tokens/{lv}/tokens_eff"] == pytest.approx(rt.num_tokens)
     task = {k: v for k, v in losses.items() if k not in ("loss_dice", "loss_token_area")}
-    task.pop("loss_token_weights")
+    task.pop("loss_saliency")
     heads = [rt.weight_head[2].weight for rt in model.tokens.values()]
     from_task = torch.autograd.grad(sum(task.values()), heads, allow_unused=True, retain_graph=True)
     assert all(g is None or g.abs().max() == 0 for g in from_task)  # weights out of the view
-    from_fit = torch.autograd.grad(losses["loss_token_weights"], heads, retain_graph=True)
-    assert all(g.abs().sum() > 0 for g in from_fit)
+    from_fit = torch.autograd.grad(losses["loss_saliency"], heads, retain_graph=True)
+    assert any(g.abs().sum() > 0 for g in from_fit)  # the levels the task loss reaches
 
     # the reference: the teacher's view made leaf tensors, the task loss differentiated by them
     backbone = model.teacher.backbone
@@ -521,31 +527,25 @@ def test_a_stage1_step_fits_the_weights_to_the_teachers_saliency(teacher_files):
         backbone.inner.forward = inner_forward
         del backbone.teacher_view
     grads = torch.autograd.grad(sum(ref_task.values()), list(views.values()))
-    want = 0.0
-    for (lv, view), g in zip(views.items(), grads):
-        m, s = masks[lv].double(), g.abs().double()
-        dens = (m * s[:, None]).sum(dim=(2, 3))
-        total = dens.sum(dim=1, keepdim=True)
-        p = torch.where(total > 0, dens / total, torch.full_like(dens, 1 / dens.shape[1]))
-        w = weights[lv].double()
-        want = want + (p * (p.log() - w.log())).sum(dim=1).mean()
-    torch.testing.assert_close(losses["loss_token_weights"].double(), want, rtol=1e-4, atol=1e-6)
+    want = sum(
+        _saliency_reference(masks[lv].double(), weights[lv].double(), g.abs().double())
+        for lv, g in zip(views, grads)
+        if g.abs().sum() > 0
+    )
+    torch.testing.assert_close(losses["loss_saliency"].double(), 2.0 * want, rtol=1e-4, atol=1e-6)
     for lv in model.tokens:  # what the teacher sees is the union, and the statistic says so
         assert logged[f"[metric]tokens/{lv}/combined"] == pytest.approx(
             views[lv].detach().mean().item(), rel=1e-4, abs=1e-5
         )
 
 
-def test_the_saliency_target_and_the_union_gate_need_each_other(teacher_files):
-    with pytest.raises(ValueError, match="WEIGHT_TARGET 'saliency'.*WEIGHT_GATE 'union'"):
-        _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_TARGET": "saliency"})
-    with pytest.raises(ValueError, match="WEIGHT_TARGET 'saliency'.*WEIGHTED False"):
-        _stage1(
-            teacher_files,
-            **{**SALIENCY, "MODEL.MASKD.WEIGHTED": False, "MODEL.MASKD.WEIGHT_FLOOR": 0.0},
-        )
-    with pytest.raises(ValueError, match="WEIGHT_GATE 'union'.*cannot train them"):
+def test_the_union_gate_needs_the_saliency_fit_for_weighted_tokens(teacher_files):
+    with pytest.raises(ValueError, match="WEIGHT_GATE 'union'.*SALIENCY_WEIGHT > 0"):
         _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_GATE": "union"})
-    with pytest.raises(ValueError, match="WEIGHT_TARGET must be one of"):
-        _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_TARGET": "oracle"})
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="MODEL.MASKD.SALIENCY_WEIGHT"):
+            _stage1(teacher_files, **{**SALIENCY, "MODEL.MASKD.SALIENCY_WEIGHT": bad})
     _stage1(teacher_files, **{"MODEL.MASKD.WEIGHT_GATE": "union", "MODEL.MASKD.WEIGHTED": False})
+    # the paper's initialisation where nothing is fitted: weights far from equal
+    _, model = _stage1(teacher_files)
+    assert all(rt.weight_head[2].weight.abs().sum() > 0 for rt in model.tokens.values())

@@ -139,3 +139,53 @@ def test_foreground_statistics_of_a_written_split(tmp_path):
     # stride 32 (2x2 cells): box 1 the top-left cell, box 2 the two bottom cells: 3 of 4
     assert stats["cells in boxes, p5"] == pytest.approx((3 / 4 + 0) / 2)
     assert stats["box area / image area"] == pytest.approx((256 + 1200) / 2 / 4096)
+    # COCO's classes scaled to a 64x64 image: small under 32^2 * 64^2 / 480^2 = 18.2 px^2,
+    # medium under 163.8; the masks' areas decide where given
+    assert "occluded" not in stats  # the split does not record it
+    for area, want in ((18.0, "small"), (18.3, "medium"), (163.0, "medium"), (164.0, "large")):
+        data["annotations"][0]["area"] = area
+        data["annotations"][1]["area"] = 1000.0
+        path.write_text(json.dumps(data))
+        stats = foreground_statistics(str(path), strides=(8,))
+        expected = {"small": 0.0, "medium": 0.0, "large": 0.5}  # box 2: 1000 px^2, large
+        expected[want] += 0.5
+        assert {k: stats[k] for k in expected} == expected, area
+
+
+def test_the_detection_variant_is_like_coco(tmp_path):
+    """About seven objects per image, COCO's spread of object sizes (its thresholds scaled to
+    the image), occlusion, distractors of no class, each class in its own band of hues."""
+    from shapes import COCO_PUBLISHED, VARIANTS, foreground_statistics, statistics_table
+
+    json_file, image_dir = generate_split(str(tmp_path), "val", 60, seed=0, variant="detection")
+    assert "_detection_" in os.path.basename(os.path.dirname(json_file))
+    stats = foreground_statistics(json_file)
+    assert 6.0 <= stats["objects per image"] <= 9.0
+    for size in ("small", "medium", "large"):
+        assert abs(stats[size] - COCO_PUBLISHED[size]) < 0.08, (size, stats[size])
+    assert 0.05 < stats["occluded"] < 0.5
+    with open(json_file) as f:
+        data = json.load(f)
+    assert all(0.25 <= a["visible"] <= 1.0 for a in data["annotations"])
+    hues = {c: [] for c in range(len(CLASSES))}
+    for a in data["annotations"]:
+        image = cv2.imread(os.path.join(image_dir, f"{a['image_id'] - 1:06d}.png"))
+        m = mask_util.decode(a["segmentation"]).astype(bool)
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        hues[a["category_id"] - 1].append(float(np.median(hsv[..., 0][m])))
+    band = 180 / len(CLASSES)
+    for c, values in hues.items():  # the visible pixels of every object lie in its class's band
+        assert values and all(c * band - 2 <= h <= (c + 1) * band + 2 for h in values), (c, values)
+    # the background is not flat: more than the objects differ from the image's median colour
+    image = cv2.imread(os.path.join(image_dir, "000000.png")).astype(np.float32)
+    objects = np.zeros(image.shape[:2], bool)
+    for a in data["annotations"]:
+        if a["image_id"] == 1:
+            objects |= mask_util.decode(a["segmentation"]).astype(bool)
+    background = image[~objects]
+    assert background.std(axis=0).mean() > 10
+    table = statistics_table({"detection": json_file})
+    assert "| small (COCO's thresholds scaled to the image) | " in table
+    assert table.splitlines()[0] == "| | detection | COCO (published) |"
+    assert "| objects per image | " in table and "| 7.3 |" in table
+    assert set(VARIANTS) == {"default", "small", "detection"}

@@ -79,11 +79,11 @@ def _add_token_keys(_C: CN) -> None:
     # token's cells pass whole) or "union" (c = 1 - prod_t (1 - M_t): a cell passes whole where
     # any token covers it; the weights stay out of the teacher's view).
     _C.WEIGHT_GATE = "absolute"
-    # Stage 1: what the token weights learn from: "task" (the paper: the teacher's task loss
-    # through the aggregate) or "saliency" (loss_token_weights: the KL divergence of the weights
-    # from each token's share of the saliency |d task loss / d c| of the cells it covers; needs
-    # WEIGHT_GATE "union").
-    _C.WEIGHT_TARGET = "task"
+    # Stage 1: weight of loss_saliency, the KL divergence of stage 2's loss over the cells
+    # (sum_t w_t M_t^2 / sum M_t) from the teacher's saliency |d task loss / d c| (c: what the
+    # teacher sees of a cell), summed over levels; it trains masks and weights. 0.0: off (the
+    # paper). With WEIGHT_GATE "union" the weights learn from it alone.
+    _C.SALIENCY_WEIGHT = 0.0
     # Stage 1: the pairs the Dice loss compares: "all" (the paper) or "weighted" (pairs weighted
     # by w_i w_j, the weights detached: the tokens that carry weight must not overlap).
     _C.DICE_PAIRS = "all"

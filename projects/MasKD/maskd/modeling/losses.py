@@ -16,8 +16,7 @@ __all__ = [
     "combined_mask",
     "union_mask",
     "masked_aggregate",
-    "token_saliency_shares",
-    "saliency_weight_loss",
+    "saliency_cell_loss",
     "neutral_fill",
     "FILLS",
     "raise_if_not_finite",
@@ -244,63 +243,46 @@ def union_mask(masks: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.prod(1.0 - masks, dim=1)
 
 
-def token_saliency_shares(masks: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
-    """Each token's share of the saliency.
+def saliency_cell_loss(
+    masks: torch.Tensor, weights: torch.Tensor, saliency: torch.Tensor
+) -> torch.Tensor:
+    """``KL(s^ || q^)``: how far stage 2's loss over the cells is from the teacher's saliency.
 
-    With ``s`` the saliency of a cell (how much the teacher's loss depends on it), token t holds
-    ``S_t = sum_hw M_t s`` and its share is ``S_t / sum_u S_u``. Stage 2 puts ``w_t`` of its
-    loss on token t's region (its term is ``w_t`` times the mean error over the region), so
-    weights equal to these shares spread stage 2's loss over the regions as the saliency
-    spreads: per cell, in proportion to its region's saliency per cell.
-
-    Args:
-        masks: (N, T, H, W) soft masks in [0, 1].
-        saliency: (N, H, W) non-negative saliency.
-
-    Returns:
-        (N, T) shares summing to 1 per image (1 / T each for an image without saliency), without
-        gradient.
-    """
-    if masks.dim() != 4 or saliency.shape != (masks.shape[0], *masks.shape[2:]):
-        raise ValueError(
-            f"masks (N, T, H, W) and saliency (N, H, W) do not fit: {tuple(masks.shape)} and "
-            f"{tuple(saliency.shape)}"
-        )
-    dtype = _compute_dtype(masks, saliency)
-    with torch.no_grad(), torch.autocast(device_type=masks.device.type, enabled=False):
-        m = masks.to(dtype).flatten(2)  # (N, T, HW)
-        s = saliency.to(dtype).flatten(1).unsqueeze(2)  # (N, HW, 1)
-        held = torch.bmm(m, s).squeeze(2)  # (N, T)
-        total = held.sum(dim=1, keepdim=True)  # (N, 1)
-        uniform = torch.full_like(held, 1.0 / masks.shape[1])
-        return torch.where(total > 0, held / total.clamp_min(torch.finfo(dtype).tiny), uniform)
-
-
-def saliency_weight_loss(weights: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
-    """``KL(shares || weights)``, averaged over images: the token weights fitted to the tokens'
-    saliency shares (:func:`token_saliency_shares`); 0 where they are equal.
+    ``q = sum_t w_t M_t^2 / sum_hw M_t`` is the weight stage 2's masked loss gives each cell,
+    ``q^ = q / sum_hw q`` and ``s^ = s / sum_hw s`` the two as distributions over the cells;
+    averaged over the images with saliency (0 when none has any). With hard, disjoint masks it
+    is lowest where each token's weight is its region's share of the saliency: the tokens
+    carve the map into regions of like saliency per cell, and the weights rank them by it.
 
     Args:
-        weights: (N, T) token weights (positive, summing to 1 per image), with gradient.
-        shares: (N, T) target shares (summing to 1 per image), without gradient.
+        masks: (N, T, H, W) soft masks, with gradient.
+        weights: (N, T) token weights, with gradient.
+        saliency: (N, H, W) non-negative saliency, without gradient.
 
     Returns:
-        A scalar tensor (float32, or float64 for float64 inputs); 0, connected to the graph of
-        ``weights``, for N == 0.
+        A scalar tensor (float32, or float64 for float64 inputs).
     """
-    if weights.shape != shares.shape or weights.dim() != 2:
+    n, t = masks.shape[:2]
+    if weights.shape != (n, t) or saliency.shape != (n, *masks.shape[2:]):
         raise ValueError(
-            f"weights and shares must have one (N, T) shape, got {tuple(weights.shape)} and "
-            f"{tuple(shares.shape)}"
+            f"masks (N, T, H, W), weights (N, T) and saliency (N, H, W) do not fit: "
+            f"{tuple(masks.shape)}, {tuple(weights.shape)}, {tuple(saliency.shape)}"
         )
-    dtype = _compute_dtype(weights, shares)
-    with torch.autocast(device_type=weights.device.type, enabled=False):
-        w, p = weights.to(dtype), shares.detach().to(dtype)
-        if w.shape[0] == 0:
-            return w.sum() * 0.0
+    dtype = _compute_dtype(masks, weights, saliency)
+    with torch.autocast(device_type=masks.device.type, enabled=False):
         tiny = torch.finfo(dtype).tiny
-        kl = p * (p.clamp_min(tiny).log() - w.clamp_min(tiny).log())  # (N, T)
-        return kl.sum(dim=1).mean()
+        m = masks.to(dtype).flatten(2)  # (N, T, HW)
+        per_token = weights.to(dtype) / m.sum(dim=2).clamp_min(tiny)  # (N, T)
+        q = torch.einsum("nt,ntp->np", per_token, m.square())  # (N, HW)
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(tiny)
+        s = saliency.detach().to(dtype).flatten(1)  # (N, HW)
+        total = s.sum(dim=1, keepdim=True)
+        has = total[:, 0] > 0
+        if not bool(has.any()):
+            return (q * 0.0).sum()
+        p = s / total.clamp_min(tiny)
+        kl = torch.where(p > 0, p * (p.clamp_min(tiny).log() - q.clamp_min(tiny).log()), 0.0)
+        return kl.sum(dim=1)[has].mean()
 
 
 def masked_aggregate(

@@ -28,23 +28,19 @@ from ..losses import (
     dice_diversity_loss,
     min_token_area_loss,
     raise_if_not_finite,
-    saliency_weight_loss,
-    token_saliency_shares,
+    saliency_cell_loss,
 )
 from ..pairing import resolve_channel_orders, resolve_in_features, teacher_batch
 from ..receptive_tokens import build_level_tokens
 from ..teacher import freeze, head_levels, teacher_from_config
 from ..wrappers import recording
 
-__all__ = ["MasKDTokenLearner", "DICE_PAIRS", "WEIGHT_TARGETS"]
+__all__ = ["MasKDTokenLearner", "DICE_PAIRS"]
 
 logger = logging.getLogger(__name__)
 
 # The pairs of tokens the Dice loss compares: all (the paper), or weighted by w_i w_j.
 DICE_PAIRS = ("all", "weighted")
-# What the token weights learn from: the teacher's task loss through the aggregate (the paper),
-# or the tokens' shares of the teacher's saliency (loss_token_weights).
-WEIGHT_TARGETS = ("task", "saliency")
 
 
 @contextlib.contextmanager
@@ -74,7 +70,7 @@ def _check_objective(
     dice_pairs: str,
     min_token_area: float,
     weight_gate: str = "absolute",
-    weight_target: str = "task",
+    saliency_weight: float = 0.0,
 ) -> None:
     """Raise ValueError, naming the config key, for a stage-1 objective that cannot work."""
     check_number(dice_weight, "MODEL.MASKD.DICE_WEIGHT", zero_allowed=True)
@@ -84,22 +80,12 @@ def _check_objective(
     if dice_pairs == "weighted" and not weighted:
         raise ValueError("MODEL.MASKD.DICE_PAIRS 'weighted' needs weighted tokens")
     check_fraction(min_token_area, "MODEL.MASKD.MIN_TOKEN_AREA")
-    if weight_target not in WEIGHT_TARGETS:
-        raise ValueError(
-            f"MODEL.MASKD.WEIGHT_TARGET must be one of {WEIGHT_TARGETS}, got '{weight_target}'"
-        )
-    if weight_target == "saliency" and not (weighted and weight_gate == "union"):
-        raise ValueError(
-            "MODEL.MASKD.WEIGHT_TARGET 'saliency' fits the token weights to the teacher's "
-            "saliency; it needs weighted tokens (MODEL.MASKD.WEIGHTED True) that stay out of the "
-            f"teacher's view (MODEL.MASKD.WEIGHT_GATE 'union'), got WEIGHTED {weighted}, "
-            f"WEIGHT_GATE '{weight_gate}'"
-        )
-    if weight_gate == "union" and weighted and weight_target == "task":
+    check_number(saliency_weight, "MODEL.MASKD.SALIENCY_WEIGHT", zero_allowed=True)
+    if weight_gate == "union" and weighted and saliency_weight == 0:
         raise ValueError(
             "MODEL.MASKD.WEIGHT_GATE 'union' keeps the token weights out of the teacher's view, "
-            "so the task loss cannot train them: set MODEL.MASKD.WEIGHT_TARGET 'saliency', or "
-            "MODEL.MASKD.WEIGHTED False"
+            "so the task loss cannot train them: fit them to the teacher's saliency "
+            "(MODEL.MASKD.SALIENCY_WEIGHT > 0), or use MODEL.MASKD.WEIGHTED False"
         )
     if num_tokens < 2 and dice_weight > 0:
         raise ValueError(
@@ -160,7 +146,7 @@ class MasKDTokenLearner(nn.Module):
         dice_pairs: str = "all",
         min_token_area: float = 0.0,
         weight_gate: str = "absolute",
-        weight_target: str = "task",
+        saliency_weight: float = 0.0,
     ):
         """
         Args:
@@ -194,11 +180,13 @@ class MasKDTokenLearner(nn.Module):
             weight_gate: "absolute" (the paper: ``sum_t w_t M_t`` scales the features),
                 "relative" (``sum_t (w_t / max_s w_s) M_t``) or "union" (``1 - prod_t (1 -
                 M_t)``, the weights left out; :class:`TokenMaskedBackbone`).
-            weight_target: "task" (the paper: the weights learn from the task loss through the
-                aggregate) or "saliency": ``loss_token_weights``, the KL divergence of the
-                weights from the tokens' shares of the teacher's saliency
-                (:func:`maskd.modeling.losses.token_saliency_shares`; the saliency of a cell is
-                ``|d task loss / d c|``, c what the teacher sees of it). Needs "union".
+            saliency_weight: the weight of ``loss_saliency`` (0: off, the paper): the KL
+                divergence of stage 2's loss over the cells from the teacher's saliency
+                (:func:`maskd.modeling.losses.saliency_cell_loss`; the saliency of a cell is
+                ``|d task loss / d c|``, c what the teacher sees of it), summed over levels;
+                it trains masks and weights. Weighted tokens then start from equal weights
+                (the weight heads' last layer at zero): the paper's initialisation gives
+                nearly one-hot weights, far from any saliency.
         """
         super().__init__()
         _check_objective(
@@ -209,7 +197,7 @@ class MasKDTokenLearner(nn.Module):
             dice_pairs,
             min_token_area,
             weight_gate,
-            weight_target,
+            saliency_weight,
         )
         freeze(teacher)
         device = next(teacher.parameters()).device  # the tokens live with the teacher
@@ -226,6 +214,10 @@ class MasKDTokenLearner(nn.Module):
             mask_norm,
             weight_floor,
         ).to(device)
+        if saliency_weight > 0 and weighted:  # equal weights first: far from none
+            for rt in tokens.values():
+                nn.init.zeros_(rt.weight_head[2].weight)
+                nn.init.zeros_(rt.weight_head[2].bias)
         self.input_format, self.teacher_format = resolve_channel_orders(input_format, teacher)
         # The wrapper is built here, once, and is part of the module tree: no hooks.
         teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens, fill, weight_gate)
@@ -235,18 +227,18 @@ class MasKDTokenLearner(nn.Module):
         self.area_weight = area_weight
         self.dice_pairs = dice_pairs
         self.min_token_area = min_token_area
-        self.weight_target = weight_target
+        self.saliency_weight = saliency_weight
         self.strides = {lv: shapes[lv].stride for lv in levels}
         logger.info(
             "MasKDTokenLearner: %d tokens (weighted=%s, %s) on levels %s; fill %s, %s weight "
-            "gate, weights from the %s, Dice over %s pairs, minimum token area %s",
+            "gate, saliency fit %s, Dice over %s pairs, minimum token area %s",
             num_tokens,
             weighted,
             tokens[levels[0]].describe_form(),
             levels,
             fill,
             weight_gate,
-            "task loss" if weight_target == "task" else "teacher's saliency",
+            saliency_weight or "off",
             dice_pairs,
             min_token_area or "off",
         )
@@ -272,7 +264,7 @@ class MasKDTokenLearner(nn.Module):
             "dice_pairs": mcfg.DICE_PAIRS,
             "min_token_area": mcfg.MIN_TOKEN_AREA,
             "weight_gate": mcfg.WEIGHT_GATE,
-            "weight_target": mcfg.WEIGHT_TARGET,
+            "saliency_weight": mcfg.SALIENCY_WEIGHT,
         }
 
     @classmethod
@@ -320,13 +312,12 @@ class MasKDTokenLearner(nn.Module):
 
         Args:
             masks: level -> :class:`maskd.modeling.backbone.LevelMasks` (with gradient).
-            saliency: level -> (N, H, W) saliency of the cells, where the weights are fitted to
-                it (``weight_target`` "saliency").
+            saliency: level -> (N, H, W) saliency of the cells, where stage 2's loss is fitted
+                to it (``saliency_weight`` > 0).
 
         Returns:
             ``loss_dice`` (``dice_weight`` x the Dice diversity loss, summed over levels), and
-            where enabled ``loss_token_area``, ``loss_area`` and ``loss_token_weights`` (the
-            KL divergence of the weights from the tokens' saliency shares, summed over levels).
+            where enabled ``loss_token_area``, ``loss_area`` and ``loss_saliency``.
 
         Raises:
             FloatingPointError: a non-finite per-level Dice loss, naming the level.
@@ -349,9 +340,8 @@ class MasKDTokenLearner(nn.Module):
                 m.combined.float().mean() for m in masks.values()
             )
         if saliency is not None:
-            out["loss_token_weights"] = sum(
-                saliency_weight_loss(m.weights, token_saliency_shares(m.masks, saliency[lv]))
-                for lv, m in masks.items()
+            out["loss_saliency"] = self.saliency_weight * sum(
+                saliency_cell_loss(m.masks, m.weights, saliency[lv]) for lv, m in masks.items()
             )
         return out
 
@@ -406,7 +396,7 @@ class MasKDTokenLearner(nn.Module):
             masks, padded = backbone.recorded("masks"), backbone.recorded("input_hw")
         storage = get_event_storage()
         raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
-        saliency = self.saliency(losses, masks) if self.weight_target == "saliency" else None
+        saliency = self.saliency(losses, masks) if self.saliency_weight > 0 else None
         ours = self.token_losses(masks, saliency)
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
         levels = {
