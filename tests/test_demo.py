@@ -38,7 +38,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     run(
         [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
         + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
-        + ["--sources", *SOURCES, "--jobs", "2"],
+        + ["--sources", *SOURCES, "--full-sources", "uniform", "--jobs", "2"],
         tmp_path,
         timeout=1800,  # the whole quick demo: 2 teachers, 2 stage-1 seeds, the ablation
     )
@@ -49,7 +49,19 @@ def test_quick_demo_writes_the_report(tmp_path):
     runs |= {"teacher_t1", "tokens_t1_seed0", "tokens_t1_seed1", "maskd_t1_seed0"}
     runs |= {f"maskd_t{t}_seed0 {stage}" for t in (0, 1) for stage in ("export", "evaluate")}
     runs |= {f"ablation_t{t}_{src}_seed0" for t in (0, 1) for src in SOURCES}
+    runs |= {f"full_t{t}_uniform_seed0" for t in (0, 1)}
     assert set(times) == runs and all(v > 0 for v in times.values())
+    # the full recipe through uniform masks: both distillation losses, val and test
+    for t in (0, 1):
+        folder = out / f"full_t{t}_uniform_seed0" / "student"
+        assert "MASK_SOURCE: uniform" in (folder / "config.yaml").read_text()
+        keys = {k for line in open(folder / "metrics.json") for k in json.loads(line)}
+        assert {"loss_maskd", "loss_roi_reg_kd", "maskd_shapes_val/bbox/AP"} <= keys
+        tr = results["teachers"][str(t)]
+        assert set(tr["full"]) == set(tr["full val"]) == {"uniform"}
+        assert set(tr["maskd val"]) == {"0"}
+    assert "## Paired differences" in report
+    assert "| full recipe, uniform (whole-map mimicking) - baseline | " in report
     # the ablation's students: features only, with their mask source, evaluated on val and test
     for t in (0, 1):
         for src in SOURCES:
@@ -130,12 +142,12 @@ def test_quick_demo_writes_the_report(tmp_path):
     again = run(
         [os.path.join(ROOT, "demo", "run_demo.py"), "--quick", "--output", str(out)]
         + ["--data-root", str(tmp_path / "data"), "--teacher-seeds", "2", "--token-seeds", "2"]
-        + ["--sources", *SOURCES, "--jobs", "2"],
+        + ["--sources", *SOURCES, "--full-sources", "uniform", "--jobs", "2"],
         tmp_path,
     )
     # 1 baseline; per teacher: the teacher, 4 pipeline stages, 1 extra stage-1 run, 3 ablation
-    # students
-    assert (again.stdout + again.stderr).count("finished before, kept") == 19
+    # students, 1 full-recipe student through uniform masks
+    assert (again.stdout + again.stderr).count("finished before, kept") == 21
     assert json.loads((out / "results.json").read_text())["results"] == results
 
 
@@ -419,3 +431,81 @@ def test_the_demo_partition_configs_are_the_shipped_pair_plus_the_levers():
             partition.MODEL.MASKD[k] = shipped.MODEL.MASKD[k]
         partition.OUTPUT_DIR = shipped.OUTPUT_DIR
         assert partition == shipped, stage
+
+
+def test_student_t_quantiles_and_the_seeds_a_difference_needs():
+    import report as demo
+
+    # Student's t table, 0.975 quantiles
+    for df, want in ((1, 12.706), (2, 4.303), (5, 2.571), (10, 2.228), (30, 2.042)):
+        assert demo.t_quantile(0.975, df) == pytest.approx(want, abs=5e-4)
+    assert demo.t_quantile(0.95, 4) == pytest.approx(2.132, abs=5e-4)
+    with pytest.raises(ValueError, match="0.5 < q < 1"):
+        demo.t_quantile(0.3, 4)
+    # n = 3: 4.303 * 0.1414 / sqrt(3) = 0.351 < 0.4, n = 2: 1.27 is not
+    assert demo.seeds_needed(0.4, 0.02**0.5) == 3
+    assert demo.seeds_needed(-0.4, 0.02**0.5) == 3  # the sign does not matter
+    assert demo.seeds_needed(0.0, 1.0) == math.inf
+    assert demo.seeds_needed(1e-4, 10.0) == math.inf  # beyond 1000 seeds
+    assert demo.seeds_needed(0.3, 0.0) == 2
+    p = demo.paired([1.0, 2.0], [1.0, float("nan")])
+    assert math.isnan(p["low"]) and p["n"] == 2
+    assert demo.interval(p).endswith("(n=2, no interval)")
+
+
+def test_report_paired_differences_of_the_full_recipe_and_their_goals(tmp_path):
+    import report as demo
+
+    baseline = [3.0, 4.0, 5.0, 4.0, 3.5, 4.5]
+    paper = [5.0, 6.0, 6.5, 5.0, 5.5, 6.0]
+    results = _results([10.0, 10.0], baseline, [paper, paper], [[1.0], [1.0]])
+
+    def runs(aps):
+        return {s: {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2} for s, ap in enumerate(aps)}
+
+    gain = [0.5, 0.3, 0.6, 0.4, 0.2, 0.4]  # mean 0.4, sd sqrt(0.02)
+    for t, tr in results["teachers"].items():
+        shift = 0.0 if t == 0 else -0.6  # teacher 1: the variant loses 0.2 on the mean
+        variant = [a + g + shift for a, g in zip(paper, gain)]
+        tr["full"] = {"uniform": runs([a - 0.1 for a in paper]), "tokens_variant": runs(variant)}
+        tr["full val"] = {"uniform": runs(paper), "tokens_variant": runs(paper)}
+        tr["maskd val"] = runs(paper)
+        stats = {"p2": {"gt_share": 0.5, "gt_share_uniform": 0.25}}  # 2.00
+        tr["tokens_variant"] = {0: {"retention": 1.0, "token statistics": stats}}
+    report = open(
+        demo.write_report(str(tmp_path), results, {}, 0.0, 1.0, False, demo.DEFAULT)
+    ).read()
+    section = report[report.index("## Paired differences") : report.index("## Goals")]
+    block0 = section[section.index("Teacher seed 0:") : section.index("Teacher seed 1:")]
+    # 0.4 +- 2.5706 * 0.14142 / sqrt(6) = [0.2516, 0.5484]
+    assert (
+        "| full recipe, learned tokens, the variant's stage 1 - learned tokens (the paper's"
+        " stage 1) | +0.40 [+0.25, +0.55] (n=6) | +0.50, +0.30, +0.60, +0.40, +0.20, +0.40 | 3 |"
+        " +0.00 [+0.00, +0.00] (n=6) |" in block0
+    )
+    assert (
+        "| full recipe, learned tokens (the paper's stage 1) - baseline | +1.67 [+1.24, +2.10]"
+        " (n=6) |" in block0
+    )
+    assert "| full recipe, uniform (whole-map mimicking) - baseline | +1.57 " in block0
+    goals = report[report.index("## Goals") :]
+    assert (
+        "- teacher seed 0: full recipe, the variant's tokens - the paper's >= +0.3 AP with the 95%"
+        " interval above zero: reached (+0.40 [+0.25, +0.55] (n=6))" in goals
+    )
+    assert (
+        "- teacher seed 1: full recipe, the variant's tokens - the paper's >= +0.3 AP with the 95%"
+        " interval above zero: NOT reached (-0.20 [-0.35, -0.05] (n=6))" in goals
+    )
+    assert (
+        "- teacher seed 0: full recipe, the variant's tokens - baseline student >= +1.0 AP:"
+        " reached (+2.07 " in goals
+    )
+    assert (
+        "- teacher seed 0: the variant's tokens: re-weighting of the boxes at p2 >= 1.3, every"
+        " stage-1 seed: reached (seed 0: 2.00)" in goals
+    )
+    assert (
+        "- teacher seed 0: learned tokens: re-weighting of the boxes at p2 >= 1.3, every"
+        " stage-1 seed: NOT reached (seed 0: 1.00)" in goals
+    )
