@@ -59,6 +59,7 @@ YAML_PAIRS = {
     "COCO-InstanceSegmentation/maskd_mask_rcnn_R_101-mask_rcnn_R_50_FPN",
     "COCO-PanopticSegmentation/maskd_panoptic_fpn_R_101-panoptic_fpn_R_50",
     "Cityscapes-SemanticSegmentation/maskd_deeplab_v3_R_103-deeplab_v3_R_50",
+    "Cityscapes-SemanticSegmentation/maskd-res5_deeplab_v3_R_103-deeplab_v3_R_50",
     "Misc/maskd_semantic_R_101-semantic_R_50_FPN",
 }
 LAZY_PAIRS = {
@@ -75,7 +76,7 @@ def _pairs(paths, ext):
     out = {}
     for path in paths:
         name = _name(path)
-        match = re.fullmatch(rf"(.+)_(tokens|2x|90k)_(coco|cityscapes)\.{ext}", name)
+        match = re.fullmatch(rf"(.+)_(tokens|2x|40k|90k)_(coco|cityscapes)\.{ext}", name)
         assert match, name
         out.setdefault(match.group(1), set()).add(match.group(2))
     return out
@@ -114,8 +115,9 @@ def test_yacs_config_builds(path):
         stage1 = get_maskd_cfg()
         stage1.merge_from_file(tokens_cfg)
         assert cfg.MODEL.MASKD.TOKENS_WEIGHTS == os.path.join(stage1.OUTPUT_DIR, "model_final.pth")
-        # 2x, or the DeepLab project's 90k on Cityscapes
-        assert cfg.SOLVER.MAX_ITER == (90000 if "cityscapes" in path else 180000)
+        # 2x; on Cityscapes the paper's 40k on the logits, the DeepLab project's 90k on res5
+        schedule = {"40k": 40000, "90k": 90000}.get(path.rsplit("_", 2)[-2], 180000)
+        assert cfg.SOLVER.MAX_ITER == schedule, path
     else:
         assert cfg.SOLVER.MAX_ITER == 2000 and cfg.MODEL.WEIGHTS == ""
     cfg.merge_from_list(NO_WEIGHTS)

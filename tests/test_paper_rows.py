@@ -45,6 +45,9 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 DEEPLAB = os.path.join(
     CONFIGS, "Cityscapes-SemanticSegmentation", "maskd_deeplab_v3_R_103-deeplab_v3_R_50_"
 )
+DEEPLAB_RES5 = os.path.join(
+    CONFIGS, "Cityscapes-SemanticSegmentation", "maskd-res5_deeplab_v3_R_103-deeplab_v3_R_50_"
+)
 CASCADE = os.path.join(
     CONFIGS, "COCO-Detection", "maskd_cascade_mask_rcnn_X_152-faster_rcnn_R_50_FPN_"
 )
@@ -145,13 +148,35 @@ def _assert_same(a, b):
         assert torch.equal(v, b[k]), k
 
 
-def test_deeplab_cityscapes_pair_trains_both_stages(tmp_path, monkeypatch):
+def test_deeplab_cityscapes_pair_is_the_papers_segmentation_recipe():
+    """The shipped pair distils what the paper distils: the output logits, 8 tokens without a
+    weight head, no customised masks, no align conv, 0.5 x the loss; SGD lr 0.02, poly 0.9, 40k
+    iterations of 16 crops of 512 x 1024. The res5 alternative keeps the teacher's schedule."""
+    stage2 = load_config(DEEPLAB + "40k_cityscapes.yaml")
+    m = stage2.MODEL.MASKD
+    assert list(m.IN_FEATURES) == ["logits"] and not m.ALIGN
+    assert (m.NUM_TOKENS, m.WEIGHTED, m.CUSTOM_MASK_WARMUP, m.LOSS_WEIGHT) == (8, False, -1, 0.5)
+    solver = stage2.SOLVER
+    assert (solver.OPTIMIZER, solver.BASE_LR, solver.MAX_ITER) == ("SGD", 0.02, 40000)
+    assert (solver.LR_SCHEDULER_NAME, solver.POLY_LR_POWER) == ("WarmupPolyLR", 0.9)
+    assert solver.IMS_PER_BATCH == 16 and tuple(stage2.INPUT.CROP.SIZE) == (512, 1024)
+    stage1 = load_config(DEEPLAB + "tokens_cityscapes.yaml")
+    assert list(stage1.MODEL.MASKD.IN_FEATURES) == ["logits"]
+    assert stage2.MODEL.MASKD.TOKENS_WEIGHTS == os.path.join(stage1.OUTPUT_DIR, "model_final.pth")
+    res5 = load_config(DEEPLAB_RES5 + "90k_cityscapes.yaml")
+    assert list(res5.MODEL.MASKD.IN_FEATURES) == ["res5"] and res5.MODEL.MASKD.ALIGN
+    assert res5.SOLVER.MAX_ITER == 90000
+
+
+@pytest.mark.parametrize("pair", ["logits", "res5"])
+def test_deeplab_cityscapes_pair_trains_both_stages(tmp_path, monkeypatch, pair):
     register_sem_seg("tiny_sem_train", str(tmp_path / "train"), 0)
     register_sem_seg("tiny_sem_val", str(tmp_path / "val"), 1)
+    prefix, schedule = (DEEPLAB, "40k") if pair == "logits" else (DEEPLAB_RES5, "90k")
 
     # The teacher, as a user has it: the shipped teacher config (DeepLab's own keys), small.
     stage2 = get_maskd_cfg()
-    stage2.merge_from_file(DEEPLAB + "90k_cityscapes.yaml")
+    stage2.merge_from_file(prefix + f"{schedule}_cityscapes.yaml")
     teacher_file = os.path.join(CONFIGS, "..", stage2.MODEL.MASKD.TEACHER.CONFIG_FILE)
     teacher_cfg = load_config(teacher_file, DEEPLAB_SMALL)
     assert teacher_cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE == "hard_pixel_mining"  # DeepLab's key
@@ -170,7 +195,7 @@ def test_deeplab_cityscapes_pair_trains_both_stages(tmp_path, monkeypatch):
         cfg.MODEL.MASKD.TEACHER.WEIGHTS = str(weights)
         return _small_training(cfg, tmp_path / name, "tiny_sem_train", "tiny_sem_val")
 
-    stage1 = configure(load_config(DEEPLAB + "tokens_cityscapes.yaml"), "s1")
+    stage1 = configure(load_config(prefix + "tokens_cityscapes.yaml"), "s1")
     assert is_deeplab(stage1)
     augs = semantic_train_augmentations(stage1)  # the DeepLab project's order
     assert [type(a) for a in augs] == [
@@ -188,8 +213,11 @@ def test_deeplab_cityscapes_pair_trains_both_stages(tmp_path, monkeypatch):
     trainer, records = _train(stage1)
     assert loaders == ["DeepLabV3Head"]
     model = trainer.model
-    assert model.in_features == ["res5"]
-    assert model.tokens["res5"].num_tokens == 8 and not model.tokens["res5"].weighted
+    level = "logits" if pair == "logits" else "res5"
+    assert model.in_features == [level]
+    assert model.tokens[level].num_tokens == 8 and not model.tokens[level].weighted
+    if pair == "logits":  # the tokens see the teacher's class scores
+        assert model.tokens[level].channels == SEM_CLASSES
     assert "loss_dice" in records[0] and "loss_sem_seg" in records[0]
     assert any("retention/sem_seg/mIoU" in r for r in records)  # the plain teacher beside it
     _assert_same(torch.load(weights, weights_only=True)["model"], _teacher_state(model))
@@ -203,6 +231,8 @@ def test_deeplab_cityscapes_pair_trains_both_stages(tmp_path, monkeypatch):
     assert model.student.backbone.inner.stem.conv1.out_channels == 64  # the student's basic stem
     assert type(trainer.scheduler).__name__ == "WarmupPolyLR"
     assert all(r["loss_maskd"] > 0 for r in records if "loss_maskd" in r)
+    align = model.align[level]
+    assert isinstance(align, torch.nn.Identity if pair == "logits" else torch.nn.Conv2d)
     assert any("sem_seg/mIoU" in r for r in records)  # evaluated by detectron2's evaluator
     _assert_same(torch.load(weights, weights_only=True)["model"], _teacher_state(model))
 

@@ -52,7 +52,8 @@ def _add_token_keys(_C: CN) -> None:
     """The receptive tokens (both stages) and the objective that learns them (stage 1)."""
     # The distilled feature levels (the teacher's names); empty: stage 1 every level the
     # teacher's heads read, stage 2 every level of the tokens that the student has at the same
-    # stride (under the same name, or the one LEVEL_MAP gives).
+    # stride (under the same name, or the one LEVEL_MAP gives). "logits" names a semantic
+    # head's output before upsampling (the paper's segmentation recipe; maskd.modeling.logits).
     _C.IN_FEATURES = []
     # Receptive tokens per level (T), and whether a head predicts per-image token weights.
     _C.NUM_TOKENS = 6
@@ -95,6 +96,10 @@ def _add_token_keys(_C: CN) -> None:
 def _add_distillation_keys(_C: CN) -> None:
     """Stage 2: which tokens, the levels paired, the masked feature loss, its mask source and
     the head-level terms."""
+    # Stage 2: a trainable 1x1 conv from the student's channels to the teacher's on every level
+    # (True: the paper's detection recipe, even where the channels agree), or none (False: the
+    # paper's segmentation recipe on the logits; the channels must agree).
+    _C.ALIGN = True
     # Stage 2, teacher and student levels of equal stride but different names:
     # ["TEACHER_LEVEL:STUDENT_LEVEL", ...], e.g. ["p4:res4"].
     _C.LEVEL_MAP = []

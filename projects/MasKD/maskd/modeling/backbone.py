@@ -15,7 +15,7 @@ caller's :func:`maskd.modeling.wrappers.recording` of the step.
 """
 
 import logging
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from detectron2.modeling import Backbone
@@ -27,6 +27,8 @@ from .wrappers import TransparentWrapper
 
 __all__ = [
     "TokenMaskedBackbone",
+    "masked_level",
+    "teacher_view",
     "LevelMasks",
     "GATES",
     "RecordingBackbone",
@@ -69,6 +71,43 @@ class LevelMasks(NamedTuple):
     combined: torch.Tensor
 
 
+def teacher_view(masks: torch.Tensor, weights: Optional[torch.Tensor], gate: str) -> torch.Tensor:
+    """What the teacher's heads see of each cell in stage 1, the combined mask c of the
+    aggregate ``c F + (1 - c) fill``, as the gate (:data:`GATES`) makes it.
+
+    Args:
+        masks: (N, T, H, W) masks; weights: (N, T) token weights, or None.
+
+    Returns:
+        (N, H, W) c.
+    """
+    if gate == "union":
+        return union_mask(masks)
+    if weights is not None and gate == "relative":
+        weights = weights / weights.max(dim=1, keepdim=True).values  # (N, T), max 1
+    return combined_mask(masks, weights)
+
+
+def masked_level(
+    tokens: ReceptiveTokens, feat: torch.Tensor, fill: str, gate: str
+) -> Tuple[torch.Tensor, LevelMasks]:
+    """Stage 1's masked aggregate of one level: ``c F + (1 - c) fill``, c the
+    :func:`teacher_view` of the tokens' masks.
+
+    Args:
+        tokens: the level's receptive tokens; feat: (N, C, H, W) frozen features (no gradient).
+        fill: :func:`maskd.modeling.losses.neutral_fill`'s kind; gate: one of :data:`GATES`.
+
+    Returns:
+        ((N, C, H, W) aggregate, the level's :class:`LevelMasks`, with gradient).
+    """
+    masks = tokens.masks(feat)  # (N, T, H, W)
+    weights = tokens.weights(feat) if tokens.weighted else None  # (N, T)
+    combined = teacher_view(masks, weights, gate)  # (N, H, W)
+    out = masked_aggregate(feat, masks, None, combined, neutral_fill(feat, fill))
+    return out, LevelMasks(masks, weights, combined)
+
+
 class TokenMaskedBackbone(_TransparentBackbone):
     """A frozen teacher backbone whose distilled levels are replaced by the tokens' masked
     aggregate ``sum_t w_t * M_t * F`` (stage 1).
@@ -80,12 +119,20 @@ class TokenMaskedBackbone(_TransparentBackbone):
     """
 
     def __init__(
-        self, inner: Backbone, tokens: nn.ModuleDict, fill: str = "zeros", gate: str = "absolute"
+        self,
+        inner: Backbone,
+        tokens: nn.ModuleDict,
+        fill: str = "zeros",
+        gate: str = "absolute",
+        elsewhere: Tuple[str, ...] = (),
     ):
         """
         Args:
             inner: the teacher's backbone, producing a dict of (N, C_l, H_l, W_l) features.
             tokens: one :class:`ReceptiveTokens` per distilled level, keyed by level name.
+            elsewhere: levels of ``tokens`` that are not the backbone's (the head's logits,
+                masked by :class:`maskd.modeling.logits.TokenMaskedPredictor`): held here, so
+                that every stage-1 checkpoint keeps its tokens under ``backbone.tokens``.
             fill: what masked-out cells become (:func:`maskd.modeling.losses.neutral_fill`): "zeros"
                 (the paper), "mean" or "blur".
             gate: how the token weights scale the masks in the aggregate: "absolute" (the
@@ -97,6 +144,8 @@ class TokenMaskedBackbone(_TransparentBackbone):
         super().__init__(inner)
         shapes = inner.output_shape()
         for name, rt in tokens.items():
+            if name in elsewhere:
+                continue
             if name not in shapes:
                 raise ValueError(
                     f"receptive tokens for level '{name}', but the backbone produces only "
@@ -112,25 +161,14 @@ class TokenMaskedBackbone(_TransparentBackbone):
         if gate not in GATES:
             raise ValueError(f"MODEL.MASKD.WEIGHT_GATE must be one of {GATES}, got '{gate}'")
         self.tokens = tokens
+        self.elsewhere = tuple(elsewhere)
         self.fill = fill
         self.gate = gate
         self.masking = True
 
     def teacher_view(self, masks: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-        """What the teacher's heads see of each cell, the combined mask c of the aggregate
-        ``c F + (1 - c) fill``, as the gate makes it.
-
-        Args:
-            masks: (N, T, H, W) masks; weights: (N, T) token weights, or None.
-
-        Returns:
-            (N, H, W) c.
-        """
-        if self.gate == "union":
-            return union_mask(masks)
-        if weights is not None and self.gate == "relative":
-            weights = weights / weights.max(dim=1, keepdim=True).values  # (N, T), max 1
-        return combined_mask(masks, weights)
+        """:func:`teacher_view` under this backbone's gate."""
+        return teacher_view(masks, weights, self.gate)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
@@ -148,13 +186,9 @@ class TokenMaskedBackbone(_TransparentBackbone):
         kept = {}
         out = dict(features)
         for name, rt in self.tokens.items():
-            feat = features[name]
-            masks = rt.masks(feat)  # (N, T, H, W)
-            weights = rt.weights(feat) if rt.weighted else None  # (N, T)
-            combined = self.teacher_view(masks, weights)  # (N, H, W)
-            fill = neutral_fill(feat, self.fill)
-            out[name] = masked_aggregate(feat, masks, None, combined, fill)  # (N, C, H, W)
-            kept[name] = LevelMasks(masks, weights, combined)
+            if name in self.elsewhere:
+                continue
+            out[name], kept[name] = masked_level(rt, features[name], self.fill, self.gate)
         if self.training:
             self.keep(masks=kept, input_hw=tuple(x.shape[-2:]))
         return out

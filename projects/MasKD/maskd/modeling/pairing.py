@@ -23,6 +23,8 @@ import torch
 from detectron2.layers import ShapeSpec
 from torch import nn
 
+from .logits import LOGITS, point_shapes
+
 __all__ = [
     "CHANNEL_ORDERS",
     "check_channel_orders",
@@ -383,8 +385,9 @@ def resolve_pair(
     Raises:
         ValueError: naming the levels, channels or formats that do not fit.
     """
-    t_shapes = teacher.backbone.output_shape()
-    s_shapes = student.backbone.output_shape()
+    logits = LOGITS in token_channels  # the semantic heads' outputs, where tokens are for them
+    t_shapes = point_shapes(teacher, with_logits=logits)
+    s_shapes = point_shapes(student, with_logits=logits)
     if in_features:
         missing = [lv for lv in in_features if lv not in token_channels]
         if missing:
@@ -411,6 +414,12 @@ def resolve_pair(
         level_map,
         explicit=bool(in_features),
     )
+    if LOGITS in pairs and t_shapes[LOGITS].channels != s_shapes[pairs[LOGITS]].channels:
+        raise ValueError(
+            f"level '{LOGITS}' compares class scores, but the teacher predicts "
+            f"{t_shapes[LOGITS].channels} classes and the student "
+            f"{s_shapes[pairs[LOGITS]].channels}: both must predict the same classes"
+        )
     for lv in pairs:
         if token_channels[lv] != t_shapes[lv].channels:
             raise ValueError(

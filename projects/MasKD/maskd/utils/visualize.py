@@ -1,5 +1,6 @@
 """Draw the receptive masks of learned tokens over images, like the paper's mask figure."""
 
+import contextlib
 import logging
 from typing import Dict, List, Optional
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from ..modeling.backbone import TokenMaskedBackbone, unwrap_backbone
 from ..modeling.diagnostics import foreground_cells, level_sizes, token_statistics
+from ..modeling.logits import LOGITS, point_shapes, teacher_logits
 from ..modeling.pairing import teacher_batch
 from ..modeling.teacher import preprocess_images
 from .files import atomic_write
@@ -42,7 +44,12 @@ def receptive_masks(model, batched_input: dict, with_statistics: bool = False):
     # stage 1's model: its gate decides what the teacher sees (the "combined" statistic)
     gated = teacher.backbone if isinstance(teacher.backbone, TokenMaskedBackbone) else None
     features = backbone(images.tensor)
-    strides = {lv: shape.stride for lv, shape in backbone.output_shape().items()}
+    with_logits = LOGITS in model.tokens
+    if with_logits:  # the head's plain logits (stage 1's masking off)
+        plain = getattr(model, "masks_disabled", contextlib.nullcontext)
+        with plain():
+            features[LOGITS] = teacher_logits(teacher, features)
+    strides = {lv: shape.stride for lv, shape in point_shapes(teacher, with_logits).items()}
     h, w = images.image_sizes[0]
     padded = tuple(images.tensor.shape[-2:])
     out, stats = {}, {}

@@ -29,6 +29,7 @@ from ..backbone import RecordingBackbone
 from ..diagnostics import level_sizes, put_level_statistics
 from ..head_kd import HeadKD, build_head_kd
 from ..inherit import inherit_neck_and_heads
+from ..logits import LOGITS, LogitsRecorder, point_shapes, teacher_logits
 from ..losses import masked_distillation_loss, raise_if_not_finite
 from ..mask_sources import LevelContext, MaskSource, build_mask_source, mask_source_class
 from ..pairing import (
@@ -108,6 +109,9 @@ class MasKD(nn.Module):
         mask_source: where the masks of ``loss_maskd`` come from: a registered name
             (:mod:`maskd.modeling.mask_sources`: "tokens", the paper; "uniform", "gt_boxes",
             "random_tokens") built with its defaults, or a built :class:`MaskSource`.
+        align: a trainable 1x1 conv from the student's channels to the teacher's on every
+            level (the paper's detection recipe), or none (the paper's segmentation recipe on
+            the logits, :data:`maskd.modeling.logits.LOGITS`; the channels must agree).
     """
 
     @configurable
@@ -127,6 +131,7 @@ class MasKD(nn.Module):
         level_map: Optional[Dict[str, str]] = None,
         image_area_only: bool = False,
         mask_source: Union[str, MaskSource] = "tokens",
+        align: bool = True,
     ):
         """See the class docstring for the arguments."""
         super().__init__()
@@ -140,7 +145,7 @@ class MasKD(nn.Module):
             teacher,
             student,
             {lv: rt.channels for lv, rt in tokens.items()},
-            head_levels(teacher),
+            head_levels(teacher) + [LOGITS] * (LOGITS in tokens),
             in_features=in_features,
             level_map=level_map,
             input_format=input_format,
@@ -168,15 +173,15 @@ class MasKD(nn.Module):
             term.wrap(student)
         self.head_kd = nn.ModuleList(head_kd)
         student.backbone = RecordingBackbone(student.backbone)
+        if LOGITS in levels:  # the student's logits, kept by its head's predictor
+            student.sem_seg_head.predictor = LogitsRecorder(student.sem_seg_head.predictor)
         self.student = student
         # the student's preprocessing, kept in checkpoints (its own buffers are not)
         self.register_buffer(STUDENT_PREPROCESSING_KEY, student_preprocessing(student).to(device))
         self.teacher = teacher
         self.tokens = freeze(tokens)
         self.mask_source = mask_source.to(device)
-        self.align = nn.ModuleDict(
-            {lv: nn.Conv2d(cs, ct, kernel_size=1) for lv, (cs, ct) in pairing.channels.items()}
-        ).to(device)
+        self.align = build_align(pairing.channels, align).to(device)
         self.in_features = levels  # the teacher's levels (tokens, align convs, losses)
         self.student_levels = pairing.student_levels  # teacher level -> student level
         self.strides = pairing.strides
@@ -263,6 +268,7 @@ class MasKD(nn.Module):
             "level_map": parse_level_map(mcfg.LEVEL_MAP),
             "image_area_only": mcfg.IMAGE_AREA_ONLY,
             "mask_source": source.from_tokens(tokens, **_source_args(source, mcfg)),
+            "align": mcfg.ALIGN,
         }
 
     @classmethod
@@ -280,7 +286,7 @@ class MasKD(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.align[self.in_features[0]].weight.device
+        return self.tokens[self.in_features[0]].tokens.device
 
     def train(self, mode: bool = True):
         """Set the training mode of the student; teacher and tokens stay in eval mode."""
@@ -310,9 +316,13 @@ class MasKD(nn.Module):
             )
             images = preprocess_images(self.teacher, teacher_inputs)
             teacher_features = self.teacher.backbone(images.tensor)
+            if LOGITS in self.in_features:
+                teacher_features[LOGITS] = teacher_logits(self.teacher, teacher_features)
         with recording(self.student):  # what the student's forward made, for this step only
             losses = self.student(batched_inputs)
-            student_features = self.student.backbone.recorded("features")
+            student_features = dict(self.student.backbone.recorded("features"))
+            if LOGITS in self.in_features:
+                student_features[LOGITS] = self.student.sem_seg_head.predictor.recorded("logits")
             extra = self.head_losses(teacher_features)
         storage = get_event_storage()
         per_level, masks, sizes = self.distillation_losses(
@@ -428,6 +438,31 @@ class MasKD(nn.Module):
         return losses, kept, all_sizes
 
 
+def build_align(channels: Dict[str, Tuple[int, int]], align: bool = True) -> nn.ModuleDict:
+    """The student-to-teacher channel alignment of each distilled level: a trainable 1x1 conv
+    (the paper's detection recipe, used even where the channels agree), or, with ``align``
+    False (the paper's segmentation recipe on logits), none.
+
+    Args:
+        channels: level -> (student channels, teacher channels).
+
+    Raises:
+        ValueError: ``align`` False where a level's channels differ, naming it.
+    """
+    if not align:
+        differ = {lv: c for lv, c in channels.items() if c[0] != c[1]}
+        if differ:
+            raise ValueError(
+                "MODEL.MASKD.ALIGN False compares the student's levels with the teacher's "
+                "directly, but their channels differ: "
+                + ", ".join(f"'{lv}' student {cs}, teacher {ct}" for lv, (cs, ct) in differ.items())
+            )
+        return nn.ModuleDict({lv: nn.Identity() for lv in channels})
+    return nn.ModuleDict(
+        {lv: nn.Conv2d(cs, ct, kernel_size=1) for lv, (cs, ct) in channels.items()}
+    )
+
+
 def _source_args(source, mcfg) -> dict:
     """The mask source's arguments from ``MODEL.MASKD``, or a clear error if its keys are not
     there (a source registered after the config was made)."""
@@ -488,8 +523,9 @@ def stage2_tokens(mcfg, teacher: nn.Module, learned: bool) -> nn.ModuleDict:
     elif mcfg.ALLOW_RANDOM_TOKENS or not learned:
         if learned:
             logger.warning("MODEL.MASKD.TOKENS_WEIGHTS is empty: distilling with random tokens")
-        t_shapes = teacher.backbone.output_shape()
-        levels = resolve_in_features(list(mcfg.IN_FEATURES), {"teacher": head_levels(teacher)})
+        t_shapes = point_shapes(teacher, with_logits=LOGITS in mcfg.IN_FEATURES)
+        read = head_levels(teacher) + [LOGITS] * (LOGITS in t_shapes)
+        levels = resolve_in_features(list(mcfg.IN_FEATURES), {"teacher": read})
         tokens = build_level_tokens(
             {lv: t_shapes[lv].channels for lv in levels},
             mcfg.NUM_TOKENS,

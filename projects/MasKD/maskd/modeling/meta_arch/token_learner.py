@@ -24,6 +24,7 @@ from ...checkpoint.provenance import (
 from ...utils.numbers import check_fraction, check_number
 from ..backbone import LevelMasks, TokenMaskedBackbone
 from ..diagnostics import level_sizes, put_level_statistics
+from ..logits import LOGITS, TokenMaskedPredictor, point_shapes
 from ..losses import (
     dice_diversity_loss,
     min_token_area_loss,
@@ -204,8 +205,9 @@ class MasKDTokenLearner(nn.Module):
         for key, digest in _teacher_digests(teacher, teacher_from_checkpoint).items():
             self.register_buffer(key, digest.to(device))
         self.teacher_from_checkpoint = teacher_from_checkpoint
-        shapes = teacher.backbone.output_shape()
-        read = head_levels(teacher)
+        # the backbone's levels, and the semantic head's logits where they are asked for
+        shapes = point_shapes(teacher, with_logits=LOGITS in (in_features or ()))
+        read = head_levels(teacher) + [LOGITS] * (LOGITS in shapes)
         levels = resolve_in_features(in_features, {"teacher": read})
         tokens = build_level_tokens(
             {lv: shapes[lv].channels for lv in levels},
@@ -220,7 +222,13 @@ class MasKDTokenLearner(nn.Module):
                 nn.init.zeros_(rt.weight_head[2].bias)
         self.input_format, self.teacher_format = resolve_channel_orders(input_format, teacher)
         # The wrapper is built here, once, and is part of the module tree: no hooks.
-        teacher.backbone = TokenMaskedBackbone(teacher.backbone, tokens, fill, weight_gate)
+        elsewhere = (LOGITS,) if LOGITS in levels else ()
+        teacher.backbone = TokenMaskedBackbone(
+            teacher.backbone, tokens, fill, weight_gate, elsewhere
+        )
+        if LOGITS in levels:  # the head's own loss on masked logits
+            head = teacher.sem_seg_head
+            head.predictor = TokenMaskedPredictor(head.predictor, tokens[LOGITS], fill, weight_gate)
         self.teacher = teacher
         self.in_features = levels
         self.dice_weight = dice_weight
@@ -366,12 +374,16 @@ class MasKDTokenLearner(nn.Module):
         """Inside this block the model evaluates as the plain teacher: its backbone's features
         reach the heads unmasked (the retention of stage 1 compares both). For inference only:
         a training step inside it fails, as it makes no masks to learn from."""
-        backbone = self.teacher.backbone
-        backbone.masking = False
+        wrappers = [self.teacher.backbone]
+        if LOGITS in self.in_features:
+            wrappers.append(self.teacher.sem_seg_head.predictor)
+        for wrapper in wrappers:
+            wrapper.masking = False
         try:
             yield self
         finally:
-            backbone.masking = True
+            for wrapper in wrappers:
+                wrapper.masking = True
 
     def forward(self, batched_inputs):
         """
@@ -391,9 +403,11 @@ class MasKDTokenLearner(nn.Module):
         if not self.training:
             return self.teacher(batched_inputs)
         backbone = self.teacher.backbone
-        with task_loss_mode(self.teacher), recording(backbone):
+        with task_loss_mode(self.teacher), recording(self.teacher):
             losses = self.teacher(batched_inputs)
-            masks, padded = backbone.recorded("masks"), backbone.recorded("input_hw")
+            masks, padded = dict(backbone.recorded("masks")), backbone.recorded("input_hw")
+            if LOGITS in self.in_features:
+                masks.update(self.teacher.sem_seg_head.predictor.recorded("masks"))
         storage = get_event_storage()
         raise_if_not_finite(losses, "the teacher's task losses on masked features", storage.iter)
         saliency = self.saliency(losses, masks) if self.saliency_weight > 0 else None
