@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -349,6 +350,55 @@ def pth_with_nan_weights_as_teacher_weights(ws, tmp):
 
 
 @case
+def pth_with_complex_weights_as_teacher_weights(ws, tmp):
+    """The teacher's weights + 1j: loading keeps the real part, so the file would pass as
+    the teacher its real part is (its fingerprint too)."""
+    ckpt = torch.load(ws["teacher"][1], weights_only=True)
+    keys = sorted(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    for key in keys:
+        ckpt["model"][key] = ckpt["model"][key] + 1j
+    torch.save(ckpt, tmp / "complex.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "complex.pth"))
+    refused(
+        train_cfg(ws, tmp, cfg),
+        "TEACHER.WEIGHTS",
+        "complex.pth",
+        "not dense real numbers",
+        f"{keys[0]} (torch.complex64)",
+    )
+
+
+@case
+def pth_with_a_sparse_tensor_as_teacher_weights(ws, tmp):
+    """One of the teacher's weights stored as a sparse tensor (loading failed with a message
+    about ``aten::ne.Scalar``)."""
+    ckpt = torch.load(ws["teacher"][1], weights_only=True)
+    key = sorted(k for k, v in ckpt["model"].items() if v.is_floating_point() and v.dim() == 4)[0]
+    ckpt["model"][key] = ckpt["model"][key].to_sparse()
+    torch.save(ckpt, tmp / "sparse.pth")
+    cfg = stage2(ws, tmp, MODEL__MASKD__TEACHER__WEIGHTS=str(tmp / "sparse.pth"))
+    refused(
+        train_cfg(ws, tmp, cfg),
+        "TEACHER.WEIGHTS",
+        "sparse.pth",
+        "not dense real numbers",
+        f"{key} (sparse torch.float32)",
+    )
+
+
+@case
+def pkl_with_a_complex_array_as_model_weights(ws, tmp):
+    """A .pkl (detectron2's format) whose array under a weight's key is complex."""
+    state = torch.load(ws["stage2"], weights_only=True)["model"]
+    arrays = {k: v.numpy() for k, v in state.items() if k.startswith("student.")}
+    key = sorted(k for k, v in arrays.items() if v.dtype.kind == "f")[0]
+    arrays[key] = arrays[key] + 2j
+    path = pkl(tmp / "complex.pkl", pickle.dumps({"model": arrays, "__author__": "x"}, 2))
+    cfg = stage2(ws, tmp, MODEL__WEIGHTS=path)
+    refused(train_cfg(ws, tmp, cfg), "MODEL.WEIGHTS", "complex.pkl", f"{key} (complex64)", "real")
+
+
+@case
 def model_weights_truncated_in_training(ws, tmp):
     data = open(ws["stage2"], "rb").read()
     (tmp / "cut.pth").write_bytes(data[: len(data) // 2])
@@ -375,6 +425,72 @@ def resume_with_an_empty_last_checkpoint(ws, tmp):
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w").close()
     refused(train_cfg(ws, tmp, cfg, "--resume"), "last_checkpoint", "not a checkpoint file")
+
+
+@case
+def resume_with_last_checkpoint_linked_to_dev_zero(ws, tmp):
+    """last_checkpoint a link to /dev/zero: fvcore read it to the end (3 GB, MemoryError)."""
+    cfg = stage2(ws, tmp)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    os.symlink("/dev/zero", os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    refused(train_cfg(ws, tmp, cfg, "--resume"), "last_checkpoint", "is a symbolic link")
+
+
+@case
+def resume_from_a_checkpoint_linked_elsewhere(ws, tmp):
+    """last_checkpoint names a file of the folder that is a link (to /dev/zero)."""
+    cfg = stage2(ws, tmp)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    os.symlink("/dev/zero", os.path.join(cfg.OUTPUT_DIR, "model_0000003.pth"))
+    with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+        f.write("model_0000003.pth")
+    refused(train_cfg(ws, tmp, cfg, "--resume"), "model_0000003.pth", "is a symbolic link")
+
+
+def _planted_lock(ws, tmp, plant):
+    """A training in a folder whose lock file a test planted: refused, naming it."""
+    cfg = stage2(ws, tmp)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    lock = os.path.join(cfg.OUTPUT_DIR, ".maskd.lock")
+    plant(lock)
+    return train_cfg(ws, tmp, cfg), lock
+
+
+@case
+def lock_file_planted_as_a_link_to_another_file(ws, tmp):
+    """.maskd.lock a link to a file of the user's: a training truncated it and wrote into it."""
+    victim = tmp / "victim.txt"
+    victim.write_text("the user's file\n")
+    call, lock = _planted_lock(ws, tmp, lambda path: os.symlink(victim, path))
+    refused(call, ".maskd.lock", "is a symbolic link")
+    assert victim.read_text() == "the user's file\n"
+
+
+@case
+def lock_file_planted_as_a_dangling_link(ws, tmp):
+    """A dangling link: the training created its target, outside the folder."""
+    target = tmp / "outside" / "created.txt"
+    (tmp / "outside").mkdir()
+    call, lock = _planted_lock(ws, tmp, lambda path: os.symlink(target, path))
+    refused(call, ".maskd.lock", "is a symbolic link")
+    assert not target.exists()
+
+
+@case
+def lock_file_planted_as_a_directory_or_fifo(ws, tmp):
+    for plant, kind in ((os.mkdir, "a directory"), (os.mkfifo, "a FIFO")):
+        call, lock = _planted_lock(ws, tmp, plant)
+        refused(call, ".maskd.lock", f"is {kind}")
+        (os.rmdir if kind == "a directory" else os.remove)(lock)
+
+
+@case
+def output_dir_that_is_a_file(ws, tmp):
+    cfg = stage2(ws, tmp)
+    os.makedirs(os.path.dirname(cfg.OUTPUT_DIR), exist_ok=True)
+    with open(cfg.OUTPUT_DIR, "w") as f:
+        f.write("a file where the output folder goes")
+    refused(train_cfg(ws, tmp, cfg), "OUTPUT_DIR", "is not a folder")
 
 
 @case
@@ -539,7 +655,7 @@ def _alias_bomb(levels=8):
 def yaml_alias_bomb_in_a_yacs_config(ws, tmp):
     """~550 bytes that yacs would expand to 10^9 items (minutes, gigabytes)."""
     (tmp / "bomb.yaml").write_text(_alias_bomb() + "MODEL:\n  META_ARCHITECTURE: MasKD\n")
-    refused(lambda: train(ws, tmp / "bomb.yaml"), "bomb.yaml", "aliases expand", "1234567")
+    refused(lambda: train(ws, tmp / "bomb.yaml"), "bomb.yaml", "aliases expand", "to 2345679068")
 
 
 @case
@@ -636,6 +752,49 @@ def duplicate_yaml_key(ws, tmp):
         "'LOSS_WEIGHT' appears twice",
         "lines 4 and 7",
     )
+
+
+@case
+def yaml_alias_repeating_a_long_string(ws, tmp):
+    """A 20 KB string repeated 900 times through an alias: 24 KB of file, an 18 MB config."""
+    write(stage2(ws, tmp), tmp / "base.yaml")
+    text = f"_BASE_: base.yaml\nNOTE: &n '{'x' * 20000}'\nNOTES: [" + ", ".join(["*n"] * 900)
+    (tmp / "long.yaml").write_text(text + "]\n")
+    refused(lambda: train(ws, tmp / "long.yaml"), "long.yaml", "expand", "10 times its own")
+
+
+@case
+def yaml_nested_thousands_deep(ws, tmp):
+    """5,000 nested lists: PyYAML's composer failed with a raw RecursionError."""
+    (tmp / "deep.yaml").write_text("MODEL: " + "[" * 5000 + "]" * 5000 + "\n")
+    refused(lambda: train(ws, tmp / "deep.yaml"), "deep.yaml", "nested more than 100 levels")
+
+
+@case
+def config_file_that_is_dev_zero(ws, tmp):
+    os.symlink("/dev/zero", tmp / "zero.yaml")
+    refused(lambda: train(ws, tmp / "zero.yaml"), "zero.yaml", "not a regular file")
+
+
+@case
+def two_merge_keys_in_one_yaml_mapping(ws, tmp):
+    """Two `<<` in one mapping: PyYAML keeps one of them, so one LOSS_WEIGHT goes unseen."""
+    write(stage2(ws, tmp), tmp / "base.yaml")
+    text = "MODEL:\n  MASKD:\n    <<: {LOSS_WEIGHT: 3.0}\n    <<: {LOSS_WEIGHT: 0.0}\n"
+    (tmp / "merge.yaml").write_text('_BASE_: "base.yaml"\n' + text)
+    refused(
+        lambda: train(ws, tmp / "merge.yaml"),
+        "merge.yaml",
+        "merge key '<<' appears 2 times",
+        "lines 4, 5",
+    )
+
+
+@case
+def yaml_mixing_yacs_and_lazyconfig_keys(ws, tmp):
+    """`model:` beside `SOLVER:`: read as a LazyConfig, its `_target_` entries would run."""
+    (tmp / "mixed.yaml").write_text("model:\n  _target_: builtins.print\nSOLVER:\n  BASE_LR: 0.1\n")
+    refused(lambda: train(ws, tmp / "mixed.yaml"), "mixed.yaml", "SOLVER", "model", "mixes")
 
 
 @case
@@ -973,6 +1132,60 @@ def dataset_with_duplicate_image_ids(ws, tmp):
 
     register, _ = _dataset(tmp, "bi_dup_ids", edit)
     refused(_train_on(ws, tmp, "bi_dup_ids", register), "annotations.json", "the same id ([1])")
+
+
+@case
+def dataset_json_nested_100000_deep(ws, tmp):
+    """Python's JSON parser raised a raw RecursionError."""
+    register, json_file = _dataset(tmp, "bi_deep_json")
+    with open(json_file, "w") as f:
+        f.write('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    refused(_train_on(ws, tmp, "bi_deep_json", register), "annotations.json", "nests its JSON")
+
+
+@case
+def dataset_annotation_of_an_image_not_in_the_file(ws, tmp):
+    """An annotation whose image_id matches no image: detectron2 dropped it without a word."""
+
+    def edit(data, images):
+        data["annotations"][0]["image_id"] = 999
+
+    register, _ = _dataset(tmp, "bi_orphan", edit)
+    refused(_train_on(ws, tmp, "bi_orphan", register), "images the file does not have", "999")
+
+
+@case
+def dataset_image_id_that_is_a_list(ws, tmp):
+    def edit(data, images):
+        data["images"][0]["id"] = [1]
+
+    register, _ = _dataset(tmp, "bi_list_id", edit)
+    refused(_train_on(ws, tmp, "bi_list_id", register), "an image's id is [1]")
+
+
+@case
+def dataset_with_duplicate_annotation_ids(ws, tmp):
+    """Two annotations with id 1: pycocotools kept one of them."""
+
+    def edit(data, images):
+        data["annotations"][1]["id"] = data["annotations"][0]["id"]
+
+    register, _ = _dataset(tmp, "bi_dup_ann", edit)
+    refused(_train_on(ws, tmp, "bi_dup_ann", register), "annotations with the same id ([1])")
+
+
+@case
+def dataset_with_a_malformed_polygon(ws, tmp):
+    """A polygon of one and a half points: detectron2 dropped the whole object, box too, with a
+    log warning only, even in a box-only training."""
+
+    def edit(data, images):
+        data["annotations"][0]["segmentation"] = [[1, 2, 3]]
+
+    register, _ = _dataset(tmp, "bi_polygon", edit)
+    refused(
+        _train_on(ws, tmp, "bi_polygon", register), "not lists of at least three", "annotation 1"
+    )
 
 
 @case
@@ -1329,3 +1542,72 @@ def test_the_docs_list_every_case_with_its_outcome():
     rows = re.findall(r"^\| `([a-z0-9_]+)` \|", text, re.M)
     assert sorted(rows) == sorted(CASES), set(rows) ^ set(CASES)
     assert f"\n{len(CASES)} cases." in text
+
+
+def test_image_headers_are_read_once_per_run_and_again_after_an_edit(tmp_path, monkeypatch):
+    """The checked loader reads every image header on a run's first load; later loads in the
+    process (evaluations) and the workers it starts (the environment carries the mark) only
+    parse the annotation file, until that file or the image folder changes."""
+    import PIL.Image
+
+    from maskd.data import datasets
+
+    monkeypatch.delenv(datasets.CHECKED_IMAGES_ENV, raising=False)
+    json_file, images = write_coco_dataset(str(tmp_path / "data"), n_images=3)
+    opened = []
+    real_open = PIL.Image.open
+
+    def counted_open(path, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counted_open)
+
+    def load():
+        opened.clear()
+        return datasets.load_checked_coco_json(json_file, images, "once")
+
+    assert len(load()) == 3 and len(opened) == 3
+    assert len(load()) == 3 and opened == []  # checked: the headers are not read again
+    # a worker started now inherits the mark
+    worker = subprocess.run(
+        [sys.executable, "-c", f"import os; print(os.environ['{datasets.CHECKED_IMAGES_ENV}'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(worker.stdout) == json.loads(os.environ[datasets.CHECKED_IMAGES_ENV])
+    # an image removed: the folder changed, the check runs again and names it
+    os.remove(os.path.join(images, "0001.png"))
+    with pytest.raises(ValueError, match="image missing: .*0001.png"):
+        load()
+    # an edited annotation file (the image put back) is checked again, and passes
+    write_coco_dataset(str(tmp_path / "data"), n_images=3)
+    assert len(load()) == 3 and len(opened) == 3
+    # a box outside its stated image is refused on every load, checked images or not
+    data = json.loads(open(json_file).read())
+    data["annotations"][0]["bbox"] = [-50, 10, 20, 20]
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="lies outside the 64x64 image"):
+            load()
+
+
+def test_a_multi_process_run_checks_the_image_headers_before_it_launches(ws, tmp_path, monkeypatch):
+    """``train_net.py --num-gpus 2`` checks the datasets of --register-coco in the launching
+    process (one read of every header), so that each worker only parses the annotation files."""
+    import maskd.cli.train as train
+
+    seen = {}
+
+    def fake_launch(main, num_gpus, **kwargs):
+        seen["checked"] = dict(os.environ).get("MASKD_CHECKED_IMAGES", "[]")
+        seen["gpus"] = num_gpus
+
+    monkeypatch.delenv("MASKD_CHECKED_IMAGES", raising=False)
+    monkeypatch.setattr(train, "launch", fake_launch)
+    config = write(stage2(ws, tmp_path), tmp_path / "config.yaml")
+    train.cli(["--config-file", config, "--num-gpus", "2", "--eval-only", *ws["register"]])
+    checked = [json.loads(key)[0] for key in json.loads(seen["checked"])]
+    assert seen["gpus"] == 2 and os.path.realpath(ws["dataset"][0]) in checked

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from tiny import ROOT, maskd_cfg, run, tiny_training, write_teacher
 
 DISTILL_NET = os.path.join(ROOT, "distill_net.py")
@@ -277,7 +278,7 @@ def test_a_finished_stage_whose_config_changed_is_refused(tmp_path, kind):
     """The marker keeps the digest of every config file the stage's arguments name, LazyConfig
     .py files and a yacs file's local _BASE_ included: an edited one is refused before anything
     runs."""
-    from maskd.engine.pipeline import StageRunner, config_digests, mark
+    from maskd.engine.pipeline import StageRunner, input_digests, mark
 
     if kind == "py":
         config = tmp_path / "student.py"
@@ -291,13 +292,54 @@ def test_a_finished_stage_whose_config_changed_is_refused(tmp_path, kind):
     out_dir = tmp_path / "stage"
     out_dir.mkdir()
     args = ["--config-file", str(config), "SEED", "0"]
-    assert str(edited) in config_digests(args)
+    assert str(edited) in input_digests(args)
     mark(str(out_dir), "student", args, 1.0)
     runner = StageRunner(python="/the/command/must/not/run")
     assert runner.run("student", str(out_dir), args) == str(out_dir)  # unchanged: kept
     edited.write_text(edited.read_text().replace("0.01", "0.02"))
     with pytest.raises(ValueError, match=rf"contents of {edited} changed since.*--restart student"):
         runner.run("student", str(out_dir), args)
+
+
+@pytest.mark.parametrize("key", ["MODEL.MASKD.TEACHER.WEIGHTS", "MODEL.MASKD.TOKENS_WEIGHTS"])
+def test_a_finished_stage_whose_weights_were_replaced_is_refused(tmp_path, key):
+    """The teacher's weights or the tokens replaced at the same path by other weights: the
+    stage that read them is refused, naming the file, not kept."""
+    from maskd.engine.pipeline import StageRunner, input_digests, mark
+
+    config = tmp_path / "student.yaml"
+    config.write_text("SEED: 0\n")
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": {"w": torch.zeros(3)}}, weights)
+    args = ["--config-file", str(config), key, str(weights)]
+    assert str(weights) in input_digests(args)
+    out_dir = tmp_path / "stage"
+    out_dir.mkdir()
+    mark(str(out_dir), "student", args, 1.0)
+    runner = StageRunner(python="/the/command/must/not/run")
+    assert runner.run("student", str(out_dir), args) == str(out_dir)  # unchanged: kept
+    torch.save({"model": {"w": torch.ones(3)}}, weights)  # other weights, the same path
+    with pytest.raises(ValueError, match=rf"contents of {weights} changed since"):
+        runner.run("student", str(out_dir), args)
+
+
+def test_a_stage_marker_that_is_not_a_file_is_refused_by_name(tmp_path):
+    """stage.json made a directory was taken for a killed stage and retrained; random bytes in
+    metrics.json gave a raw UnicodeDecodeError."""
+    from maskd.engine.pipeline import MARKER, StageRunner, last_metrics
+
+    out_dir = tmp_path / "stage"
+    (out_dir / MARKER).mkdir(parents=True)
+    runner = StageRunner(python="/the/command/must/not/run")
+    with pytest.raises(ValueError, match=rf"{MARKER}' is a directory, not a regular file"):
+        runner.run("student", str(out_dir), ["--config-file", "x.yaml"])
+    (out_dir / MARKER).rmdir()
+    os.symlink(tmp_path / "elsewhere.json", out_dir / MARKER)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        StageRunner.finished(str(out_dir))
+    (out_dir / "metrics.json").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="metrics.json' is not a JSON-lines text file"):
+        last_metrics(str(out_dir))
 
 
 def _fake_runs(monkeypatch, register=()):

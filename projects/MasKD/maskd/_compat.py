@@ -24,6 +24,7 @@ __all__ = [
     "SafeLoadingCheckpointer",
     "pkl_checkpoint",
     "check_checkpoint_structure",
+    "coco_api_of",
     "cpu_ddp_in_default_trainer",
     "register_state_dict_hook",
     "ConfigNameRegistry",
@@ -100,8 +101,9 @@ def _check_archive_size(path: str) -> None:
 def check_checkpoint_structure(data: Any, path: str) -> None:
     """Fail, naming the file and the key, where what a weights file holds is not a checkpoint:
     not a dict, a "model" entry that is not a dict of name -> tensor/array (a list, integer
-    keys, a string where a tensor belongs), or weights that are not finite (NaN/inf: a diverged
-    run's file would fail later as a "divergence" of the run that loads it)."""
+    keys, a string where a tensor belongs), weights that are not dense real numbers (complex,
+    string arrays, sparse tensors), or weights that are not finite (NaN/inf: a diverged run's
+    file would fail later as a "divergence" of the run that loads it)."""
     if not isinstance(data, dict):
         raise ValueError(f"'{path}' holds a {type(data).__name__}, not a checkpoint dict")
     state = data.get("model")
@@ -116,14 +118,23 @@ def check_checkpoint_structure(data: Any, path: str) -> None:
             f"'{path}': its weights are named by {type(bad_keys[0]).__name__}s "
             f"({bad_keys[:3]}), not by strings"
         )
-    not_arrays, not_finite = [], []
+    not_arrays, not_finite, not_real = [], [], []
     for key, value in state.items():
         if isinstance(value, (np.ndarray, np.generic)):  # .pkl files: arrays and scalars
+            if value.dtype.kind not in "biuf":  # complex, strings: not weights
+                not_real.append(f"{key} ({value.dtype})")
+                continue
             value = torch.from_numpy(np.asarray(value)) if value.dtype.kind == "f" else None
+        elif isinstance(value, complex):
+            not_real.append(f"{key} (complex)")
+            continue
         elif isinstance(value, float) and not isinstance(value, bool):
             value = torch.tensor(value)
         elif not isinstance(value, (torch.Tensor, int)):
             not_arrays.append(f"{key} ({type(value).__name__})")
+            continue
+        if isinstance(value, torch.Tensor) and (value.is_complex() or value.is_sparse):
+            not_real.append(f"{key} ({'sparse ' if value.is_sparse else ''}{value.dtype})")
             continue
         floating = isinstance(value, torch.Tensor) and value.is_floating_point()
         if floating and not torch.isfinite(value).all():
@@ -131,6 +142,12 @@ def check_checkpoint_structure(data: Any, path: str) -> None:
     if not_arrays:
         raise ValueError(
             f"'{path}': weights that are not tensors: {', '.join(sorted(not_arrays)[:10])}"
+        )
+    if not_real:
+        raise ValueError(
+            f"'{path}': weights that are not dense real numbers: "
+            f"{', '.join(sorted(not_real)[:10])}; a model's weights are real, and loading would "
+            "drop the imaginary part (or fail on a sparse layout) without a word"
         )
     if not_finite:
         raise ValueError(
@@ -172,6 +189,32 @@ def pkl_checkpoint(local: str) -> Dict[str, Any]:
         data = data["blobs"]
     data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
     return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+@contextlib.contextmanager
+def coco_api_of(data: Dict[str, Any]):
+    """Inside this block detectron2's ``load_coco_json`` builds its COCO api from ``data``, an
+    annotation file's parsed contents, instead of parsing the file a second time.
+
+    ``load_coco_json`` (detectron2 v0.7.2) imports ``pycocotools.coco.COCO`` when it is called
+    and calls ``COCO(json_file)``; inside this block that name is a subclass whose constructor
+    takes ``data`` as pycocotools' own constructor takes a file's (``dataset``, then
+    ``createIndex``)."""
+    import pycocotools.coco
+
+    original = pycocotools.coco.COCO
+
+    class ParsedCOCO(original):
+        def __init__(self, annotation_file=None):
+            super().__init__()
+            self.dataset = data
+            self.createIndex()
+
+    pycocotools.coco.COCO = ParsedCOCO
+    try:
+        yield
+    finally:
+        pycocotools.coco.COCO = original
 
 
 @contextlib.contextmanager

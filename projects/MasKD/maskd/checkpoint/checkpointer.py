@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from .._compat import SafeLoadingCheckpointer
-from ..utils.files import atomic_write, remove_stale_temporaries, write_text
+from ..utils.files import (
+    atomic_write,
+    open_regular,
+    read_small_text,
+    remove_stale_temporaries,
+    write_text,
+)
 from .format import check_local_file, short_list
 from .loading import load_checkpoint_dict
 from .safe_pickle import UnsafePickleError
@@ -51,6 +57,9 @@ class MasKDCheckpointer(SafeLoadingCheckpointer):
         if resume and self.has_checkpoint():
             what, path = "--resume (last_checkpoint)", self.get_checkpoint_file()
             tag = os.path.join(self.save_dir, "last_checkpoint")
+            planted = os.path.islink(path) or (os.path.exists(path) and not os.path.isdir(path))
+            if planted:  # written by the run: a regular file, never a link, FIFO or device
+                os.close(open_regular(path, os.O_RDONLY, f"--resume ('{tag}' names it)"))
             if not os.path.isfile(path):
                 raise FileNotFoundError(
                     f"--resume: '{tag}' names '{os.path.basename(path)}', which is not a "
@@ -75,6 +84,17 @@ class MasKDCheckpointer(SafeLoadingCheckpointer):
             ) from e
         finally:
             self._resuming = False
+
+    def get_checkpoint_file(self) -> str:
+        """``Checkpointer.get_checkpoint_file`` (fvcore 0.1.5): the checkpoint that
+        ``last_checkpoint`` names, or "" without one; a local ``last_checkpoint`` is read as a
+        small regular file (:func:`read_small_text`: a link, a FIFO, a device or a file of more
+        than 4 KB is refused, naming it)."""
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        if not os.path.lexists(tag):
+            return super().get_checkpoint_file()  # not local, or none: fvcore's
+        name = read_small_text(tag, 4096, "--resume (last_checkpoint)").strip()
+        return os.path.join(self.save_dir, name)
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Like ``Checkpointer.save``, but atomic: a killed job never leaves a truncated

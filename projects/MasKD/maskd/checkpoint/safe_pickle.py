@@ -16,6 +16,10 @@ The allowed numpy globals are themselves guarded, because numpy trusts its pickl
   sum of arrays may be larger than the file (a 300-byte file cannot ask for gigabytes);
 * lengths: no string, bytes, integer or frame may declare more bytes than the file holds
   (pickle allocates what an opcode declares before it reads);
+* memory: every opcode's work is counted as it runs (each object it builds at its size, the
+  growth of the container it fills, each memo entry, each mark), and a file whose count passes
+  eight times its size plus 192 KB is refused: memory is bounded by construction, whatever the
+  opcodes (four million ``EMPTY_SET`` in a 4 MB file would take over a gigabyte);
 * after loading, every array and numpy scalar of the result is checked again.
 
 Arbitrary pickles (e.g. a file of your own that holds other Python objects) load only when the
@@ -30,6 +34,7 @@ import math
 import os
 import pickle
 import struct
+import sys
 from typing import Any
 
 import numpy as np
@@ -63,6 +68,66 @@ class UnsafePickleError(pickle.UnpicklingError):
     larger than the file)."""
 
 
+# The memory a load may build: this many times the file's size, plus this much.
+MEMORY_FACTOR, MEMORY_SLACK = 8, 192 << 10
+# What one stack slot, one memo entry and one mark cost (a pointer; a dict entry and its key; a
+# list).
+_SLOT, _MEMO_ENTRY, _MARK = 8, 112, 64
+
+
+def _opcodes(*names: str) -> frozenset:
+    return frozenset(getattr(pickle, name)[0] for name in names if hasattr(pickle, name))
+
+
+# opcodes that push an object the load already holds, store in the memo, open a mark, or add
+# to the container left on the stack
+_REFERENCES = _opcodes("GET", "BINGET", "LONG_BINGET", "DUP")
+_MEMOS = _opcodes("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+_MARKS = _opcodes("MARK")
+_FILLS = _opcodes("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS")
+
+
+def _filled(self, code: int):
+    """The container that the filling opcode ``code`` is about to add to."""
+    if code in _opcodes("APPEND"):
+        return self.stack[-2] if len(self.stack) >= 2 else None
+    if code in _opcodes("SETITEM"):
+        return self.stack[-3] if len(self.stack) >= 3 else None
+    return self.metastack[-1][-1] if self.metastack and self.metastack[-1] else None
+
+
+def _counted(code: int, handler):
+    """``handler`` of opcode ``code``, with what it builds counted (:meth:`charge`): each new
+    object on the stack at its size, the growth of the container it fills, a memo entry, a
+    mark, a reference."""
+
+    def run(self):
+        if code in _REFERENCES:
+            self.charge(_SLOT)
+            return handler(self)
+        if code in _MEMOS:
+            before = len(self.memo)
+            handler(self)
+            return self.charge(_MEMO_ENTRY * (len(self.memo) - before))
+        if code in _MARKS:
+            self.charge(_MARK)
+            return handler(self)
+        if code in _FILLS:
+            container = _filled(self, code)
+            before = sys.getsizeof(container)
+            handler(self)
+            return self.charge(max(0, sys.getsizeof(container) - before) + _SLOT)
+        depth = len(self.stack)
+        top = self.stack[-1] if self.stack else None
+        handler(self)
+        if len(self.stack) > depth:  # pushed: each new object
+            self.charge(sum(sys.getsizeof(o) for o in self.stack[depth:]) + _SLOT)
+        elif self.stack and self.stack[-1] is not top:  # a result replaced its arguments
+            self.charge(sys.getsizeof(self.stack[-1]))
+
+    return run
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """pickle's Python unpickler with the allow-list and the numpy guards of this module.
 
@@ -76,6 +141,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self.path = path
         self.size = size
         self.budget = size  # bytes that arrays may still take: the file's size
+        # the memory the load may build: counted opcode by opcode (:meth:`charge`)
+        self.memory_left = MEMORY_FACTOR * size + MEMORY_SLACK
         # the dtypes whose state was set, by id; held here, so that no other object takes an id
         # of theirs while the file loads (a pickle need not memoize them)
         self.built_dtypes = {}
@@ -92,6 +159,16 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
         self.refuse(f"asks to load the Python global '{module}.{name}'")
+
+    # --- memory, counted opcode by opcode ---------------------------------------------------
+
+    def charge(self, nbytes: int) -> None:
+        self.memory_left -= nbytes
+        if self.memory_left < 0:
+            self.refuse(
+                f"builds more objects than {MEMORY_FACTOR} times its size (plus "
+                f"{MEMORY_SLACK >> 10} KB) in memory"
+            )
 
     # --- the guards -------------------------------------------------------------------------
 
@@ -273,6 +350,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch = {code: _counted(code, handler) for code, handler in dispatch.items()}
 
     def check_result(self, obj, seen=None) -> None:
         """Every array and numpy scalar reachable from ``obj`` has an allowed dtype."""

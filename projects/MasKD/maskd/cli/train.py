@@ -44,6 +44,7 @@ from ..engine import (
     build_inference_model,
     build_lazy_inference_model,
     check_class_counts,
+    check_coco_images_once,
     check_datasets,
     create_ddp_model,
     lazy_test,
@@ -175,6 +176,8 @@ def cli(argv=None):
         raise SystemExit(f"--dist-timeout must be positive, got {args.dist_timeout}")
     print("Command Line Args:", args)
     with _hold_output_dir(args):
+        if args.num_gpus * args.num_machines > 1:  # the image headers once, not in every worker
+            check_coco_images_once(args.register_coco or [])
         return launch(
             main,
             args.num_gpus,

@@ -10,6 +10,7 @@ config with PyYAML's safe loader (:func:`read_yaml`), saved LazyConfigs with
 import dataclasses
 import functools
 import os
+import stat
 from typing import List, Sequence, Union
 
 import yaml
@@ -57,8 +58,9 @@ _EXPANSION_FACTOR, _EXPANSION_SLACK = 10, 10_000
 
 def _check_expansion(root) -> None:
     """Fail if ``root``'s aliases (nodes reached more than once) would expand the document
-    beyond :data:`_EXPANSION_FACTOR` times its distinct nodes (a "billion laughs" file of a few
-    hundred bytes makes 10^9 nodes), or if a node contains itself."""
+    beyond :data:`_EXPANSION_FACTOR` times its own size (a "billion laughs" file of a few
+    hundred bytes makes 10^9 nodes; a 20 KB string repeated 900 times, 18 MB), or if a node
+    contains itself. Sizes count a node as 1 plus the characters of a scalar."""
     sizes, active, distinct = {}, set(), 0
     stack = [(root, False)]
     while stack:  # iterative: a deep file does not reach Python's recursion limit
@@ -67,7 +69,7 @@ def _check_expansion(root) -> None:
         if done:
             active.discard(key)
             children = _children(node)
-            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            sizes[key] = _own_size(node) + sum(sizes[id(c)] for c in children)
             continue
         if key in sizes:
             continue
@@ -77,15 +79,20 @@ def _check_expansion(root) -> None:
                 "the document would be infinite"
             )
         active.add(key)
-        distinct += 1
+        distinct += _own_size(node)
         stack.append((node, True))
         stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
     expanded = sizes[id(root)]
     if expanded > _EXPANSION_FACTOR * distinct + _EXPANSION_SLACK:
         raise AliasBombError(
-            f"its aliases expand {distinct} YAML nodes to {expanded}: more than "
-            f"{_EXPANSION_FACTOR} times the file's own (a config needs no such repetition)"
+            f"its aliases expand the file's {distinct} units of YAML (nodes and scalar "
+            f"characters) to {expanded}: more than {_EXPANSION_FACTOR} times its own (a config "
+            "needs no such repetition)"
         )
+
+
+def _own_size(node) -> int:
+    return 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else 0)
 
 
 def _children(node) -> list:
@@ -96,11 +103,71 @@ def _children(node) -> list:
     return []
 
 
-class SafeUniqueKeyLoader(yaml.SafeLoader):
+_MERGE = "tag:yaml.org,2002:merge"
+# The deepest nesting of mappings and lists a config may have (detectron2's have under ten):
+# PyYAML's composer recurses once per level and fails past a few thousand with a raw
+# RecursionError.
+MAX_DEPTH = 100
+# The largest config file read (detectron2's and the project's are a few KB).
+MAX_CONFIG_BYTES = 4 << 20
+
+
+class NestingError(yaml.YAMLError):
+    """A YAML document nested deeper than :data:`MAX_DEPTH`."""
+
+
+class _DepthBound:
+    """Mixin of a PyYAML loader: fail, naming the line, at nesting deeper than
+    :data:`MAX_DEPTH` (PyYAML's ``Composer.compose_node`` recurses once per level)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise NestingError(
+                    f"nested more than {MAX_DEPTH} levels deep (line "
+                    f"{self.peek_event().start_mark.line + 1}); a config needs no such depth"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _ComposingLoader(_DepthBound, yaml.SafeLoader):
+    """The safe loader's composer with the depth bound: the node tree, no object built."""
+
+
+def read_config_text(filename: str) -> str:
+    """A config file's text: a regular file (a link to one is followed) of at most
+    :data:`MAX_CONFIG_BYTES`, never more read than that (``/dev/zero``, a FIFO, a device are
+    refused before anything is read).
+
+    Raises:
+        ValueError: naming the file, if it is not a regular file, is too large or not text.
+    """
+    st = os.stat(filename)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"config file '{filename}' is not a regular file (a device, a FIFO?)")
+    with open(filename, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"config file '{filename}' is larger than {MAX_CONFIG_BYTES >> 20} MB: not a config"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file '{filename}' is not UTF-8 text ({e})") from None
+
+
+class SafeUniqueKeyLoader(_DepthBound, yaml.SafeLoader):
     """PyYAML's safe loader that refuses a key repeated in one mapping (in a config, a second
-    ``LOSS_WEIGHT: 0.0`` further down would silently switch distillation off) and a document
-    that its aliases expand far beyond its own size (:func:`_check_expansion`). Keys that YAML
-    merges (``<<: *anchor``) may still be overridden, as YAML means them to be."""
+    ``LOSS_WEIGHT: 0.0`` further down would silently switch distillation off), a merge key
+    ``<<`` repeated in one mapping (one of the two would be dropped), and a document that its
+    aliases expand far beyond its own size (:func:`_check_expansion`). Keys that YAML merges
+    (``<<: *anchor``) may still be overridden, as YAML means them to be."""
 
     def construct_document(self, node):
         _check_expansion(node)
@@ -109,10 +176,15 @@ class SafeUniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen = {}
+            merges = [k.start_mark.line + 1 for k, _ in node.value if k.tag == _MERGE]
+            if len(merges) > 1:  # PyYAML keeps one of them without a word
+                raise DuplicateKeyError(
+                    f"the merge key '<<' appears {len(merges)} times in one mapping (lines "
+                    f"{', '.join(map(str, merges))}); YAML would keep one without a word: merge "
+                    "several mappings with one key, '<<: [*first, *second]'"
+                )
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
-                    key_node, yaml.ScalarNode
-                ):
+                if key_node.tag == _MERGE or not isinstance(key_node, yaml.ScalarNode):
                     continue
                 key = self.construct_object(key_node)
                 if key in seen:
@@ -226,9 +298,9 @@ def read_yaml(filename: str, loader=SafeUniqueKeyLoader) -> dict:
         ValueError: naming the file, if it holds a Python tag, is not YAML, repeats a key in a
             mapping, is empty, or is not a mapping of keys.
     """
+    text = read_config_text(filename)
     try:
-        with open(filename) as f:
-            data = yaml.load(f, Loader=loader)
+        data = yaml.load(text, Loader=loader)
     except yaml.constructor.ConstructorError as e:
         mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
         raise ValueError(
@@ -236,7 +308,7 @@ def read_yaml(filename: str, loader=SafeUniqueKeyLoader) -> dict:
             "configs with the safe loader, so nothing of it was run; a config file needs no "
             "tags (detectron2 would run them with yaml.unsafe_load)"
         ) from None
-    except AliasBombError as e:
+    except (AliasBombError, NestingError) as e:
         raise ValueError(f"config file '{filename}' is refused: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"config file '{filename}' is not valid YAML: {e}") from None
@@ -405,21 +477,40 @@ def resolve_config_file(name_or_path: str, what: str = "MODEL.MASKD.TEACHER.CONF
     )
 
 
+# The top-level keys of a LazyConfig (detectron2's LazyConfig.save writes these); a yacs file's
+# are upper case (MODEL, SOLVER, ...) or _BASE_.
+LAZY_TOP_KEYS = ("model", "train", "dataloader", "optimizer", "lr_multiplier")
+
+
 def is_lazy_config(path: str) -> bool:
-    """Whether ``path`` is a LazyConfig: a .py file, or a .yaml that ``LazyConfig.save`` wrote
-    (lower-case top-level keys such as ``model`` and ``train``, where yacs files have ``MODEL``).
+    """Whether ``path`` is a LazyConfig: a .py file, or a .yaml whose top level has a
+    LazyConfig's keys (:data:`LAZY_TOP_KEYS`, as ``LazyConfig.save`` writes them) and no yacs
+    key (upper case, such as ``MODEL``, or ``_BASE_``). A LazyConfig's ``_target_`` entries run
+    when the model is built; a yacs file runs nothing.
+
+    Raises:
+        ValueError: a .yaml whose top level mixes the two, naming the keys of each.
     """
     if path.endswith(".py"):
         return True
-    try:
-        with open(path) as f:
-            node = yaml.compose(f, Loader=yaml.SafeLoader)  # no objects built: tags are fine
+    try:  # no objects built: tags are fine here
+        node = yaml.compose(read_config_text(path), Loader=_ComposingLoader)
+    except NestingError as e:
+        raise ValueError(f"config file '{path}' is refused: {e}") from None
     except (yaml.YAMLError, OSError):
         return False
     if not isinstance(node, yaml.MappingNode):
         return False
-    keys = {k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-    return "model" in keys and "MODEL" not in keys
+    keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+    lazy = [k for k in keys if k in LAZY_TOP_KEYS]
+    yacs = [k for k in keys if isinstance(k, str) and (k.isupper() or k == "_BASE_")]
+    if lazy and yacs:
+        raise ValueError(
+            f"'{path}' mixes a yacs config's top-level keys ({', '.join(yacs)}) with a "
+            f"LazyConfig's ({', '.join(lazy)}): a .yaml is read as one or the other (a "
+            "LazyConfig's _target_ entries run when the model is built); write it as one"
+        )
+    return bool(lazy)
 
 
 def load_config(path: str, opts: Sequence[str] = ()) -> Union[CN, DictConfig]:
@@ -442,8 +533,9 @@ def load_config(path: str, opts: Sequence[str] = ()) -> Union[CN, DictConfig]:
         ValueError: naming the file, if a YAML file is empty, not a mapping or holds a Python
             tag.
     """
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"config file not found: '{path}'")
+    read_config_text(path)  # a regular file of a config's size, or a named refusal
     if is_lazy_config(path):
         if path.endswith(".py"):
             cfg = LazyConfig.load(path)

@@ -16,9 +16,12 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from .._compat import coco_api_of
+
 __all__ = [
     "register_coco_datasets",
     "load_checked_coco_json",
+    "check_coco_images_once",
     "check_datasets",
     "load_datasets",
     "check_evaluation_dependencies",
@@ -87,66 +90,197 @@ def check_evaluation_dependencies(dataset_names: Iterable[str]) -> None:
 def load_checked_coco_json(json_file: str, image_root: str, name: str) -> List[dict]:
     """detectron2's ``load_coco_json``, then a check of what it read, so that a bad file fails
     when the dataset is loaded (before training or evaluation starts), naming the file: the
-    annotation file must be JSON in COCO's layout with unique image ids; every image must exist
-    and have a header that PIL reads, within PIL's decompression-bomb limit, of the size the
-    file states; every box must be 4 finite numbers, of non-negative width and height, that
-    overlap its image.
+    annotation file must be JSON in COCO's layout with unique image and annotation ids, every
+    annotation of an image in the file, every polygon of three points or more; every box must be
+    4 finite numbers, of non-negative width and height, that overlap its image; every image must
+    exist and have a header that PIL reads, within PIL's decompression-bomb limit, of the size
+    the file states.
 
-    The image check reads each image's header (not its pixels), in threads.
+    The file is parsed once. The image check reads each image's header (not its pixels), in
+    threads, once per run: a process that checked a dataset's images (or was started by one:
+    see :func:`check_coco_images_once`) does not read them again while the annotation file is
+    unchanged.
 
     Raises:
         ValueError: naming the dataset, the file and the first problems found.
     """
     where = f"dataset '{name}' ('{json_file}', images in '{image_root}')"
-    _check_image_ids(json_file, name)
+    data = _read_annotation_file(json_file, name)
+    _check_ids(data, json_file, name)
     try:
-        dicts = load_coco_json(json_file, image_root, name)
+        with coco_api_of(data):  # the file is parsed once
+            dicts = load_coco_json(json_file, image_root, name)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise ValueError(
             f"dataset '{name}': '{json_file}' is not a COCO annotation file "
             f"({type(e).__name__}: {e}); expected 'images', 'annotations' and 'categories'"
         ) from None
-    with ThreadPoolExecutor(max_workers=_IMAGE_THREADS) as pool:
-        problems = [p for found in pool.map(_record_problems, dicts) for p in found]
+    problems = [p for record in dicts for p in _box_problems(record)]
+    key = _images_key(json_file, image_root)
+    images_checked = key in _checked_images()
+    if not images_checked:
+        problems += _image_problems(dicts)
     if problems:
         more = f" ... and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise ValueError(f"{where}: " + "; ".join(problems[:5]) + more)
+    if not images_checked:
+        _remember_checked(key)
     return dicts
 
 
-_IMAGE_THREADS = 8
+def check_coco_images_once(specs: Iterable[Sequence[str]]) -> None:
+    """Load and check each (name, annotation json, image root) of ``specs`` in this process, and
+    mark their images checked for the processes it starts afterwards (the launching process of a
+    multi-GPU run calls this before ``launch``: each worker then parses its annotation files but
+    does not read every image header again).
+
+    Raises:
+        ValueError: as :func:`load_checked_coco_json`.
+    """
+    for name, json_file, image_root in specs:
+        load_checked_coco_json(json_file, image_root, name)
 
 
-def _check_image_ids(json_file: str, name: str) -> None:
-    """Fail where two images of the file have one id: pycocotools keeps the last, and the
-    annotations of both land on it."""
+# The image checks this process (or the one that started it) has made: the environment carries
+# them to the workers a launch spawns.
+CHECKED_IMAGES_ENV = "MASKD_CHECKED_IMAGES"
+_IMAGE_THREADS = 2  # more threads contend for the GIL: 8 took 2.5x the time of 1 or 2 on 2 cores
+_CHUNK = 512
+
+
+def _images_key(json_file: str, image_root: str) -> str:
+    """The annotation file and the image folder, with their sizes and modification times: an
+    edited annotation file, or an image added to or removed from the folder, is checked again."""
+    files = [os.stat(json_file), os.stat(image_root)]
+    return json.dumps(
+        [os.path.realpath(json_file), os.path.realpath(image_root)]
+        + [[stat.st_size, stat.st_mtime_ns] for stat in files]
+    )
+
+
+def _checked_images() -> set:
+    try:
+        keys = json.loads(os.environ.get(CHECKED_IMAGES_ENV, "[]"))
+    except json.JSONDecodeError:
+        return set()
+    return set(keys) if isinstance(keys, list) else set()
+
+
+def _remember_checked(key: str) -> None:
+    os.environ[CHECKED_IMAGES_ENV] = json.dumps(sorted(_checked_images() | {key}))
+
+
+def _read_annotation_file(json_file: str, name: str) -> dict:
+    """The parsed annotation file, its JSON errors named."""
     try:
         with open(json_file) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"dataset '{name}': '{json_file}' is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(
+            f"dataset '{name}': '{json_file}' nests its JSON deeper than Python's parser goes: "
+            "not a COCO annotation file"
+        ) from None
+    return data
+
+
+def _check_ids(data, json_file: str, name: str) -> None:
+    """Fail where the raw file has what pycocotools and detectron2 would pass over without a
+    word: two images of one id (pycocotools keeps the last, and the annotations of both land on
+    it), ids that are not integers or strings, and the annotations :func:`_check_annotations`
+    refuses."""
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise ValueError(
             f"dataset '{name}': '{json_file}' is not a COCO annotation file: expected "
             "'images', 'annotations' and 'categories'"
         )
+    where = f"dataset '{name}': '{json_file}'"
     seen, repeated = set(), []
     for image in images:
         image_id = image.get("id") if isinstance(image, dict) else None
+        if not _is_id(image_id):
+            raise ValueError(
+                f"{where}: an image's id is {image_id!r}; ids are integers (or strings)"
+            )
         if image_id in seen:
             repeated.append(image_id)
         seen.add(image_id)
     if repeated:
         raise ValueError(
-            f"dataset '{name}': '{json_file}' has images with the same id ({repeated[:5]}): "
+            f"{where} has images with the same id ({repeated[:5]}): "
             "their annotations would be merged onto one image; give every image its own id"
+        )
+    _check_annotations(data.get("annotations", []), seen, where)
+
+
+_NUMBER_TYPES = {int, float}  # exact types: a bool is not a coordinate
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _check_annotations(annotations, image_ids: set, where: str) -> None:
+    """Fail, naming the annotation, where detectron2 would drop an object without a word: an
+    annotation whose image is not in the file, two annotations of one id (pycocotools keeps
+    one), a polygon that is not a list of at least three (x, y) points (detectron2 drops the
+    whole object, box included, for a polygon it cannot use)."""
+    if not isinstance(annotations, list):
+        raise ValueError(f"{where}: 'annotations' is a {type(annotations).__name__}, not a list")
+    ids, orphans, repeated, polygons = set(), [], [], []
+    for ann in annotations:
+        if not isinstance(ann, dict):
+            raise ValueError(f"{where}: an annotation is a {type(ann).__name__}, not an object")
+        ann_id = ann.get("id")
+        if "id" in ann and not _is_id(ann_id):
+            raise ValueError(f"{where}: an annotation's id is {ann_id!r}, not an integer")
+        if ann_id in ids:
+            repeated.append(ann_id)
+        ids.add(ann_id)
+        image_id = ann.get("image_id")
+        if not _is_id(image_id) or image_id not in image_ids:
+            orphans.append(f"annotation {ann_id!r} (image id {image_id!r})")
+        segm = ann.get("segmentation")
+        if isinstance(segm, list) and not all(
+            isinstance(poly, list)
+            and len(poly) >= 6
+            and len(poly) % 2 == 0
+            and set(map(type, poly)) <= _NUMBER_TYPES
+            for poly in segm
+        ):
+            polygons.append(f"annotation {ann_id!r} of image {image_id!r}")
+    if orphans:
+        raise ValueError(
+            f"{where}: annotations of images the file does not have (detectron2 would drop "
+            f"them): {', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''}"
+        )
+    if repeated:
+        raise ValueError(
+            f"{where}: annotations with the same id ({repeated[:5]}): pycocotools keeps one of "
+            "them; give every annotation its own id"
+        )
+    if polygons:
+        raise ValueError(
+            f"{where}: polygons that are not lists of at least three (x, y) points in "
+            f"{', '.join(polygons[:5])}{' ...' if len(polygons) > 5 else ''} (detectron2 would "
+            "drop the whole object, its box too)"
         )
 
 
-def _record_problems(record: dict) -> List[str]:
+def _image_problems(dicts: List[dict]) -> List[str]:
+    """The problems of every record's image file, read in threads, a chunk of records each."""
+    chunks = [dicts[i : i + _CHUNK] for i in range(0, len(dicts), _CHUNK)]
+    with ThreadPoolExecutor(max_workers=_IMAGE_THREADS) as pool:
+        found = pool.map(lambda chunk: [p for r in chunk for p in _header_problems(r)], chunks)
+        return [p for problems in found for p in problems]
+
+
+def _header_problems(record: dict) -> List[str]:
+    """The image exists, PIL reads its header within the decompression-bomb limit, and its size
+    (after EXIF rotation, as detectron2 reads it) is the one the annotation file states."""
     path = record["file_name"]
-    problems = []
     if not os.path.isfile(path):
         return [f"image missing: '{path}'"]
     if os.path.getsize(path) == 0:
@@ -157,18 +291,27 @@ def _record_problems(record: dict) -> List[str]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 actual = image.size
-                if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+                if _orientation(image) in (5, 6, 7, 8):
                     actual = actual[::-1]  # detectron2 reads it rotated
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         return [f"image '{path}' is over PIL's decompression-bomb limit ({e})"]
     except (OSError, SyntaxError, ValueError) as e:
         return [f"image '{path}' cannot be read ({type(e).__name__}: {e})"]
-    if None not in size and tuple(size) != tuple(actual):
-        problems.append(
+    if tuple(size) != tuple(actual):
+        return [
             f"image '{path}' is {actual[0]}x{actual[1]}, the annotation file says "
             f"{size[0]}x{size[1]}"
-        )
-    width, height = actual
+        ]
+    return []
+
+
+def _box_problems(record: dict) -> List[str]:
+    """Every box is 4 finite numbers that overlap the image, of the size the annotation file
+    states (:func:`_header_problems` checks that size against the image)."""
+    path, width, height = record["file_name"], record.get("width"), record.get("height")
+    if not all(type(v) in _NUMBER_TYPES for v in (width, height)):
+        return [f"image '{path}' has a width and height of {width!r} x {height!r}, not numbers"]
+    problems = []
     for ann in record.get("annotations", []):
         box = ann.get("bbox")
         if box is None:
@@ -198,6 +341,21 @@ def _record_problems(record: dict) -> List[str]:
 
 
 _EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(image: Image.Image):
+    """The EXIF orientation of an opened image, from its header. (For a PNG, PIL's ``getexif``
+    decodes every pixel to look for an eXIf chunk after them; the header's chunk, where PIL
+    writes it, is read instead: an image rotated by a later chunk still fails, later, in
+    detectron2's own size check.)"""
+    if image.format != "PNG":
+        return image.getexif().get(_EXIF_ORIENTATION)
+    raw = image.info.get("exif")
+    if not raw:
+        return None
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(_EXIF_ORIENTATION)
 
 
 def load_datasets(names: Iterable[str]) -> None:

@@ -12,6 +12,7 @@
 """
 
 from ..data.datasets import (
+    check_coco_images_once,
     check_datasets,
     check_evaluation_dependencies,
     load_datasets,
@@ -40,6 +41,7 @@ __all__ = [
     "create_ddp_model",
     "build_evaluator",
     "register_coco_datasets",
+    "check_coco_images_once",
     "check_datasets",
     "load_datasets",
     "check_class_counts",

@@ -24,7 +24,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from ..config import is_lazy_config, local_config_files
-from ..utils.files import atomic_write, write_text
+from ..utils.files import atomic_write, open_regular, read_small_text, write_text
 
 __all__ = [
     "run_pipeline",
@@ -33,7 +33,7 @@ __all__ = [
     "TRAIN_MODULE",
     "EXPORT_MODULE",
     "override",
-    "config_digests",
+    "input_digests",
     "mark",
     "unmark",
     "last_metrics",
@@ -103,7 +103,7 @@ class StageRunner:
         return {
             "args": list(args),
             "datasets": self.register,
-            "inputs": config_digests(list(args) + self.register),
+            "inputs": input_digests(list(args) + self.register),
         }
 
     def run(self, name: str, out_dir: str, args: List[str], resumable: bool = True) -> str:
@@ -125,9 +125,9 @@ class StageRunner:
             _check_same_command(name, out_dir, done, record, "finished")
             logger.info("[pipeline] %s: finished before, kept (%s)", name, out_dir)
             return out_dir
-        resume = resumable and os.path.isfile(os.path.join(out_dir, "last_checkpoint"))
+        resume = resumable and os.path.lexists(os.path.join(out_dir, "last_checkpoint"))
         started = os.path.join(out_dir, STARTED)
-        if resume and os.path.isfile(started):
+        if resume and os.path.lexists(started):
             before = _read_record(started, "the record of a started stage")
             _check_same_command(name, out_dir, before, record, "was started")
         # train_net.py's flags first: its config overrides take the rest of the command line
@@ -148,12 +148,11 @@ class StageRunner:
 
 
 def _read_record(path: str, what: str) -> Optional[dict]:
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    try:  # a marker is small; a link, a directory or a FIFO is refused, named
+        record = json.loads(read_small_text(path, 1 << 24, what))
+    except json.JSONDecodeError as e:
         record = e
     if not isinstance(record, dict) or not isinstance(record.get("args"), list):
         raise ValueError(
@@ -185,7 +184,7 @@ def _check_same_command(name: str, out_dir: str, before: dict, now: dict, how: s
     changed = [
         path
         for path, digest in before.get("inputs", {}).items()
-        if now["inputs"].get(path, config_digests([path]).get(path)) != digest
+        if now["inputs"].get(path, input_digests([path]).get(path)) != digest
     ]
     if changed:
         raise ValueError(
@@ -194,13 +193,22 @@ def _check_same_command(name: str, out_dir: str, before: dict, now: dict, how: s
         )
 
 
-def config_digests(args: Sequence[str]) -> Dict[str, Optional[str]]:
-    """SHA-256 of every config or annotation file an argument names (.yaml, .yml, .py, .json; a
-    yacs file's local ``_BASE_`` files too), by path; None for a file that no longer exists."""
+# What a stage reads besides its command: configs and annotations, and weights (a teacher's,
+# the tokens', a checkpoint to export), by the suffixes of their files.
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".py", ".json")
+_WEIGHTS_SUFFIXES = (".pth", ".pkl", ".pyth", ".safetensors")
+
+
+def input_digests(args: Sequence[str]) -> Dict[str, Optional[str]]:
+    """SHA-256 of every config, annotation or weights file an argument names (.yaml, .yml,
+    .py, .json, .pth, .pkl, .pyth, .safetensors; a yacs file's local ``_BASE_`` files too), by
+    path; None for a file that no longer exists. A file replaced at the same path changes it."""
     out: Dict[str, Optional[str]] = {}
-    suffixes = (".yaml", ".yml", ".py", ".json")
     for arg in args:
-        if not (arg.endswith(suffixes) and os.path.isfile(arg)):
+        if not (arg.endswith(_CONFIG_SUFFIXES + _WEIGHTS_SUFFIXES) and os.path.isfile(arg)):
+            continue
+        if arg.endswith(_WEIGHTS_SUFFIXES):
+            out.setdefault(arg, _digest(arg))
             continue
         # the file by the name given, its _BASE_ files as paths of the same kind
         bases = local_config_files(arg)[1:]
@@ -212,12 +220,15 @@ def config_digests(args: Sequence[str]) -> Dict[str, Optional[str]]:
 
 
 def _digest(path: str) -> Optional[str]:
-    """SHA-256 of a file's bytes; None if it cannot be read."""
+    """SHA-256 of a file's bytes, read in blocks; None if it cannot be read."""
+    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     except OSError:
         return None
+    return digest.hexdigest()
 
 
 def mark(
@@ -226,7 +237,7 @@ def mark(
     """Write the marker of a finished stage (atomically: a killed pipeline leaves none): its
     arguments and the digests of the files they name, or ``record``
     (:meth:`StageRunner.record`)."""
-    record = record or {"args": list(args), "inputs": config_digests(args)}
+    record = record or {"args": list(args), "inputs": input_digests(args)}
     _write_record(
         os.path.join(out_dir, MARKER), dict(record, stage=name, seconds=round(seconds, 1))
     )
@@ -249,10 +260,14 @@ def last_metrics(out_dir: str) -> dict:
     """The evaluation results of the last record of a training run's ``metrics.json`` that has
     any (``{"bbox/AP": ..., "retention/bbox/AP": ...}``; empty if none)."""
     path = os.path.join(out_dir, "metrics.json")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return {}
-    with open(path) as f:
-        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+    with os.fdopen(open_regular(path, os.O_RDONLY, "metrics.json"), "rb") as f:
+        try:
+            text = f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"'{path}' is not a JSON-lines text file ({e})") from None
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     records = []
     for number, line in lines:
         try:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import sys
 import tempfile
 from typing import Callable, Iterator, List, Optional
@@ -18,6 +19,9 @@ __all__ = [
     "write_text",
     "hold_folder",
     "FolderHeldError",
+    "NotARegularFileError",
+    "open_regular",
+    "read_small_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,86 @@ def _fsync(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+class NotARegularFileError(ValueError):
+    """A path the project opens in a folder is a link, a directory, a FIFO or a device."""
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str, flags: int = os.O_RDONLY, what: str = "") -> int:
+    """``os.open(path, flags)`` for a regular file only: a symbolic link is not followed and,
+    like a directory, a FIFO or a device, refused (never blocking on a FIFO); ``O_CREAT`` in
+    ``flags`` creates a missing file with the umask's mode.
+
+    Args:
+        what: who named the path (a config key, an argument), for the message.
+
+    Returns:
+        an open file descriptor.
+
+    Raises:
+        NotARegularFileError: naming the path and what it is.
+    """
+    prefix = f"{what}: " if what else ""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFileError(
+                f"{prefix}'{path}' is {_kind(st.st_mode)}, not a regular file: the project "
+                "neither follows a link there nor reads or writes anything else; remove it"
+            )
+    nofollow = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | nofollow, 0o666 & ~_umask())
+    except OSError as e:  # replaced between the check and the open
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise NotARegularFileError(f"{prefix}'{path}' is not a regular file ({e})") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotARegularFileError(f"{prefix}'{path}' is {_kind(st.st_mode)}, not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_small_text(path: str, limit: int, what: str) -> str:
+    """The text of a small regular file the project wrote (a marker, ``last_checkpoint``), read
+    without following a link and without reading more than ``limit`` bytes.
+
+    Raises:
+        NotARegularFileError: the path is not a regular file.
+        ValueError: the file is larger than ``limit`` or not UTF-8 text, naming it.
+    """
+    fd = open_regular(path, os.O_RDONLY, what)
+    try:
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{what}: '{path}' is larger than the {limit} bytes such a file holds")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: '{path}' is not text ({e}): damaged or replaced") from None
+
+
 def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = False) -> None:
     """Call ``write(tmp_path)``, then move the result to ``path`` in one rename.
 
@@ -54,10 +138,14 @@ def atomic_write(path: str, write: Callable[[str], None], overwrite: bool = Fals
     Raises:
         FileExistsError: if ``path`` exists and ``overwrite`` is False.
     """
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"'{path}' exists; pass --force (overwrite=True) to replace it")
+    if os.path.lexists(path):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):  # a link or a FIFO is replaced by the rename, never written through
+            raise NotARegularFileError(f"'{path}' is a directory: the file cannot be written there")
+        if not overwrite:
+            raise FileExistsError(f"'{path}' exists; pass --force (overwrite=True) to replace it")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    _make_folder(folder)
     remove_stale_temporaries(folder, os.path.basename(path))  # of a killed earlier write
     # ".<name>.<pid>@<host>.<random>.tmp": never matches the patterns of checkpoints (*.pth,
     # model_*.pth); the writer's pid and host tell a live writer's file from a killed one's
@@ -136,9 +224,8 @@ def hold_folder(folder: str, what: str) -> Iterator[None]:
     Raises:
         FolderHeldError: naming the folder, ``what`` and the holder (pid, host, command).
     """
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    _make_folder(folder, what)
+    fd = open_regular(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, what)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,6 +250,17 @@ def hold_folder(folder: str, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _make_folder(folder: str, what: str = "") -> None:
+    """``os.makedirs(folder, exist_ok=True)``, naming a path that is a file."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotARegularFileError(
+            f"{what + ': ' if what else ''}'{folder}' is not a folder (a file is there, or in "
+            "its path)"
+        ) from None
 
 
 def write_text(path: str, text: str) -> None:
