@@ -241,7 +241,7 @@ def test_teacher_configs_build(name):
     assert model.backbone.padding_constraints["square_size"] == 1024
 
 
-# The paper's official detection settings (method.md, "Official settings"), written from the
+# The paper's official detection settings (docs/method.md, "The paper's settings and numbers"), written from the
 # paper's table, keyed by what a config describes (student meta-architecture, teacher config),
 # not by file name: loss weight, warm-up K, head-level KD (config node, loss, weight), inherit.
 PAPER = {
@@ -335,7 +335,7 @@ TOKENS = [p for p in YAML if "_tokens_" in os.path.basename(p)]
 
 @pytest.mark.parametrize("path", TOKENS, ids=_name)
 def test_stage1_configs_follow_the_official_token_schedule(path):
-    # method.md: 2000 iterations, cosine decay to 1e-6, Adam lr 0.01 wd 1e-3 for most
+    # docs/method.md: 2000 iterations, cosine decay to 1e-6, Adam lr 0.01 wd 1e-3 for most
     # detectors, SGD lr 0.1 for the Faster R-CNN R101 teacher; T = 6 with weights (detection),
     # Dice weight 1.
     cfg = get_maskd_cfg()

@@ -1,4 +1,4 @@
-"""The receptive tokens and losses equal the plain formulation of method.md, efficiently."""
+"""The receptive tokens and losses equal the plain formulation of docs/method.md, efficiently."""
 
 import math
 
