@@ -38,8 +38,9 @@ demo: setup
 		$(if $(QUICK),--output output/demo_quick)
 
 # Both data sets (default and detection-like): 2 teachers x 6 student seeds x 3 stage-1 seeds,
-# the full recipe through the paper's tokens, the partition objective's and uniform masks, and
-# features-only students through each source and the oracles (docs/demo.md, mask_sources.md).
+# the full recipe through the paper's tokens, the union objective's (configs/Demo/*_partition.yaml)
+# and uniform masks, and features-only students through each source and the oracles
+# (docs/demo.md, mask_sources.md).
 PARTITION := MODEL.MASKD.WEIGHT_GATE union MODEL.MASKD.SALIENCY_WEIGHT 1.0 \
 	MODEL.MASKD.MIN_TOKEN_AREA 0.08
 BENCH := --teacher-seeds 2 --seeds 6 --token-seeds 3 --jobs 2 \
