@@ -212,3 +212,26 @@ def test_the_header_check_reads_the_exif_rotation(tmp_path, fmt, orientation):
     assert _header_problems({**record, "width": right[0], "height": right[1]}) == []
     problems = _header_problems({**record, "width": wrong[0], "height": wrong[1]})
     assert len(problems) == 1 and f"is {right[0]}x{right[1]}, the annotation" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "opcode",
+    [pickle.EMPTY_SET, pickle.EMPTY_DICT, pickle.EMPTY_LIST, pickle.EMPTY_TUPLE, pickle.MARK],
+    ids=["EMPTY_SET", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "MARK"],
+)
+def test_one_opcode_repeated_is_refused_by_the_memory_count(tmp_path, opcode):
+    """No global at all: 300,000 times one allowed opcode (a 300 KB file that would build tens
+    of MB) is refused by the count of what the unpickler builds; 500 times loads."""
+    for count, refused in ((300_000, True), (500, False)):
+        path = tmp_path / f"ops{count}.pkl"
+        path.write_bytes(
+            pickle.PROTO + b"\x04" + pickle.MARK + opcode * count + pickle.LIST + pickle.STOP
+        )
+        if refused:
+            with pytest.raises(
+                UnsafePickleError, match="builds more objects than 8 times its size"
+            ):
+                load_pkl(str(path))
+        else:
+            loaded = load_pkl(str(path))
+            assert len(loaded) == (0 if opcode == pickle.MARK else count)

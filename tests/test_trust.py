@@ -601,19 +601,19 @@ def test_the_guarded_unpickler_survives_a_fuzz_of_its_allowed_globals(tmp_path):
 
 
 def test_the_guarded_unpickler_bounds_memory_over_the_whole_opcode_set(tmp_path):
-    """400 streams of random opcodes of every kind (the globals of the allow-list only), many
+    """120 streams of random opcodes of every kind (the globals of the allow-list only), many
     repeated in runs of up to 100,000 (EMPTY_SET, MARK, memo puts and gets, ...): every one is
     loaded, refused or named damaged, none takes more than ten times its size plus 256 KB in
     memory (tracemalloc) or hangs, and runs that would build more are refused by the count."""
     script = tmp_path / "fuzz.py"
     script.write_text(_FUZZ)
-    out = run([str(script), "400", "11", str(tmp_path / "f.pkl"), "opcodes"], tmp_path, False)
+    out = run([str(script), "120", "11", str(tmp_path / "f.pkl"), "opcodes"], tmp_path, False)
     assert out.returncode == 0, f"exit {out.returncode}: " + out.stderr[-2000:]
     rows = [line.split(" ") for line in out.stdout.splitlines()]
-    assert len(rows) == 400
+    assert len(rows) == 120
     bad = [r for r in rows if r[0] not in ("loaded", "refused", "damaged")]
     assert not bad, bad[:5]
     heavy = [r for r in rows if int(r[2]) > 10 * int(r[1]) + 2**18]
     assert not heavy, heavy[:5]
     outcomes = collections.Counter(r[0] for r in rows)
-    assert outcomes["refused"] >= 20 and outcomes["damaged"] >= 200, outcomes
+    assert outcomes["refused"] >= 6 and outcomes["damaged"] >= 60, outcomes
