@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 SRC := projects tests tools demo configs train_net.py distill_net.py
 
-.PHONY: setup lint format test test-fast benchmark demo benchmark-demo gpu-check
+.PHONY: setup lint format test test-fast benchmark demo demo-seg benchmark-demo gpu-check
 
 setup:
 	@bash tools/setup_env.sh
@@ -36,6 +36,13 @@ demo: setup
 		$(if $(TEACHER_SEEDS),--teacher-seeds $(TEACHER_SEEDS)) \
 		$(if $(TOKEN_SEEDS),--token-seeds $(TOKEN_SEEDS)) \
 		$(if $(QUICK),--output output/demo_quick)
+
+# The paper's segmentation recipe on the output logits: a semantic FPN pair on the shapes data's
+# label maps, 6 student seeds paired with their baselines; report in output/seg_demo/report.md.
+# QUICK=1: a tiny run that checks the pipeline. SEEDS=3: three student seeds.
+demo-seg: setup
+	$(PY) demo/seg_demo.py $(if $(QUICK),--quick) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(QUICK),--output output/seg_demo_quick)
 
 # Both data sets (default and detection-like): 2 teachers x 6 student seeds x 3 stage-1 seeds,
 # the full recipe through the paper's tokens, the union objective's (configs/Demo/*_partition.yaml)

@@ -213,6 +213,12 @@ def interval(p: Dict[str, float]) -> str:
     return f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] (n={p['n']})"
 
 
+def seeds_to_resolve(p: Dict[str, float]) -> str:
+    """The seeds a :func:`paired` difference of its size and spread needs, as the report says it."""
+    need = p["seeds needed"]
+    return "n/a" if math.isnan(need) else "more than 1000" if math.isinf(need) else str(int(need))
+
+
 def spread(values: List[float]) -> str:
     """mean, sample standard deviation and range of a list of numbers, for the report."""
     if any(math.isnan(v) for v in values):
@@ -617,8 +623,7 @@ def paired_lines(results, seeds) -> List[str]:
         for label, a, b, a_val, b_val in comparisons(results, t):
             p = paired_of(a, b, seeds)
             val = interval(paired_of(a_val, b_val, seeds)) if a_val and b_val else "-"
-            need = p["seeds needed"]
-            need = "n/a" if math.isnan(need) else "more than 1000" if math.isinf(need) else need
+            need = seeds_to_resolve(p)
             lines.append(
                 f"| {label} | {interval(p)} | {signed_list(p['per seed'])} | {need} | {val} |"
             )

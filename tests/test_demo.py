@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import pytest
 from tiny import ROOT, run
@@ -389,6 +390,7 @@ def test_the_demo_configs_hold_the_demos_schedule():
     """The demo overrides the schedule of its configs (shortened for QUICK); at full size the
     overrides equal what the configs hold, so a config run by hand is the demo's run."""
     import report as rep
+    import seg_demo
 
     from maskd.config import load_config
 
@@ -397,6 +399,9 @@ def test_the_demo_configs_hold_the_demos_schedule():
         ("shapes_teacher_R34.yaml", rep.DEFAULT["teacher_iter"]),
         ("shapes_student_R18.yaml", rep.DEFAULT["student_iter"]),
         ("maskd_shapes_R34-R18_2x.yaml", rep.DEFAULT["student_iter"]),
+        ("shapes_seg_teacher_R34.yaml", seg_demo.DEFAULT["teacher_iter"]),
+        ("shapes_seg_student_R18.yaml", seg_demo.DEFAULT["student_iter"]),
+        ("maskd_shapes_seg_R34-R18.yaml", seg_demo.DEFAULT["student_iter"]),
     ):
         cfg = load_config(os.path.join(demo, name))
         opts = rep.schedule(iters)
@@ -408,6 +413,8 @@ def test_the_demo_configs_hold_the_demos_schedule():
     assert stage2.MODEL.MASKD.CUSTOM_MASK_WARMUP == rep.DEFAULT["student_iter"] // 2
     tokens = load_config(os.path.join(demo, "maskd_shapes_R34-R18_tokens.yaml"))
     assert tokens.SOLVER.MAX_ITER == rep.DEFAULT["tokens_iter"]
+    tokens = load_config(os.path.join(demo, "maskd_shapes_seg_R34-R18_tokens.yaml"))
+    assert tokens.SOLVER.MAX_ITER == seg_demo.DEFAULT["tokens_iter"]
 
 
 def test_the_demo_partition_configs_are_the_shipped_pair_plus_the_levers():
@@ -509,3 +516,107 @@ def test_report_paired_differences_of_the_full_recipe_and_their_goals(tmp_path):
         "- teacher seed 0: learned tokens: re-weighting of the boxes at p2 >= 1.3, every"
         " stage-1 seed: NOT reached (seed 0: 1.00)" in goals
     )
+
+
+@pytest.mark.slow
+def test_quick_segmentation_demo_distils_the_logits_and_writes_the_report(tmp_path):
+    """demo/seg_demo.py --quick: a semantic FPN teacher, tokens on its logits, students with and
+    without distillation on the shapes label maps (registered through --import), the report."""
+    out = tmp_path / "seg"
+    run(
+        [os.path.join(ROOT, "demo", "seg_demo.py"), "--quick", "--output", str(out)]
+        + ["--data-root", str(tmp_path / "data"), "--seeds", "2", "--jobs", "2"],
+        tmp_path,
+        timeout=1200,
+    )
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())["results"]
+    tokens = out / "maskd_seed0" / "tokens"
+    assert "IN_FEATURES:\n    - logits" in (tokens / "config.yaml").read_text()
+    for s in ("0", "1"):
+        student = out / f"maskd_seed{s}" / "student"
+        records = [json.loads(line) for line in open(student / "metrics.json")]
+        keys = {k for r in records for k in r}
+        # the logits are the one distilled level; no align conv is built
+        assert {"loss_maskd", "maskd/loss_logits", "loss_sem_seg"} <= keys
+        assert not any(k.startswith("maskd/loss_p") for k in keys)
+        assert "ALIGN: false" in (student / "config.yaml").read_text()
+        test = [r for r in records if "maskd_shapes_seg_test/sem_seg/mIoU" in r][-1]
+        assert results["maskd test"][s]["mIoU"] == test["maskd_shapes_seg_test/sem_seg/mIoU"]
+        # the released student, evaluated by plain detectron2, predicts as it did in training
+        released = results["maskd released test"][s]
+        assert released == pytest.approx(results["maskd test"][s]["mIoU"], abs=1e-6)
+        baseline = [json.loads(line) for line in open(out / f"student_seed{s}" / "metrics.json")]
+        assert not any("loss_maskd" in r for r in baseline)
+    assert 0 < results["masked teacher retention"] < 2
+    for split in ("val", "test"):
+        d = [
+            results[f"maskd {split}"][s]["mIoU"] - results[f"baseline {split}"][s]["mIoU"]
+            for s in ("0", "1")
+        ]
+        line = next(ln for ln in report.splitlines() if ln.startswith(f"- {split}: "))
+        assert line.startswith(f"- {split}: {sum(d) / 2:+.2f} [")
+        assert f"per seed {d[0]:+.2f}, {d[1]:+.2f};" in line
+
+
+def test_segmentation_demo_configs_are_the_papers_logits_recipe():
+    """The demo's segmentation pair distils what the paper's segmentation row distils: the
+    logits, 8 tokens, no weight head, no align conv, 0.5; stage 1 with Adam 0.01 and cosine."""
+    from maskd.config import load_config
+
+    configs = os.path.join(ROOT, "configs", "Demo")
+    student = load_config(os.path.join(configs, "maskd_shapes_seg_R34-R18.yaml"))
+    tokens = load_config(os.path.join(configs, "maskd_shapes_seg_R34-R18_tokens.yaml"))
+    for cfg in (student, tokens):
+        m = cfg.MODEL.MASKD
+        assert list(m.IN_FEATURES) == ["logits"] and m.NUM_TOKENS == 8
+        assert (m.WEIGHTED, m.ALIGN, m.LOSS_WEIGHT) == (False, False, 0.5)
+        assert m.STUDENT_META_ARCHITECTURE == "SemanticSegmentor"
+    assert student.MODEL.META_ARCHITECTURE == "MasKD"
+    assert tokens.MODEL.META_ARCHITECTURE == "MasKDTokenLearner"
+    assert (tokens.SOLVER.OPTIMIZER, tokens.SOLVER.BASE_LR) == ("ADAM", 0.01)
+    assert tokens.SOLVER.LR_SCHEDULER_NAME == "WarmupCosineLR"
+    # the student config's schedule is the baseline's, which the demo runs
+    baseline = load_config(os.path.join(configs, "shapes_seg_student_R18.yaml"))
+    assert student.SOLVER.MAX_ITER == baseline.SOLVER.MAX_ITER
+
+
+def test_segmentation_demo_data_is_registered_from_the_environment(tmp_path, monkeypatch):
+    """demo/seg_data.py (the segmentation runs' --import) registers the splits the demo names in
+    its environment variable, and names what is missing: the variable, a split's folder."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from PIL import Image
+    from seg_demo import SEG_DATA, SEG_DATA_ENV
+
+    from maskd.utils.extensions import import_modules
+
+    folder = tmp_path / "split"
+    for sub in ("images", "sem_seg"):
+        (folder / sub).mkdir(parents=True)
+        Image.new("L" if sub == "sem_seg" else "RGB", (8, 8)).save(folder / sub / "000000.png")
+    monkeypatch.delenv(SEG_DATA_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=f"{SEG_DATA_ENV} is not set"):
+        import_modules([SEG_DATA])
+    name = "test_seg_demo_split"
+    spec = {"classes": ["a", "b"], "ignore_label": 255, "splits": {name: str(folder)}}
+    monkeypatch.setenv(SEG_DATA_ENV, json.dumps(spec))
+    module = None
+    try:
+        (module,) = import_modules([SEG_DATA])
+        (record,) = DatasetCatalog.get(name)
+        assert record["sem_seg_file_name"] == str(folder / "sem_seg" / "000000.png")
+        meta = MetadataCatalog.get(name)
+        assert (meta.stuff_classes, meta.ignore_label, meta.evaluator_type) == (
+            ["a", "b"],
+            255,
+            "sem_seg",
+        )
+        spec["splits"] = {name: str(tmp_path / "nowhere")}
+        monkeypatch.setenv(SEG_DATA_ENV, json.dumps(spec))
+        with pytest.raises(FileNotFoundError, match=f"'{name}': no folder .*nowhere"):
+            module.register_from_environment()
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        if module is not None:
+            sys.modules.pop(module.__name__, None)
