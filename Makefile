@@ -17,12 +17,17 @@ format: setup
 	$(PY) -m isort --quiet $(wildcard $(SRC))
 	$(PY) -m black -l 100 --quiet $(wildcard $(SRC))
 
+# The suite in JOBS processes (pytest-xdist; a test file stays in one process, so its module
+# fixtures are built once), one thread each; the slowest tests are listed at the end.
+JOBS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile --durations=20
+
 test: lint
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # everything but the tests marked slow (end-to-end trainings in subprocesses)
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 benchmark: setup
 	$(PY) tools/benchmark_losses.py
