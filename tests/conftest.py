@@ -18,6 +18,13 @@ import dataclasses  # noqa: E402
 from typing import List, Tuple  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# The property tests of the guards (tests/test_guards.py): a bounded number of examples, the same
+# ones in every run (a failure reproduces), no example database written into the checkout, and
+# no deadline (the machine's load is not the code's).
+settings.register_profile("maskd", max_examples=150, derandomize=True, database=None, deadline=None)
+settings.load_profile("maskd")
 
 
 @dataclasses.dataclass

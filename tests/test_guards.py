@@ -5,21 +5,26 @@ cases of tests/test_bad_inputs.py show the messages users see; these cover the d
 
 import functools
 import io
+import json
 import math
 import pickle
 
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
 import yaml
 from detectron2.config import instantiate
 from detectron2.structures import BoxMode
+from hypothesis import example, given, settings
 
 from maskd._compat import check_checkpoint_structure
 from maskd.checkpoint.provenance import check_student_preprocessing
 from maskd.checkpoint.safe_pickle import UnsafePickleError, load_pkl
-from maskd.config.loading import LazyYamlLoader, read_yaml
+from maskd.config.loading import MAX_DEPTH, LazyYamlLoader, read_yaml
 from maskd.data.datasets import _box_problems
+from maskd.utils.numbers import check_fraction, check_number
 
 # --- YAML -------------------------------------------------------------------------------------
 
@@ -235,3 +240,206 @@ def test_one_opcode_repeated_is_refused_by_the_memory_count(tmp_path, opcode):
         else:
             loaded = load_pkl(str(path))
             assert len(loaded) == (0 if opcode == pickle.MARK else count)
+
+
+# --- over the whole domain: property tests (hypothesis; tests/conftest.py bounds the examples) --
+
+ANY_VALUE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.booleans(),
+    st.text(max_size=5),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+def _a_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@given(value=ANY_VALUE, zero_allowed=st.booleans())
+def test_a_config_number_passes_exactly_when_finite_and_in_its_bounds(value, zero_allowed):
+    """check_number: a finite int or float > 0 (>= 0 where 0 switches a term off) passes; any
+    other value (NaN, +-inf, a bool, a string, None, a list, a negative) names its key."""
+    ok = _a_number(value) and (value > 0 or (zero_allowed and value == 0))
+    if ok:
+        check_number(value, "MODEL.MASKD.X", zero_allowed=zero_allowed)
+    else:
+        with pytest.raises(ValueError, match=r"MODEL\.MASKD\.X must be a finite"):
+            check_number(value, "MODEL.MASKD.X", zero_allowed=zero_allowed)
+
+
+@given(value=ANY_VALUE)
+def test_a_config_share_passes_exactly_when_a_number_in_0_1(value):
+    """check_fraction: a number in [0, 1] passes as a float; NaN, a bool, a string or anything
+    outside names its key (not a TypeError from the comparison)."""
+    if _a_number(value) and 0 <= value <= 1:
+        assert check_fraction(value, "MODEL.MASKD.SHARE") == float(value)
+    else:
+        with pytest.raises(ValueError, match=r"MODEL\.MASKD\.SHARE must lie in \[0, 1\]"):
+            check_fraction(value, "MODEL.MASKD.SHARE")
+
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@given(
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    where=st.floats(0, 1, exclude_max=True),
+    bad=st.sampled_from([math.nan, math.inf, -math.inf]),
+    seed=st.integers(0, 2**16),
+)
+def test_one_non_finite_value_anywhere_in_a_tensor_is_refused(dtype, shape, where, bad, seed):
+    """Any shape, any dtype a .pth holds, NaN/+inf/-inf at any position: refused, naming the
+    key; the same tensor with that entry finite passes."""
+    g = torch.Generator().manual_seed(seed)
+    good = (torch.rand(shape, generator=g) * 2 - 1).to(dtype)
+    check_checkpoint_structure({"model": {"w": good}}, "w.pth")
+    flat = good.flatten().clone()
+    flat[int(where * flat.numel())] = bad
+    with pytest.raises(ValueError, match=r"NaN or inf values: w"):
+        check_checkpoint_structure({"model": {"w": flat.view(shape)}}, "w.pth")
+
+
+@given(
+    values=hnp.arrays(
+        st.sampled_from([np.float16, np.float32, np.float64]),
+        hnp.array_shapes(max_dims=3, max_side=4),
+        elements={"allow_nan": True, "allow_infinity": True},
+    )
+)
+def test_an_array_is_refused_exactly_when_it_holds_a_non_finite_value(values):
+    """Arrays of a .pkl (detectron2's format), every float dtype, every mix of values."""
+    state = {"model": {"a": values}}
+    if np.isfinite(values).all():
+        check_checkpoint_structure(state, "w.pkl")
+    else:
+        with pytest.raises(ValueError, match=r"NaN or inf values: a"):
+            check_checkpoint_structure(state, "w.pkl")
+
+
+COORD = st.integers(-300, 300)
+
+
+@given(
+    size=st.tuples(st.integers(1, 200), st.integers(1, 200)),
+    box=st.tuples(COORD, COORD, st.integers(0, 300), st.integers(0, 300)),
+    mode=st.sampled_from([BoxMode.XYWH_ABS, BoxMode.XYXY_ABS]),
+)
+def test_a_box_is_refused_exactly_when_it_misses_its_image(size, box, mode):
+    """Any image size (square or not), any box in either mode: refused exactly when it lies
+    wholly outside the image (an edge shared counts as touching)."""
+    width, height = size
+    x, y, w, h = box
+    ann = {"bbox": list(_as(mode, x, y, w, h)), "bbox_mode": mode}
+    record = {"file_name": "img.png", "width": width, "height": height, "annotations": [ann]}
+    outside = x + w < 0 or y + h < 0 or x > width or y > height
+    problems = _box_problems(record)
+    assert len(problems) == int(outside)
+    if outside:
+        assert f"lies outside the {width}x{height} image" in problems[0]
+
+
+@given(
+    ours=st.lists(st.floats(0.5, 300, allow_nan=False), min_size=6, max_size=6),
+    index=st.integers(0, 5),
+    change=st.floats(1e-3, 10).flatmap(lambda d: st.sampled_from([d, -d])),
+)
+def test_any_recorded_mean_or_std_element_that_differs_is_refused(ours, index, change):
+    """Each of PIXEL_MEAN's and PIXEL_STD's elements, changed by any amount beyond float
+    tolerance (relative 1e-3 or more), is refused; the recorded values themselves pass."""
+    ours = torch.tensor(ours)
+    check_student_preprocessing(ours.clone(), ours, "MODEL.WEIGHTS")
+    recorded = ours.clone()
+    recorded[index] += change * max(1.0, abs(float(ours[index])))
+    with pytest.raises(ValueError, match="PIXEL_MEAN .* PIXEL_STD"):
+        check_student_preprocessing(recorded, ours, "MODEL.WEIGHTS")
+
+
+YAML_LEAF = st.one_of(
+    st.integers(-1000, 1000), st.booleans(), st.text("abcxyz_ ", min_size=1, max_size=6)
+)
+YAML_KEY = st.text("abcdefgh", min_size=1, max_size=4)
+YAML_TREE = st.recursive(
+    YAML_LEAF,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(YAML_KEY, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(tree=st.dictionaries(YAML_KEY, YAML_TREE, min_size=1, max_size=4))
+def test_any_config_tree_reads_back_as_written(tmp_path_factory, tree):
+    """Nested mappings and lists as yaml writes them, and the same with every subtree written
+    once and referenced by alias (a node reused, not containing itself), read back equal."""
+    path = tmp_path_factory.mktemp("yaml") / "tree.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert read_yaml(str(path)) == tree
+    shared = {"first": tree, "again": tree}  # the same object twice: an anchor and an alias
+    text = yaml.dump(shared, Dumper=yaml.SafeDumper)
+    assert "&id" in text and "*id" in text
+    path.write_text(text)
+    assert read_yaml(str(path)) == {"first": tree, "again": tree}
+
+
+@given(key=YAML_KEY, first=YAML_LEAF, second=YAML_LEAF, depth=st.integers(0, 3))
+def test_a_duplicate_key_at_any_depth_is_refused(tmp_path_factory, key, first, second, depth):
+    path = tmp_path_factory.mktemp("yaml") / "dup.yaml"
+    indent = "  " * depth
+    nest = "".join(f"{'  ' * d}n{d}:\n" for d in range(depth))
+    path.write_text(
+        nest + f"{indent}{key}: {json.dumps(first)}\n{indent}{key}: {json.dumps(second)}\n"
+    )
+    with pytest.raises(ValueError, match=f"the key '{key}' appears twice in one mapping"):
+        read_yaml(str(path))
+
+
+@settings(max_examples=40)
+@given(depth=st.integers(1, 250))
+@example(depth=MAX_DEPTH - 2)
+@example(depth=MAX_DEPTH - 1)
+def test_nesting_is_read_up_to_its_bound_and_refused_beyond(tmp_path_factory, depth):
+    """``depth`` lists inside the top mapping: the mapping and the innermost number count as
+    levels too, so the document is MAX_DEPTH deep at depth MAX_DEPTH - 2."""
+    path = tmp_path_factory.mktemp("yaml") / "deep.yaml"
+    path.write_text("a: " + "[" * depth + "1" + "]" * depth + "\n")
+    if depth + 2 <= MAX_DEPTH:
+        value = read_yaml(str(path))["a"]
+        for _ in range(depth):
+            (value,) = value
+        assert value == 1
+    else:
+        with pytest.raises(ValueError, match="nest"):
+            read_yaml(str(path))
+
+
+@given(count=st.integers(1, 120), floats=st.integers(1, 600))
+@example(count=55, floats=1)  # was refused by counting the stack below each closed mark again
+def test_arrays_load_exactly_while_their_bytes_fit_in_the_file(tmp_path_factory, count, floats):
+    """``count`` arrays over one memoized buffer of ``4 * floats`` bytes (memo reuse: the data
+    is written once): loaded while all the arrays' bytes together fit in the file, refused
+    beyond, whatever the count and size."""
+    data = _shared_bytes_pickle(count, 4 * floats)
+    path = tmp_path_factory.mktemp("pkl") / "shared.pkl"
+    path.write_bytes(data)
+    if count * 4 * floats <= len(data):
+        loaded = load_pkl(str(path))
+        assert len(loaded) == count and all(a.shape == (floats,) for a in loaded)
+    else:
+        with pytest.raises(UnsafePickleError, match="than the file holds"):
+            load_pkl(str(path))
+
+
+def test_a_pickle_of_thousands_of_tiny_arrays_is_refused_by_the_memory_count(tmp_path):
+    """Hundreds of arrays of a thousand numbers count under twice the file's size and load;
+    thousands of arrays of two numbers count about 14 times (an array's Python objects outweigh
+    its bytes): refused by the memory count, as docs/reliability.md says."""
+    path = tmp_path / "w.pkl"
+    big = {"model": {f"l{i}.w": np.full(1000, i, np.float32) for i in range(300)}}
+    path.write_bytes(pickle.dumps(big, protocol=2))
+    assert float(load_pkl(str(path))["model"]["l7.w"].sum()) == 7000.0
+    tiny = {"model": {f"l{i}.w": np.zeros(2, np.float32) for i in range(2000)}}
+    path.write_bytes(pickle.dumps(tiny, protocol=2))
+    with pytest.raises(UnsafePickleError, match="builds more objects than 8 times its size"):
+        load_pkl(str(path))

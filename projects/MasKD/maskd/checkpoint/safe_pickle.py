@@ -72,7 +72,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 MEMORY_FACTOR, MEMORY_SLACK = 8, 192 << 10
 # What one stack slot, one memo entry and one mark cost (a pointer; a dict entry and its key; a
 # list).
-_SLOT, _MEMO_ENTRY, _MARK = 8, 112, 64
+_SLOT, _MEMO_KEY, _MARK = 8, 32, 64
 
 
 def _opcodes(*names: str) -> frozenset:
@@ -85,6 +85,23 @@ _REFERENCES = _opcodes("GET", "BINGET", "LONG_BINGET", "DUP")
 _MEMOS = _opcodes("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
 _MARKS = _opcodes("MARK")
 _FILLS = _opcodes("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS")
+# opcodes that close the mark: the stack below the mark comes back (its objects were counted
+# when they were pushed) and the one new object is the one built from the items above the mark
+_FROM_MARK = _opcodes("TUPLE", "LIST", "DICT", "FROZENSET", "OBJ", "INST")
+_POP_MARK = _opcodes("POP_MARK")
+# sets the state of the object below it (a dtype or an array: counted when it was built; an
+# array's data is counted by the arrays' budget, :meth:`_RestrictedUnpickler.allocate`)
+_BUILD = _opcodes("BUILD")
+
+
+def _size(obj) -> int:
+    """The memory a new object on the stack takes: none for Python's shared constants (None,
+    True, False, the small ints, the empty tuple), which no opcode allocates."""
+    if obj is None or obj is True or obj is False or (type(obj) is tuple and not obj):
+        return 0
+    if type(obj) is int and -5 <= obj <= 256:
+        return 0
+    return sys.getsizeof(obj)
 
 
 def _filled(self, code: int):
@@ -98,17 +115,19 @@ def _filled(self, code: int):
 
 def _counted(code: int, handler):
     """``handler`` of opcode ``code``, with what it builds counted (:meth:`charge`): each new
-    object on the stack at its size, the growth of the container it fills, a memo entry, a
-    mark, a reference."""
+    object on the stack at its size (once: an opcode that closes a mark brings back the stack
+    below it, whose objects were counted when pushed), the growth of the container it fills, a
+    memo entry, a mark, a reference."""
 
     def run(self):
         if code in _REFERENCES:
             self.charge(_SLOT)
             return handler(self)
-        if code in _MEMOS:
-            before = len(self.memo)
+        if code in _MEMOS:  # the memo dict's growth and a key (an int object) per new entry
+            entries, size = len(self.memo), sys.getsizeof(self.memo)
             handler(self)
-            return self.charge(_MEMO_ENTRY * (len(self.memo) - before))
+            grown = max(0, sys.getsizeof(self.memo) - size)
+            return self.charge(grown + _MEMO_KEY * (len(self.memo) - entries))
         if code in _MARKS:
             self.charge(_MARK)
             return handler(self)
@@ -117,13 +136,18 @@ def _counted(code: int, handler):
             before = sys.getsizeof(container)
             handler(self)
             return self.charge(max(0, sys.getsizeof(container) - before) + _SLOT)
+        if code in _FROM_MARK:
+            handler(self)
+            return self.charge(_size(self.stack[-1]) + _SLOT)
+        if code in _POP_MARK or code in _BUILD:
+            return handler(self)
         depth = len(self.stack)
         top = self.stack[-1] if self.stack else None
         handler(self)
         if len(self.stack) > depth:  # pushed: each new object
-            self.charge(sum(sys.getsizeof(o) for o in self.stack[depth:]) + _SLOT)
+            self.charge(sum(_size(o) for o in self.stack[depth:]) + _SLOT)
         elif self.stack and self.stack[-1] is not top:  # a result replaced its arguments
-            self.charge(sys.getsizeof(self.stack[-1]))
+            self.charge(_size(self.stack[-1]))
 
     return run
 

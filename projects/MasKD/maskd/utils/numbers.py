@@ -24,11 +24,13 @@ def check_number(value, key: str, *, zero_allowed: bool) -> None:
 
 
 def check_fraction(value, key: str) -> float:
-    """``value`` as a float, if it lies in [0, 1] (a NaN does not).
+    """``value`` as a float, if it is a number in [0, 1] (a NaN is not; nor is a bool or a
+    string, which a comparison would take or fail on with an error that names no key).
 
     Raises:
         ValueError: naming ``key`` and the value.
     """
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{key} must lie in [0, 1], got {value}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and 0.0 <= value <= 1.0):
+        raise ValueError(f"{key} must lie in [0, 1], got {value!r}")
     return float(value)
