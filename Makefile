@@ -18,9 +18,13 @@ format: setup
 	$(PY) -m black -l 100 --quiet $(wildcard $(SRC))
 
 # The suite in JOBS processes (pytest-xdist; a test file stays in one process, so its module
-# fixtures are built once), one thread each; the slowest tests are listed at the end.
+# fixtures are built once), one thread each, in the order pytest-randomly shuffles by SEED (the
+# seed is printed; `make test SEED=` draws a new one, `SEED=N` repeats an order); the slowest
+# tests are listed at the end.
 JOBS ?= 2
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile --durations=20
+SEED ?= 1
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile --durations=20 \
+	$(if $(SEED),--randomly-seed=$(SEED))
 
 test: lint
 	$(PYTEST) tests
