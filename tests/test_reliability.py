@@ -296,7 +296,9 @@ def test_no_live_run_is_harmed_by_a_second_command_on_its_folder(ws):
     evaluates and removes none of the live run's files (a checkpoint being written included);
     the training then ends normally."""
     out = "live_run"
-    cfg = stage_cfg(ws, "MasKDTokenLearner", out, MAX_ITER=60, CHECKPOINT_PERIOD=1000)
+    # long enough to outlast the evaluation below on a loaded machine (it may still end first:
+    # then it ended by itself, with status 0, which is what the test asks of it)
+    cfg = stage_cfg(ws, "MasKDTokenLearner", out, MAX_ITER=200, CHECKPOINT_PERIOD=1000)
     cfg.TEST.EVAL_PERIOD = 0
     config = write_cfg(ws, cfg, f"{out}.yaml")
     out_dir = ws["tmp"] / out
@@ -325,7 +327,7 @@ def test_no_live_run_is_harmed_by_a_second_command_on_its_folder(ws):
             + ["MODEL.WEIGHTS", stage1_weights]
         )
         assert writing.exists()  # the live writer's file stays
-        assert proc.poll() is None, "the evaluation ended the training"
+        assert proc.poll() in (None, 0), "the evaluation ended the training"
         assert proc.wait(timeout=600) == 0
     finally:
         if proc.poll() is None:
