@@ -6,7 +6,7 @@ import json
 import math
 import os
 import statistics
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from shapes import COCO_PUBLISHED  # demo/shapes.py, beside this module
 
@@ -41,17 +41,20 @@ def records(out_dir: str) -> List[dict]:
         return [json.loads(line) for line in f]
 
 
-def final_metrics(out_dir: str, dataset: str = "") -> Dict[str, float]:
-    """The last evaluation in a run's metrics.json: {"AP": ..., "AP50": ..., "AP75": ...}; of
-    ``dataset`` where the run evaluated several (detectron2 then prefixes the dataset's name)."""
-    prefix = f"{dataset}/bbox/" if dataset else "bbox/"
-    evals = [rec for rec in records(out_dir) if f"{prefix}AP" in rec]
+def final_metrics(
+    out_dir: str, dataset: str = "", task: str = "bbox", metrics: Sequence[str] = METRICS
+) -> Dict[str, float]:
+    """The last evaluation in a run's metrics.json: {"AP": ..., "AP50": ..., "AP75": ...} (or
+    the ``metrics`` of another ``task``, e.g. "sem_seg" and its "mIoU"); of ``dataset`` where
+    the run evaluated several (detectron2 then prefixes the dataset's name)."""
+    prefix = f"{dataset}/{task}/" if dataset else f"{task}/"
+    evals = [rec for rec in records(out_dir) if f"{prefix}{metrics[0]}" in rec]
     if not evals:
         raise RuntimeError(
-            f"no bbox evaluation{f' of {dataset}' if dataset else ''} in "
+            f"no {task} evaluation{f' of {dataset}' if dataset else ''} in "
             f"{os.path.join(out_dir, 'metrics.json')}"
         )
-    return {m: evals[-1][f"{prefix}{m}"] for m in METRICS}
+    return {m: evals[-1][f"{prefix}{m}"] for m in metrics}
 
 
 def evaluated_metrics(results: dict, dataset: str = "") -> Dict[str, float]:
@@ -103,12 +106,13 @@ def goal(name: str, threshold: float, better: Tuple[str, float], base: Tuple[str
     return f"{name}: {'reached' if value >= threshold else 'NOT reached'} ({value:+.2f})"
 
 
-def retention_of(out_dir: str) -> float:
-    """The retention (masked teacher AP / teacher AP) of a stage-1 run's last evaluation."""
-    evals = [rec for rec in records(out_dir) if "retention/bbox/AP" in rec]
+def retention_of(out_dir: str, metric: str = "bbox/AP") -> float:
+    """The retention (masked teacher / teacher ``metric``, e.g. "sem_seg/mIoU") of a stage-1
+    run's last evaluation."""
+    evals = [rec for rec in records(out_dir) if f"retention/{metric}" in rec]
     if not evals:
         raise RuntimeError(f"no retention in {os.path.join(out_dir, 'metrics.json')}")
-    value = evals[-1]["retention/bbox/AP"]
+    value = evals[-1][f"retention/{metric}"]
     return math.nan if value is None else float(value)
 
 

@@ -59,21 +59,8 @@ SEG_DATA_ENV = "MASKD_SHAPES_SEG"
 
 
 def miou(out_dir: str, dataset: str = "") -> Dict[str, float]:
-    """The last semantic-segmentation evaluation of a run's metrics.json ({"mIoU", "fwIoU",
-    "pACC"}), of ``dataset`` where the run evaluated several."""
-    prefix = f"{dataset}/sem_seg/" if dataset else "sem_seg/"
-    evals = [r for r in rep.records(out_dir) if prefix + "mIoU" in r]
-    if not evals:
-        raise RuntimeError(f"no {prefix}mIoU in {os.path.join(out_dir, 'metrics.json')}")
-    return {m: evals[-1][prefix + m] for m in METRICS}
-
-
-def retention(out_dir: str) -> float:
-    """Masked teacher mIoU / teacher mIoU of a stage-1 run's last evaluation."""
-    evals = [r for r in rep.records(out_dir) if "retention/sem_seg/mIoU" in r]
-    if not evals:
-        raise RuntimeError(f"no retention in {os.path.join(out_dir, 'metrics.json')}")
-    return float(evals[-1]["retention/sem_seg/mIoU"])
+    """The last semantic-segmentation evaluation of a run ({"mIoU", "fwIoU", "pACC"})."""
+    return rep.final_metrics(out_dir, dataset, task="sem_seg", metrics=METRICS)
 
 
 def run_seg_demo(
@@ -167,7 +154,7 @@ def run_seg_demo(
 
     results = {
         "teacher": miou(done["teacher"]),
-        "masked teacher retention": retention(tokens["dir"]),
+        "masked teacher retention": rep.retention_of(tokens["dir"], "sem_seg/mIoU"),
         "token statistics": rep.token_statistics_of(tokens["dir"]),
     }
     for split in ("val", "test"):

@@ -6,6 +6,11 @@ import math
 __all__ = ["check_number", "check_fraction"]
 
 
+def _is_number(value) -> bool:
+    """An int or a float; a bool is not a number of a config."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_number(value, key: str, *, zero_allowed: bool) -> None:
     """Fail, naming the key, unless ``value`` is a finite number > 0 (or >= 0 where
     ``zero_allowed``, for weights where 0 switches a term off). Booleans are not numbers here,
@@ -15,8 +20,7 @@ def check_number(value, key: str, *, zero_allowed: bool) -> None:
     Raises:
         ValueError: naming ``key`` and the value.
     """
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if number and math.isfinite(value) and (value > 0 or (zero_allowed and value == 0)):
+    if _is_number(value) and math.isfinite(value) and (value > 0 or (zero_allowed and value == 0)):
         return
     if zero_allowed:
         raise ValueError(f"{key} must be a finite number >= 0 (0: off), got {value!r}")
@@ -30,7 +34,6 @@ def check_fraction(value, key: str) -> float:
     Raises:
         ValueError: naming ``key`` and the value.
     """
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and 0.0 <= value <= 1.0):
+    if not (_is_number(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{key} must lie in [0, 1], got {value!r}")
     return float(value)
