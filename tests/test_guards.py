@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import math
+import os
 import pickle
 
 import hypothesis.extra.numpy as hnp
@@ -443,3 +444,69 @@ def test_a_pickle_of_thousands_of_tiny_arrays_is_refused_by_the_memory_count(tmp
     path.write_bytes(pickle.dumps(tiny, protocol=2))
     with pytest.raises(UnsafePickleError, match="builds more objects than 8 times its size"):
         load_pkl(str(path))
+
+
+# --- files a user names (maskd.utils.files): both sides of each bound, what the message names ---
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64])
+def test_a_small_file_is_read_whole_up_to_its_bound(tmp_path, size):
+    from maskd.utils.files import read_small_text
+
+    path = tmp_path / "marker"
+    path.write_text("x" * size)
+    assert read_small_text(str(path), 64, "the marker") == "x" * size
+
+
+def test_a_small_file_one_byte_over_its_bound_is_refused_naming_it(tmp_path):
+    from maskd.utils.files import read_small_text
+
+    path = tmp_path / "marker"
+    path.write_text("x" * 65)
+    with pytest.raises(ValueError, match="the marker: '.*marker' is larger than the 64 bytes"):
+        read_small_text(str(path), 64, "the marker")
+
+
+def test_a_small_file_that_is_a_link_is_refused_naming_who_named_it(tmp_path):
+    from maskd.utils.files import NotARegularFileError, read_small_text
+
+    (tmp_path / "real").write_text("x")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with pytest.raises(NotARegularFileError, match="^last_checkpoint: .* is a symbolic link"):
+        read_small_text(str(tmp_path / "link"), 64, "last_checkpoint")
+
+
+def test_a_live_process_is_alive_and_left_running(tmp_path):
+    import subprocess
+    import sys
+
+    from maskd.utils.files import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _alive(child.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # asked, not signalled
+            child.wait(timeout=0.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert not _alive(child.pid)
+
+
+def test_another_users_live_process_counts_as_alive(monkeypatch):
+    from maskd.utils import files
+
+    def denied(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "kill", denied)
+    assert files._alive(12345)
+
+
+def test_a_small_file_that_is_not_text_is_refused_naming_it(tmp_path):
+    from maskd.utils.files import read_small_text
+
+    path = tmp_path / "stage.json"
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="the marker: '.*stage.json' is not text"):
+        read_small_text(str(path), 64, "the marker")

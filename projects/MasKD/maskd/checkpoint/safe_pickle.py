@@ -29,6 +29,7 @@ means trusting the file as you would trust code.
 
 import codecs
 import collections
+import functools
 import logging
 import math
 import os
@@ -114,42 +115,43 @@ def _filled(self, code: int):
 
 
 def _counted(code: int, handler):
-    """``handler`` of opcode ``code``, with what it builds counted (:meth:`charge`): each new
+    """``handler`` of opcode ``code``, with what it builds counted (:func:`_run_counted`)."""
+    return functools.partial(_run_counted, code=code, handler=handler)
+
+
+def _run_counted(self, code: int, handler) -> None:
+    """Run ``handler`` of opcode ``code`` and count what it builds (:meth:`charge`): each new
     object on the stack at its size (once: an opcode that closes a mark brings back the stack
     below it, whose objects were counted when pushed), the growth of the container it fills, a
     memo entry, a mark, a reference."""
-
-    def run(self):
-        if code in _REFERENCES:
-            self.charge(_SLOT)
-            return handler(self)
-        if code in _MEMOS:  # the memo dict's growth and a key (an int object) per new entry
-            entries, size = len(self.memo), sys.getsizeof(self.memo)
-            handler(self)
-            grown = max(0, sys.getsizeof(self.memo) - size)
-            return self.charge(grown + _MEMO_KEY * (len(self.memo) - entries))
-        if code in _MARKS:
-            self.charge(_MARK)
-            return handler(self)
-        if code in _FILLS:
-            container = _filled(self, code)
-            before = sys.getsizeof(container)
-            handler(self)
-            return self.charge(max(0, sys.getsizeof(container) - before) + _SLOT)
-        if code in _FROM_MARK:
-            handler(self)
-            return self.charge(_size(self.stack[-1]) + _SLOT)
-        if code in _POP_MARK or code in _BUILD:
-            return handler(self)
-        depth = len(self.stack)
-        top = self.stack[-1] if self.stack else None
+    if code in _REFERENCES:
+        self.charge(_SLOT)
+        return handler(self)
+    if code in _MEMOS:  # the memo dict's growth and a key (an int object) per new entry
+        entries, size = len(self.memo), sys.getsizeof(self.memo)
         handler(self)
-        if len(self.stack) > depth:  # pushed: each new object
-            self.charge(sum(_size(o) for o in self.stack[depth:]) + _SLOT)
-        elif self.stack and self.stack[-1] is not top:  # a result replaced its arguments
-            self.charge(_size(self.stack[-1]))
-
-    return run
+        grown = max(0, sys.getsizeof(self.memo) - size)
+        return self.charge(grown + _MEMO_KEY * (len(self.memo) - entries))
+    if code in _MARKS:
+        self.charge(_MARK)
+        return handler(self)
+    if code in _FILLS:
+        container = _filled(self, code)
+        before = sys.getsizeof(container)
+        handler(self)
+        return self.charge(max(0, sys.getsizeof(container) - before) + _SLOT)
+    if code in _FROM_MARK:
+        handler(self)
+        return self.charge(_size(self.stack[-1]) + _SLOT)
+    if code in _POP_MARK or code in _BUILD:
+        return handler(self)
+    depth = len(self.stack)
+    top = self.stack[-1] if self.stack else None
+    handler(self)
+    if len(self.stack) > depth:  # pushed: each new object
+        self.charge(sum(_size(o) for o in self.stack[depth:]) + _SLOT)
+    elif self.stack and self.stack[-1] is not top:  # a result replaced its arguments
+        self.charge(_size(self.stack[-1]))
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
