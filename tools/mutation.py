@@ -21,6 +21,7 @@ are printed either way), 2 when mutmut did not finish.
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -94,31 +95,24 @@ def stage(root: str, work: str, modules: Iterable[str], tests: Iterable[str]) ->
         "pytest_add_cli_args": ["-p", "no:randomly", "-p", "no:cacheprovider", "-q"],
         "pytest_add_cli_args_test_selection": ["-m", "not slow", *tests],
         "also_copy": list(ALSO_COPY),
-        # torch is not fork-safe once its thread pools run: a fork server that imports only
-        "process_isolation": "forkserver",
+        # torch is not fork-safe once its thread pools run: fork each mutant from a server
+        "process_isolation": "forkserver",  # that has only imported the tests
         "use_git_change_detection": False,
     }
     with open(os.path.join(work, "pyproject.toml"), "a") as f:
         f.write("\n[tool.mutmut]\n")
-        for key, value in settings.items():
-            if isinstance(value, list):
-                f.write(
-                    f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]\n"
-                )
-            elif isinstance(value, bool):
-                f.write(f"{key} = {'true' if value else 'false'}\n")
-            else:
-                f.write(f'{key} = "{value}"\n')
+        for key, value in settings.items():  # JSON's strings, lists and booleans are TOML's
+            f.write(f"{key} = {json.dumps(value)}\n")
+
+
+def _pairs(text: str, pattern: str) -> Dict[str, str]:
+    """{first group: second group} of the lines of ``text`` that match ``pattern``."""
+    return dict(m.groups() for m in map(re.compile(pattern).match, text.splitlines()) if m)
 
 
 def parse_results(text: str) -> Dict[str, str]:
     """``mutmut results --all true`` -> {mutant name: status}."""
-    found = {}
-    for line in text.splitlines():
-        m = re.match(r"^\s*(\S+__mutmut_\d+): (.+?)\s*$", line)
-        if m:
-            found[m.group(1)] = m.group(2)
-    return found
+    return _pairs(text, r"^\s*(\S+__mutmut_\d+): (.+?)\s*$")
 
 
 def parse_equivalent(markdown: str) -> Dict[str, str]:
@@ -126,12 +120,7 @@ def parse_equivalent(markdown: str) -> Dict[str, str]:
     if EQUIVALENT_HEADING not in markdown:
         return {}
     section = markdown.split(EQUIVALENT_HEADING, 1)[1].split("\n## ", 1)[0]
-    found = {}
-    for line in section.splitlines():
-        m = re.match(r"^\|\s*`([^`]+__mutmut_\d+)`\s*\|\s*(.+?)\s*\|\s*$", line)
-        if m:
-            found[m.group(1)] = m.group(2)
-    return found
+    return _pairs(section, r"^\|\s*`([^`]+__mutmut_\d+)`\s*\|\s*(.+?)\s*\|\s*$")
 
 
 def module_of(mutant: str, modules: Iterable[str]) -> Optional[str]:
